@@ -1,0 +1,61 @@
+"""`mlx-transformer <subcommand>`: a table of subcommands, each in its own lazily imported module.
+
+Each module listed here defines `add_arguments(parser)` and `run(args) -> int | None`, next to an
+importable API function. Errors a user can cause (`UserError`) print one line and exit with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from . import __version__
+from .errors import UserError
+
+# name -> (module, one-line help). Modules are imported only when their subcommand runs.
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("mlx_transformer.demo", "the whole journey on the embedded default corpus"),
+    "convert": (
+        "mlx_transformer.hf",
+        "import a Hugging Face GPT-2/Llama checkpoint, or export one",
+    ),
+}
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mlx-transformer",
+        description="Train, sample, inspect and export decoder Transformers on MLX.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="<command>")
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        if only is None or only == name:  # import only the module that will run
+            importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    wants_help = not argv or command is None
+    parser = build_parser(only=command if command in SUBCOMMANDS else None)
+    args = parser.parse_args(argv)
+    if wants_help or args.command is None:
+        parser.print_help()
+        return 0 if argv else 2
+    try:
+        return importlib.import_module(args._module).run(args) or 0
+    except UserError as e:
+        print(f"mlx-transformer {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"mlx-transformer {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

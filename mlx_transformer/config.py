@@ -1,0 +1,243 @@
+"""The model configuration: one dataclass that *is* the checkpoint's `config.json` schema.
+
+This module imports no MLX, so `export/` (numpy + onnx only) shares the same schema and checks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+MODEL_TYPE = "mlx-transformer"
+FORMAT_VERSION = 1
+
+POSITION_ENCODINGS = ("sinusoidal", "learned", "rope", "none")
+NORM_TYPES = ("layernorm", "rmsnorm")
+NORM_POSITIONS = ("pre", "post")
+ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "swiglu")
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration value is invalid; the message names the field and what to do."""
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a decoder-only Transformer.
+
+    The defaults are a small GPT-2-style model (learned positions, pre-norm LayerNorm, GELU, tied
+    embeddings). The original paper's decoder is `position_encoding="sinusoidal"`,
+    `norm_position="post"`, `hidden_act="relu"`, `scale_embeddings=True`; a Llama-style model is
+    `position_encoding="rope"`, `norm_type="rmsnorm"`, `hidden_act="swiglu"`, no biases.
+    """
+
+    vocab_size: int = 8000
+    hidden_size: int = 256
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    # Fewer key/value heads than query heads: grouped-query (1 = multi-query). None = multi-head.
+    num_key_value_heads: int | None = None
+    # None = hidden_size // num_attention_heads.
+    head_dim: int | None = None
+    # None = 4 * hidden_size (ReLU/GELU), or 8/3 * hidden_size rounded up to a multiple of 64 (SwiGLU).
+    intermediate_size: int | None = None
+    max_position_embeddings: int = 256
+    position_encoding: str = "learned"
+    rope_theta: float = 10000.0
+    # True: rotate interleaved pairs (x0,x1),(x2,x3)...; False: rotate the two halves (Llama/HF).
+    rope_traditional: bool = False
+    norm_type: str = "layernorm"
+    norm_position: str = "pre"
+    norm_eps: float = 1e-5
+    hidden_act: str = "gelu"
+    attention_bias: bool = True
+    mlp_bias: bool = True
+    tie_word_embeddings: bool = True
+    # Multiply token embeddings by sqrt(hidden_size), as the paper does.
+    scale_embeddings: bool = False
+    embedding_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    residual_dropout: float = 0.0
+    initializer_range: float = 0.02
+    # Free-form provenance (e.g. the Hugging Face architecture it was imported from); not used by math.
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None and _is_pos_int(self.num_attention_heads):
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.intermediate_size is None and _is_pos_int(self.hidden_size):
+            if self.hidden_act == "swiglu":
+                self.intermediate_size = 64 * math.ceil(8 * self.hidden_size / 3 / 64)
+            else:
+                self.intermediate_size = 4 * self.hidden_size
+        self.validate()
+
+    # -- checks ---------------------------------------------------------------------------------
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first bad field."""
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "intermediate_size",
+            "max_position_embeddings",
+        ):
+            value = getattr(self, name)
+            if not _is_pos_int(value):
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        choices = {
+            "position_encoding": POSITION_ENCODINGS,
+            "norm_type": NORM_TYPES,
+            "norm_position": NORM_POSITIONS,
+            "hidden_act": ACTIVATIONS,
+        }
+        for name, allowed in choices.items():
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+        if self.position_encoding == "rope" and self.head_dim % 2:
+            raise ConfigError(f"head_dim must be even for rotary encoding, got {self.head_dim}")
+        if self.position_encoding == "sinusoidal" and self.hidden_size % 2:
+            raise ConfigError(
+                f"hidden_size must be even for sinusoidal encoding, got {self.hidden_size}"
+            )
+        for name in ("rope_theta", "norm_eps", "initializer_range"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ConfigError(f"{name} must be a positive number, got {value!r}")
+        for name in ("embedding_dropout", "attention_dropout", "residual_dropout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+                raise ConfigError(f"{name} must be a number in [0, 1), got {value!r}")
+        for name in (
+            "rope_traditional",
+            "attention_bias",
+            "mlp_bias",
+            "tie_word_embeddings",
+            "scale_embeddings",
+        ):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+
+    # -- derived --------------------------------------------------------------------------------
+
+    @property
+    def final_norm(self) -> bool:
+        """Pre-norm stacks end with a norm; post-norm blocks already end normalized (the paper)."""
+        return self.norm_position == "pre"
+
+    def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor of the checkpoint, by name, with its shape: the file format in one place."""
+        D, V, F = self.hidden_size, self.vocab_size, self.intermediate_size
+        q, kv = self.num_attention_heads * self.head_dim, self.num_key_value_heads * self.head_dim
+        shapes: dict[str, tuple[int, ...]] = {"embed_tokens.weight": (V, D)}
+        if self.position_encoding == "learned":
+            shapes["embed_positions.weight"] = (self.max_position_embeddings, D)
+
+        def norm(prefix: str) -> None:
+            shapes[f"{prefix}.weight"] = (D,)
+            if self.norm_type == "layernorm":
+                shapes[f"{prefix}.bias"] = (D,)
+
+        def linear(prefix: str, out_dim: int, in_dim: int, bias: bool) -> None:
+            shapes[f"{prefix}.weight"] = (out_dim, in_dim)
+            if bias:
+                shapes[f"{prefix}.bias"] = (out_dim,)
+
+        for i in range(self.num_hidden_layers):
+            p = f"layers.{i}"
+            norm(f"{p}.attn_norm")
+            linear(f"{p}.attn.q_proj", q, D, self.attention_bias)
+            linear(f"{p}.attn.k_proj", kv, D, self.attention_bias)
+            linear(f"{p}.attn.v_proj", kv, D, self.attention_bias)
+            linear(f"{p}.attn.o_proj", D, q, self.attention_bias)
+            norm(f"{p}.mlp_norm")
+            if self.hidden_act == "swiglu":
+                linear(f"{p}.mlp.gate_proj", F, D, self.mlp_bias)
+            linear(f"{p}.mlp.up_proj", F, D, self.mlp_bias)
+            linear(f"{p}.mlp.down_proj", D, F, self.mlp_bias)
+        if self.final_norm:
+            norm("norm")
+        if not self.tie_word_embeddings:
+            shapes["lm_head.weight"] = (V, D)
+        return shapes
+
+    def num_parameters(self) -> int:
+        return sum(math.prod(s) for s in self.parameter_shapes().values())
+
+    # -- (de)serialisation ----------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        """Build from a dict; unknown keys (model_type, format_version, ...) are ignored."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"config must be a JSON object, got {type(d).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        try:
+            return cls(**{k: v for k, v in d.items() if k in names})
+        except TypeError as e:  # e.g. a value of a type that breaks __post_init__ arithmetic
+            raise ConfigError(str(e)) from None
+
+    def save(self, path: str | Path) -> None:
+        """Write config.json atomically."""
+        d = {"model_type": MODEL_TYPE, "format_version": FORMAT_VERSION, **self.to_dict()}
+        atomic_write_text(Path(path), json.dumps(d, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> ModelConfig:
+        """Read and validate a config.json; errors name the file and the field."""
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: not found") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        if isinstance(d, dict):
+            model_type = d.get("model_type", MODEL_TYPE)
+            if model_type != MODEL_TYPE:
+                raise ConfigError(
+                    f"{path}: model_type is {model_type!r}, not {MODEL_TYPE!r}; "
+                    "import Hugging Face checkpoints with `mlx-transformer convert`"
+                )
+            version = d.get("format_version", FORMAT_VERSION)
+            if version != FORMAT_VERSION:
+                raise ConfigError(
+                    f"{path}: format_version {version} is not supported (this is "
+                    f"{FORMAT_VERSION}); upgrade mlx-transformer"
+                )
+        try:
+            return cls.from_dict(d)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+
+
+def _is_pos_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write to a temporary name in the same folder, then rename: readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)

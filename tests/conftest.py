@@ -1,0 +1,7 @@
+"""Shared fixtures. Tests build tiny models and tokenizers from text in the repo; no network."""
+
+import sys
+from pathlib import Path
+
+# tests/reference.py (the float64 numpy model) is imported by several test files.
+sys.path.insert(0, str(Path(__file__).parent))

@@ -1,0 +1,130 @@
+"""A float64 numpy reference of the whole model, written from the paper's formulas.
+
+Independent of `mlx_transformer.model` on purpose: tests compare the two. Shared by the ONNX tests.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from mlx_transformer.config import ModelConfig
+
+
+def sinusoidal(positions: np.ndarray, d: int) -> np.ndarray:
+    """PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(pos / 10000^(2i/d))."""
+    pe = np.zeros(positions.shape + (d,))
+    for i in range(d // 2):
+        angle = positions / 10000 ** (2 * i / d)
+        pe[..., 2 * i] = np.sin(angle)
+        pe[..., 2 * i + 1] = np.cos(angle)
+    return pe
+
+
+def rotate(x: np.ndarray, positions: np.ndarray, theta: float, traditional: bool) -> np.ndarray:
+    """Rotary encoding as explicit 2-D rotations of pairs of features.
+
+    x: (B, H, L, hd); positions: (B, L). traditional pairs (2i, 2i+1); otherwise (i, i + hd/2).
+    """
+    hd = x.shape[-1]
+    out = x.copy()
+    for i in range(hd // 2):
+        angle = positions[:, None, :] * theta ** (-2 * i / hd)  # (B, 1, L)
+        c, s = np.cos(angle), np.sin(angle)
+        a, b = (2 * i, 2 * i + 1) if traditional else (i, i + hd // 2)
+        out[..., a] = x[..., a] * c - x[..., b] * s
+        out[..., b] = x[..., a] * s + x[..., b] * c
+    return out
+
+
+def norm(cfg: ModelConfig, p: dict, name: str, x: np.ndarray) -> np.ndarray:
+    if cfg.norm_type == "rmsnorm":
+        return x / np.sqrt((x * x).mean(-1, keepdims=True) + cfg.norm_eps) * p[f"{name}.weight"]
+    mu = x.mean(-1, keepdims=True)
+    var = ((x - mu) ** 2).mean(-1, keepdims=True)
+    return (x - mu) / np.sqrt(var + cfg.norm_eps) * p[f"{name}.weight"] + p[f"{name}.bias"]
+
+
+def linear(p: dict, name: str, x: np.ndarray) -> np.ndarray:
+    y = x @ p[f"{name}.weight"].T
+    return y + p[f"{name}.bias"] if f"{name}.bias" in p else y
+
+
+def act(name: str, x: np.ndarray) -> np.ndarray:
+    if name == "relu":
+        return np.maximum(x, 0)
+    if name == "gelu":
+        return 0.5 * x * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))
+    if name == "gelu_tanh":
+        return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+    raise ValueError(name)
+
+
+def attention(cfg, p, name, x, positions, mask):
+    """mask: (B, L, L) boolean, True where query may attend to key."""
+    B, L, _ = x.shape
+    H, K, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    q = linear(p, f"{name}.q_proj", x).reshape(B, L, H, hd).transpose(0, 2, 1, 3)
+    k = linear(p, f"{name}.k_proj", x).reshape(B, L, K, hd).transpose(0, 2, 1, 3)
+    v = linear(p, f"{name}.v_proj", x).reshape(B, L, K, hd).transpose(0, 2, 1, 3)
+    if cfg.position_encoding == "rope":
+        q = rotate(q, positions, cfg.rope_theta, cfg.rope_traditional)
+        k = rotate(k, positions, cfg.rope_theta, cfg.rope_traditional)
+    k = np.repeat(k, H // K, axis=1)  # each key/value head serves H/K query heads
+    v = np.repeat(v, H // K, axis=1)
+    scores = q @ k.transpose(0, 1, 3, 2) / math.sqrt(hd)  # (B, H, L, L)
+    scores = np.where(mask[:, None], scores, -np.inf)
+    scores = scores - scores.max(-1, keepdims=True)
+    w = np.exp(scores)
+    w = w / w.sum(-1, keepdims=True)
+    out = (w @ v).transpose(0, 2, 1, 3).reshape(B, L, H * hd)
+    return linear(p, f"{name}.o_proj", out), w
+
+
+def mlp(cfg, p, name, x):
+    if cfg.hidden_act == "swiglu":
+        g = linear(p, f"{name}.gate_proj", x)
+        return linear(
+            p, f"{name}.down_proj", g / (1 + np.exp(-g)) * linear(p, f"{name}.up_proj", x)
+        )
+    return linear(p, f"{name}.down_proj", act(cfg.hidden_act, linear(p, f"{name}.up_proj", x)))
+
+
+def forward(cfg: ModelConfig, params: dict, ids: np.ndarray, attention_mask=None):
+    """Logits (B, L, V) in float64 and the attention weights per layer, for a full sequence.
+
+    attention_mask (B, L): 1 real, 0 padding. Positions count real tokens (padding: clamped at 0).
+    """
+    p = {k: np.asarray(v, dtype=np.float64) for k, v in params.items()}
+    B, L = ids.shape
+    am = np.ones((B, L), bool) if attention_mask is None else np.asarray(attention_mask, bool)
+    positions = np.maximum(np.cumsum(am, axis=1) - 1, 0)
+    mask = np.tril(np.ones((L, L), bool))[None] & am[:, None, :]
+    mask |= np.eye(L, dtype=bool)[None]  # a padded query sees itself: no empty softmax rows
+
+    x = p["embed_tokens.weight"][ids]
+    if cfg.scale_embeddings:
+        x = x * math.sqrt(cfg.hidden_size)
+    if cfg.position_encoding == "learned":
+        x = x + p["embed_positions.weight"][positions]
+    elif cfg.position_encoding == "sinusoidal":
+        x = x + sinusoidal(positions, cfg.hidden_size)
+    weights = []
+    for i in range(cfg.num_hidden_layers):
+        n = f"layers.{i}"
+        if cfg.norm_position == "pre":
+            h, w = attention(
+                cfg, p, f"{n}.attn", norm(cfg, p, f"{n}.attn_norm", x), positions, mask
+            )
+            x = x + h
+            x = x + mlp(cfg, p, f"{n}.mlp", norm(cfg, p, f"{n}.mlp_norm", x))
+        else:
+            h, w = attention(cfg, p, f"{n}.attn", x, positions, mask)
+            x = norm(cfg, p, f"{n}.attn_norm", x + h)
+            x = norm(cfg, p, f"{n}.mlp_norm", x + mlp(cfg, p, f"{n}.mlp", x))
+        weights.append(w)
+    if cfg.final_norm:
+        x = norm(cfg, p, "norm", x)
+    head = p["embed_tokens.weight"] if cfg.tie_word_embeddings else p["lm_head.weight"]
+    return x @ head.T, weights
