@@ -45,7 +45,7 @@ class ModelConfig:
     num_key_value_heads: int | None = None
     # None = hidden_size // num_attention_heads.
     head_dim: int | None = None
-    # None = 4 * hidden_size (ReLU/GELU), or 8/3 * hidden_size rounded up to a multiple of 64 (SwiGLU).
+    # None = 4 * hidden_size, or for SwiGLU 8/3 * hidden_size rounded up to a multiple of 64.
     intermediate_size: int | None = None
     max_position_embeddings: int = 256
     position_encoding: str = "learned"
@@ -65,7 +65,7 @@ class ModelConfig:
     attention_dropout: float = 0.0
     residual_dropout: float = 0.0
     initializer_range: float = 0.02
-    # Free-form provenance (e.g. the Hugging Face architecture it was imported from); not used by math.
+    # Free-form provenance (e.g. the Hugging Face model it was imported from); not used by the math.
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -280,7 +280,7 @@ class Transformer(nn.Module):
 
         Args:
             input_ids: token ids, (B, L).
-            attention_mask: (B, past + L), 1 = real token, 0 = padding (left or right); None = all real.
+            attention_mask: (B, past + L), 1 = real token, 0 = padding (left or right).
             cache: one KVCache per layer (`make_cache`), updated in place; None = no past.
             position_ids: (B, L); by default derived from the mask and the cache offset.
         """
