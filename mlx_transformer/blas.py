@@ -1,0 +1,460 @@
+"""A fast BLAS for MLX's Linux CPU backend, chosen before MLX loads its own.
+
+The `mlx-cpu` wheel links the reference (Netlib) BLAS it bundles in `mlx_cpu.libs/`: a 1024³ fp32
+matmul runs at a few GFLOP/s. An optimized OpenBLAS that exports the same plain symbols
+(`cblas_sgemm`, `sgemm_`) and is put in `LD_PRELOAD` wins symbol resolution, so MLX's matmuls run
+on it unchanged. `LD_PRELOAD` is only read when a process starts, so `ensure_fast_blas()`
+re-executes the current command once with it set. This module imports no MLX: it must act before
+MLX loads.
+
+Environment:
+  MLX_TRANSFORMER_BLAS   unset/"auto": find an OpenBLAS; "reference": keep MLX's own BLAS, no
+                         notice; a path: preload that library.
+  OPENBLAS_NUM_THREADS   left alone when set; otherwise set to DEFAULT_THREADS in the re-executed
+                         process (see its comment).
+  OPENBLAS_CORETYPE      left alone when set; otherwise set when the library's CPU detection fell
+                         back to its generic x86-64 kernels on a CPU that has AVX2/AVX-512.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import os
+import platform
+import subprocess
+import sys
+import sysconfig
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
+from dataclasses import dataclass
+from pathlib import Path
+
+SETTING_VAR = "MLX_TRANSFORMER_BLAS"
+REEXEC_MARKER = "_MLX_TRANSFORMER_BLAS_REEXEC"  # set in the re-executed process: never loop
+NOTICE_MARKER = "_MLX_TRANSFORMER_BLAS_NOTICE"  # set once a notice was printed: once per tree
+FIX_COMMAND = "sudo apt-get install libopenblas0-pthread"
+# One OpenBLAS thread: on a 2-core machine it was fastest for decode and a small training step and
+# within a few percent of two threads for prefill (scripts/bench_blas.py). MLX's CPU backend runs
+# its other ops on its own threads, and more BLAS threads fight them for cores. Users who mostly
+# run big batched matmuls can set OPENBLAS_NUM_THREADS themselves.
+DEFAULT_THREADS = 1
+# Libraries whose name says they are an optimized BLAS exporting the plain symbols.
+OPTIMIZED_NAMES = ("libopenblas", "libmkl_rt", "libblis", "libflexiblas")
+# OpenBLAS's DYNAMIC_ARCH falls back to these kernels on x86-64 CPUs it does not recognise
+# (e.g. newer Xeons in VMs that report a generic model): 3-4x slower than the right ones.
+GENERIC_CORES = ("prescott", "katmai", "core2")
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What a candidate library reported when loaded in a throwaway subprocess."""
+
+    path: str
+    ok: bool
+    config: str = ""
+    corename: str = ""
+    error: str = ""
+
+
+# --------------------------------------------------------------------------- pure helpers
+
+
+def mlx_flavor(files_of: Callable[[str], Iterable[str] | None] | None = None) -> str:
+    """Which MLX build is installed, read from package metadata (MLX is not imported).
+
+    Args:
+        files_of: distribution name -> its file paths, or None when not installed (for tests).
+
+    Returns:
+        "absent", "metal" (macOS), "cuda", "reference" (mlx-cpu bundling Netlib BLAS) or "other".
+    """
+    files_of = files_of or _installed_files
+    if files_of("mlx") is None:
+        return "absent"
+    if sys.platform == "darwin":
+        return "metal"
+    if any(files_of(f"mlx-cuda-{v}") is not None for v in ("12", "13")) or files_of("mlx-cuda"):
+        return "cuda"
+    cpu_files = files_of("mlx-cpu")
+    if cpu_files is None:
+        return "other"  # built from source, or a layout we do not know: leave it alone
+    names = (Path(str(f)).name for f in cpu_files)
+    return "reference" if any(n.startswith("libblas") for n in names) else "other"
+
+
+def candidate_paths(
+    multiarch: str, prefixes: Iterable[str] = (), ldconfig_text: str = ""
+) -> list[str]:
+    """Where an optimized OpenBLAS may live, best first (existence is checked later).
+
+    Args:
+        multiarch: e.g. "x86_64-linux-gnu" (Debian/Ubuntu library folder name).
+        prefixes: environment prefixes (venv, conda) whose `lib/` may hold one.
+        ldconfig_text: output of `ldconfig -p`.
+    """
+    paths = [
+        f"/usr/lib/{multiarch}/openblas-pthread/libopenblas.so.0",  # Debian/Ubuntu
+        f"/usr/lib/{multiarch}/openblas-openmp/libopenblas.so.0",
+        f"/usr/lib/{multiarch}/libopenblas.so.0",
+        "/usr/lib64/libopenblasp.so.0",  # Fedora/RHEL: p = pthreads, o = OpenMP
+        "/usr/lib64/libopenblaso.so.0",
+        "/usr/lib64/libopenblas.so.0",
+        "/usr/lib/libopenblas.so.0",  # Arch, Alpine
+        "/usr/local/lib/libopenblas.so.0",
+    ]
+    for prefix in prefixes:
+        paths.append(f"{prefix}/lib/libopenblas.so.0")  # conda
+    for line in ldconfig_text.splitlines():
+        name, _, path = line.strip().partition(" => ")
+        if name.startswith("libopenblas") and path:
+            paths.append(path.strip())
+    return list(dict.fromkeys(paths))
+
+
+def wheel_paths(site_dirs: Iterable[str]) -> list[str]:
+    """OpenBLAS copies from PyPI wheels that export the plain symbols (checked with `nm -D`).
+
+    cmeel-openblas does (it needs the system's libgfortran5). numpy's and scipy-openblas32/64's
+    copies prefix every symbol (`scipy_cblas_sgemm`), so they cannot stand in for MLX's BLAS.
+    """
+    return [f"{d}/cmeel.prefix/lib/libopenblas.so.0" for d in site_dirs]
+
+
+def preloaded_blas(ld_preload: str, mapped: Iterable[str] = ()) -> str | None:
+    """The optimized BLAS already in `LD_PRELOAD` (and, when known, really mapped), else None."""
+    mapped = set(mapped)
+    for entry in ld_preload.replace(":", " ").split():
+        if Path(entry).name.startswith(OPTIMIZED_NAMES):
+            if not mapped or entry in mapped or os.path.realpath(entry) in mapped:
+                return entry
+    return None
+
+
+def coretype_for(probe: Probe, cpu_flags: set[str], machine: str) -> str | None:
+    """The OPENBLAS_CORETYPE to force, or None to trust the library's own detection."""
+    if machine not in ("x86_64", "AMD64") or "DYNAMIC_ARCH" not in probe.config:
+        return None
+    if probe.corename.lower() not in GENERIC_CORES:
+        return None
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd"} <= cpu_flags:
+        return "SkylakeX"
+    if {"avx2", "fma"} <= cpu_flags:
+        return "Haswell"
+    if "avx" in cpu_flags:
+        return "Sandybridge"
+    return None
+
+
+def reexec_env(env: Mapping[str, str], library: str, coretype: str | None) -> dict[str, str]:
+    """The environment of the re-executed process: library preloaded, marker set, threads set."""
+    new = dict(env)
+    new["LD_PRELOAD"] = " ".join(p for p in (library, env.get("LD_PRELOAD", "")) if p)
+    new[REEXEC_MARKER] = library
+    if not any(env.get(v) for v in ("OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS", "OMP_NUM_THREADS")):
+        new["OPENBLAS_NUM_THREADS"] = str(DEFAULT_THREADS)
+    if coretype and not env.get("OPENBLAS_CORETYPE"):
+        new["OPENBLAS_CORETYPE"] = coretype
+    return new
+
+
+def slow_notice() -> str:
+    return (
+        "mlx-transformer: no optimized BLAS found; MLX's CPU matmuls will be slow "
+        f"(about 25x). Fix: {FIX_COMMAND}  (or set {SETTING_VAR}=reference to silence this)"
+    )
+
+
+# --------------------------------------------------------------------------- the machine
+
+
+def _installed_files(dist: str) -> list[str] | None:
+    """The RECORD of an installed distribution, or None (importlib.metadata costs ~60 ms)."""
+    pattern = f"{dist.replace('-', '_')}-*.dist-info"
+    for entry in sys.path:
+        for info in Path(entry or ".").glob(pattern) if os.path.isdir(entry or ".") else ():
+            try:
+                text = (info / "RECORD").read_text()
+            except OSError:
+                return []
+            return [line.split(",")[0] for line in text.splitlines()]
+    return None
+
+
+def _multiarch() -> str:
+    return sysconfig.get_config_var("MULTIARCH") or f"{platform.machine()}-linux-gnu"
+
+
+def _ldconfig_text() -> str:
+    for exe in ("ldconfig", "/sbin/ldconfig", "/usr/sbin/ldconfig"):
+        try:
+            return subprocess.run([exe, "-p"], capture_output=True, text=True, timeout=5).stdout
+        except (OSError, subprocess.SubprocessError):
+            continue
+    return ""
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
+
+
+def _mapped_libraries() -> set[str]:
+    """Paths of the shared libraries loaded in this process."""
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return set()
+    return {f[-1] for f in (ln.split() for ln in lines) if len(f) >= 6 and ".so" in f[-1]}
+
+
+_PROBE_CODE = """
+import ctypes, json, sys
+out = {}
+try:
+    lib = ctypes.CDLL(sys.argv[1])
+    lib.cblas_sgemm, lib.sgemm_  # the plain symbols MLX binds to; AttributeError if prefixed
+    n = 64  # ones @ ones = n everywhere; exercises the real GEMM kernel
+    a = (ctypes.c_float * (n * n))(*([1.0] * (n * n)))
+    c = (ctypes.c_float * (n * n))()
+    f = ctypes.c_float
+    lib.cblas_sgemm(101, 111, 111, n, n, n, f(1.0), a, n, a, n, f(0.0), c, n)
+    out["ok"] = all(x == n for x in c)
+    for key in ("config", "corename"):
+        fn = getattr(lib, "openblas_get_" + key, None)
+        if fn is not None:
+            fn.restype = ctypes.c_char_p
+            out[key] = fn().decode()
+except Exception as e:
+    out.update(ok=False, error=f"{type(e).__name__}: {e}")
+print(json.dumps(out))
+"""
+
+
+def probe_library(path: str, env: Mapping[str, str] | None = None) -> Probe:
+    """Load `path` in a subprocess and run a small sgemm on it; a crash there cannot hurt us."""
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-I", "-S", "-c", _PROBE_CODE, path],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            env=dict(env if env is not None else os.environ),
+        )
+        data = json.loads(proc.stdout.strip().splitlines()[-1])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return Probe(path, ok=False, error="probe process failed")
+    return Probe(
+        path,
+        ok=bool(data.get("ok")),
+        config=data.get("config", ""),
+        corename=data.get("corename", ""),
+        error=data.get("error", ""),
+    )
+
+
+def _site_dirs() -> list[str]:
+    paths = sysconfig.get_paths()
+    return list(dict.fromkeys([paths["purelib"], paths["platlib"]]))
+
+
+def _candidates(env: Mapping[str, str]) -> Iterable[str]:
+    """Existing candidate libraries, best first; lazy, so `ldconfig -p` runs only when needed."""
+    setting = env.get(SETTING_VAR, "").strip()
+    if setting and setting != "auto":
+        yield setting  # a path given by the user
+        return
+    prefixes = [p for p in (sys.prefix, env.get("CONDA_PREFIX")) if p]
+    yield from (p for p in candidate_paths(_multiarch(), prefixes) if os.path.exists(p))
+    yield from (p for p in wheel_paths(_site_dirs()) if os.path.exists(p))
+    yield from (p for p in candidate_paths(_multiarch(), (), _ldconfig_text()) if os.path.exists(p))
+
+
+def find_optimized_blas(env: Mapping[str, str] | None = None) -> tuple[Probe, str | None] | None:
+    """The first optimized BLAS that loads and computes correctly, and the coretype to force.
+
+    Returns:
+        (probe, coretype) — coretype is None when the library's own CPU detection is fine — or
+        None when there is no usable library on this machine.
+    """
+    env = os.environ if env is None else env
+    seen = set()
+    for path in _candidates(env):
+        if path in seen:
+            continue
+        seen.add(path)
+        probe = probe_library(path, env)
+        if not probe.ok:
+            continue
+        coretype = None
+        if not env.get("OPENBLAS_CORETYPE"):
+            coretype = coretype_for(probe, _cpu_flags(), platform.machine())
+        if coretype and not probe_library(path, {**env, "OPENBLAS_CORETYPE": coretype}).ok:
+            coretype = None  # the forced kernels did not run here: trust the library after all
+        return probe, coretype
+    return None
+
+
+def _notify(message: str, env: MutableMapping[str, str]) -> None:
+    """Print one line to stderr, once per process tree (children inherit the marker)."""
+    if env.get(NOTICE_MARKER):
+        return
+    print(message, file=sys.stderr, flush=True)
+    env[NOTICE_MARKER] = "1"
+
+
+def _release_pytest_capture() -> bool:
+    """Give fds 0-2 back before exec when pytest is capturing them (it does while importing
+    conftest.py); otherwise the re-executed run would print its report into a deleted file.
+
+    Returns:
+        False when they still point at a capture file afterwards (then do not exec).
+    """
+    capture = sys.modules.get("_pytest.capture")
+    base = getattr(capture, "FDCaptureBase", None) or getattr(capture, "FDCapture", None)
+    if base is not None:
+        for obj in gc.get_objects():
+            if isinstance(obj, base) and getattr(obj, "_state", None) == "started":
+                os.dup2(obj.targetfd_save, obj.targetfd)
+    try:
+        return not any(os.readlink(f"/proc/self/fd/{fd}").endswith("(deleted)") for fd in (1, 2))
+    except OSError:
+        return True
+
+
+def ensure_fast_blas(
+    env: MutableMapping[str, str] | None = None,
+    execve: Callable[[str, list[str], dict[str, str]], None] = os.execve,
+) -> str:
+    """Make MLX's Linux CPU matmuls use an optimized BLAS: call first thing in `main()`.
+
+    When this process would use the reference BLAS of the `mlx-cpu` wheel and an optimized
+    OpenBLAS is on the machine, re-executes the same command with it in `LD_PRELOAD` (this call
+    then never returns). Quiet no-op on macOS, CUDA, without MLX, or with MLX_TRANSFORMER_BLAS=
+    reference. Prints one line to stderr, once per process tree, when it cannot help.
+
+    Args:
+        env: the environment to read and to mark (default: os.environ); for tests.
+        execve: the exec function; for tests.
+
+    Returns:
+        "skip" (nothing to do), "active" (an optimized BLAS is preloaded), "notice" (none found),
+        "failed" (the preloaded library did not load), "too-late" (mlx already imported).
+    """
+    env = os.environ if env is None else env
+    if env.get(SETTING_VAR, "").strip() == "reference" or sys.platform != "linux":
+        return "skip"
+    if mlx_flavor() != "reference":
+        return "skip"
+    if preloaded_blas(env.get("LD_PRELOAD", ""), _mapped_libraries()):
+        return "active"
+    if env.get(REEXEC_MARKER):  # we already re-executed once and it did not take: never loop
+        _notify(
+            f"mlx-transformer: could not preload {env[REEXEC_MARKER]}; MLX's CPU path will "
+            f"be slow (set {SETTING_VAR}=reference to silence this)",
+            env,
+        )
+        return "failed"
+    found = find_optimized_blas(env)
+    if found is None:
+        _notify(slow_notice(), env)
+        return "notice"
+    probe, coretype = found
+    if "mlx" in sys.modules or not _release_pytest_capture():
+        _notify(
+            f"mlx-transformer: {probe.path} is available but mlx was imported first; call "
+            "mlx_transformer.blas.ensure_fast_blas() before importing mlx",
+            env,
+        )
+        return "too-late"
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    argv = [sys.executable, *sys.orig_argv[1:]]
+    execve(sys.executable, argv, reexec_env(env, probe.path, coretype))
+    return "reexec"  # only reached when a test passes a fake execve
+
+
+class _DlInfo(ctypes.Structure):
+    _fields_ = [
+        ("dli_fname", ctypes.c_char_p),
+        ("dli_fbase", ctypes.c_void_p),
+        ("dli_sname", ctypes.c_char_p),
+        ("dli_saddr", ctypes.c_void_p),
+    ]
+
+
+def _global_provider(symbol: str) -> str | None:
+    """The library that provides `symbol` in the global scope (preloads come first), if any.
+
+    MLX's own BLAS is loaded privately (RTLD_LOCAL), so it never shows here: a hit means the
+    symbol MLX binds to comes from that library.
+    """
+    try:
+        process = ctypes.CDLL(None)
+        address = ctypes.cast(getattr(process, symbol), ctypes.c_void_p)
+        dladdr = process.dladdr
+    except (AttributeError, OSError):
+        return None
+    info = _DlInfo()
+    if not dladdr(address, ctypes.byref(info)) or not info.dli_fname:
+        return None
+    return os.path.realpath(info.dli_fname.decode())
+
+
+def _openblas_state(path: str) -> dict[str, object]:
+    """Config, core and threads of an OpenBLAS that is already loaded (opening it loads nothing)."""
+    try:
+        lib = ctypes.CDLL(path)
+    except OSError:
+        return {}
+    state: dict[str, object] = {}
+    for key in ("config", "corename"):
+        fn = getattr(lib, f"openblas_get_{key}", None)
+        if fn is not None:
+            fn.restype = ctypes.c_char_p
+            state[key] = fn().decode()
+    if hasattr(lib, "openblas_get_num_threads"):
+        state["threads"] = int(lib.openblas_get_num_threads())
+    return state
+
+
+def blas_info() -> dict[str, object]:
+    """Which BLAS MLX's CPU matmuls use in this process, for reports and benchmarks.
+
+    Returns:
+        {"blas": "openblas" | "mkl" | "other" | "reference" | "accelerate" | "none",
+         "library": path or None, "config", "corename", "threads" (OpenBLAS only),
+         "mlx": mlx_flavor(), and the environment variables that steer it}.
+    """
+    flavor = mlx_flavor()
+    info: dict[str, object] = {"blas": "none", "library": None, "mlx": flavor}
+    provider = _global_provider("cblas_sgemm") if sys.platform == "linux" else None
+    if provider:
+        info.update(_openblas_state(provider), library=provider)
+        name = Path(provider).name
+        is_openblas = str(info.get("config", "")).startswith("OpenBLAS")
+        info["blas"] = "openblas" if is_openblas else "mkl" if "mkl" in name else "other"
+    elif flavor == "metal":
+        info["blas"] = "accelerate"
+    elif flavor in ("reference", "cuda"):
+        bundled = [
+            f for f in _installed_files("mlx-cpu") or [] if Path(f).name.startswith("libblas")
+        ]
+        info["blas"] = "reference"
+        info["library"] = str(Path(_site_dirs()[-1], bundled[0])) if bundled else None
+    for var in ("OPENBLAS_NUM_THREADS", "OPENBLAS_CORETYPE", "LD_PRELOAD", SETTING_VAR):
+        info[var] = os.environ.get(var)
+    return info
+
+
+def blas_summary() -> str:
+    """One line for a report header, e.g. `blas: openblas SkylakeX, 1 thread (/usr/lib/...)`."""
+    info = blas_info()
+    if info["blas"] != "openblas":
+        return f"blas: {info['blas']} ({info['library'] or 'n/a'})"
+    threads = info.get("threads")
+    return f"blas: openblas {info.get('corename', '?')}, {threads} thread(s) ({info['library']})"
