@@ -1,0 +1,386 @@
+"""Hugging Face GPT-2 / Llama checkpoints ⇄ ours (config.json + safetensors, no pickle).
+
+Import lets users fine-tune a pretrained model; export lets `transformers` and `mlx_lm` load ours
+when its configuration is one of theirs. Parity with `transformers` is our correctness anchor.
+
+    mlx-transformer convert --from-hf HF_DIR --out CKPT [--tokenizer tokenizer.model]
+    mlx-transformer convert --to-hf CKPT --out HF_DIR
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import mlx.core as mx
+from mlx.utils import tree_flatten, tree_unflatten
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint_format import (
+    TOKENIZER_FILE,
+    CheckpointError,
+    check_tensor_shapes,
+    read_safetensors_header,
+    write_folder_atomically,
+)
+from .config import ConfigError, ModelConfig
+from .errors import UserError
+from .model import Transformer
+
+GPT2_ACTIVATIONS = {
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu": "gelu",
+    "relu": "relu",
+}
+
+
+# -- reading a Hugging Face folder -----------------------------------------------------------------
+
+
+def read_hf_weights(hf_dir: Path) -> dict[str, mx.array]:
+    """All tensors of model.safetensors, or of the shards listed in model.safetensors.index.json."""
+    index = hf_dir / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (hf_dir / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    elif any(hf_dir.glob("*.bin")):
+        raise UserError(
+            f"{hf_dir}: only pickle (.bin) weights found; re-save the model with "
+            "save_pretrained(safe_serialization=True) — pickle is never loaded here"
+        )
+    else:
+        raise UserError(f"{hf_dir}: no model.safetensors found")
+    weights = {}
+    for name in files:
+        read_safetensors_header(hf_dir / name)  # a clear error for truncated shards
+        weights.update(mx.load(str(hf_dir / name)))
+    return weights
+
+
+def _require(condition: bool, what: str) -> None:
+    if not condition:
+        raise UserError(f"unsupported Hugging Face configuration: {what}")
+
+
+def config_from_gpt2(hf: dict) -> ModelConfig:
+    act = hf.get("activation_function", "gelu_new")
+    _require(act in GPT2_ACTIVATIONS, f"activation_function {act!r}")
+    _require(
+        not hf.get("scale_attn_by_inverse_layer_idx", False), "scale_attn_by_inverse_layer_idx"
+    )
+    _require(hf.get("scale_attn_weights", True), "scale_attn_weights=false")
+    return ModelConfig(
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["n_embd"],
+        num_hidden_layers=hf["n_layer"],
+        num_attention_heads=hf["n_head"],
+        intermediate_size=hf.get("n_inner"),
+        max_position_embeddings=hf["n_positions"],
+        position_encoding="learned",
+        norm_type="layernorm",
+        norm_position="pre",
+        norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+        hidden_act=GPT2_ACTIVATIONS[act],
+        attention_bias=True,
+        mlp_bias=True,
+        tie_word_embeddings=hf.get("tie_word_embeddings", True),
+        initializer_range=hf.get("initializer_range", 0.02),
+        extra={"imported_from": "gpt2"},
+    )
+
+
+def weights_from_gpt2(w: dict[str, mx.array], config: ModelConfig) -> dict[str, mx.array]:
+    """GPT-2 stores Conv1D weights as (in, out) and Q/K/V fused: transpose and split."""
+    w = {k.removeprefix("transformer."): v for k, v in w.items()}
+    out = {
+        "embed_tokens.weight": w.pop("wte.weight"),
+        "embed_positions.weight": w.pop("wpe.weight"),
+    }
+    for i in range(config.num_hidden_layers):
+        h, p = f"h.{i}", f"layers.{i}"
+        for hf_norm, norm in (("ln_1", "attn_norm"), ("ln_2", "mlp_norm")):
+            out[f"{p}.{norm}.weight"] = w.pop(f"{h}.{hf_norm}.weight")
+            out[f"{p}.{norm}.bias"] = w.pop(f"{h}.{hf_norm}.bias")
+        qkv_w = mx.split(w.pop(f"{h}.attn.c_attn.weight"), 3, axis=1)
+        qkv_b = mx.split(w.pop(f"{h}.attn.c_attn.bias"), 3)
+        for name, wt, b in zip(("q_proj", "k_proj", "v_proj"), qkv_w, qkv_b):
+            out[f"{p}.attn.{name}.weight"], out[f"{p}.attn.{name}.bias"] = wt.T, b
+        for hf_name, name in (
+            ("attn.c_proj", "attn.o_proj"),
+            ("mlp.c_fc", "mlp.up_proj"),
+            ("mlp.c_proj", "mlp.down_proj"),
+        ):
+            out[f"{p}.{name}.weight"] = w.pop(f"{h}.{hf_name}.weight").T
+            out[f"{p}.{name}.bias"] = w.pop(f"{h}.{hf_name}.bias")
+        w.pop(f"{h}.attn.bias", None), w.pop(f"{h}.attn.masked_bias", None)  # causal-mask buffers
+    out["norm.weight"], out["norm.bias"] = w.pop("ln_f.weight"), w.pop("ln_f.bias")
+    head = w.pop("lm_head.weight", None)
+    if not config.tie_word_embeddings:
+        out["lm_head.weight"] = head
+    _require(not w, f"unexpected GPT-2 tensors {sorted(w)[:3]}")
+    return out
+
+
+def config_from_llama(hf: dict) -> ModelConfig:
+    _require(hf.get("hidden_act", "silu") == "silu", f"hidden_act {hf.get('hidden_act')!r}")
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    _require(rope_type == "default", f"rope scaling {rope_type!r} (only plain rotary is supported)")
+    return ModelConfig(
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        num_hidden_layers=hf["num_hidden_layers"],
+        num_attention_heads=hf["num_attention_heads"],
+        num_key_value_heads=hf.get("num_key_value_heads"),
+        head_dim=hf.get("head_dim"),
+        intermediate_size=hf["intermediate_size"],
+        max_position_embeddings=hf["max_position_embeddings"],
+        position_encoding="rope",
+        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+        rope_traditional=False,
+        norm_type="rmsnorm",
+        norm_position="pre",
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        hidden_act="swiglu",
+        attention_bias=hf.get("attention_bias", False),
+        mlp_bias=hf.get("mlp_bias", False),
+        tie_word_embeddings=hf.get("tie_word_embeddings", False),
+        initializer_range=hf.get("initializer_range", 0.02),
+        extra={"imported_from": "llama"},
+    )
+
+
+# Our name <-> Llama's name, for the parts that differ (the rest is identical below the prefix).
+LLAMA_RENAMES = [
+    (".attn.", ".self_attn."),
+    (".attn_norm.", ".input_layernorm."),
+    (".mlp_norm.", ".post_attention_layernorm."),
+]
+
+
+def llama_name(ours: str) -> str:
+    if ours == "lm_head.weight":
+        return ours
+    for a, b in LLAMA_RENAMES:
+        ours = ours.replace(a, b)
+    return "model." + ours
+
+
+def weights_from_llama(w: dict[str, mx.array], config: ModelConfig) -> dict[str, mx.array]:
+    w = {k: v for k, v in w.items() if "rotary_emb.inv_freq" not in k}  # a buffer, not a weight
+    out = {}
+    for ours in config.parameter_shapes():
+        theirs = llama_name(ours)
+        _require(theirs in w, f"missing Llama tensor {theirs}")
+        out[ours] = w.pop(theirs)
+    w.pop("lm_head.weight", None)  # a tied head may be saved too
+    _require(not w, f"unexpected Llama tensors {sorted(w)[:3]}")
+    return out
+
+
+def import_hf(hf_dir: str | Path) -> Transformer:
+    """Build our model from a Hugging Face GPT-2 or Llama folder (config.json + safetensors)."""
+    hf_dir = Path(hf_dir)
+    try:
+        hf = json.loads((hf_dir / "config.json").read_text())
+    except FileNotFoundError:
+        raise UserError(
+            f"{hf_dir}: no config.json (expected a Hugging Face model folder)"
+        ) from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{hf_dir / 'config.json'}: not valid JSON ({e})") from None
+    kind = hf.get("model_type")
+    readers = {
+        "gpt2": (config_from_gpt2, weights_from_gpt2),
+        "llama": (config_from_llama, weights_from_llama),
+    }
+    if kind not in readers:
+        raise UserError(f"{hf_dir}: model_type {kind!r} is not supported (gpt2 and llama are)")
+    read_config, read_weights = readers[kind]
+    try:
+        config = read_config(hf)
+    except KeyError as e:
+        raise UserError(f"{hf_dir / 'config.json'}: missing field {e}") from None
+    except ConfigError as e:
+        raise UserError(f"{hf_dir / 'config.json'}: {e}") from None
+    try:
+        weights = read_weights(read_hf_weights(hf_dir), config)
+    except KeyError as e:
+        raise UserError(f"{hf_dir}: missing tensor {e}") from None
+    check_tensor_shapes(config, {k: v.shape for k, v in weights.items()}, str(hf_dir))
+    model = Transformer(config)
+    model.update(tree_unflatten(list(weights.items())))
+    model.eval()
+    mx.eval(model.parameters())
+    return model
+
+
+# -- writing a Hugging Face folder -----------------------------------------------------------------
+
+
+def hf_family(config: ModelConfig) -> str:
+    """ "gpt2" or "llama" when the configuration is exactly one of theirs; else a UserError."""
+    c = config
+    common = c.norm_position == "pre" and not c.scale_embeddings
+    gpt2 = (
+        common
+        and c.position_encoding == "learned"
+        and c.norm_type == "layernorm"
+        and c.hidden_act != "swiglu"
+        and c.attention_bias
+        and c.mlp_bias
+        and c.tie_word_embeddings
+        and c.num_key_value_heads == c.num_attention_heads
+        and c.head_dim * c.num_attention_heads == c.hidden_size
+    )
+    llama = (
+        common
+        and c.position_encoding == "rope"
+        and not c.rope_traditional
+        and c.norm_type == "rmsnorm"
+        and c.hidden_act == "swiglu"
+    )
+    if gpt2:
+        return "gpt2"
+    if llama:
+        return "llama"
+    raise UserError(
+        "this configuration matches neither GPT-2 (learned positions, pre-norm "
+        "LayerNorm, biases, tied, multi-head) nor Llama (rope half-split, pre-norm "
+        "RMSNorm, SwiGLU); it can only be saved in our own format"
+    )
+
+
+def to_hf(model: Transformer) -> tuple[dict, dict[str, mx.array]]:
+    """The Hugging Face config.json and tensors of our model."""
+    c, w = model.config, dict(tree_flatten(model.parameters()))
+    if hf_family(c) == "llama":
+        hf = {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": c.vocab_size,
+            "hidden_size": c.hidden_size,
+            "intermediate_size": c.intermediate_size,
+            "num_hidden_layers": c.num_hidden_layers,
+            "num_attention_heads": c.num_attention_heads,
+            "num_key_value_heads": c.num_key_value_heads,
+            "head_dim": c.head_dim,
+            "max_position_embeddings": c.max_position_embeddings,
+            "hidden_act": "silu",
+            "rms_norm_eps": c.norm_eps,
+            "rope_theta": c.rope_theta,
+            "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
+            "attention_bias": c.attention_bias,
+            "mlp_bias": c.mlp_bias,
+            "tie_word_embeddings": c.tie_word_embeddings,
+        }
+        return hf, {llama_name(k): v for k, v in w.items()}
+    act = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}[c.hidden_act]
+    hf = {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": c.vocab_size,
+        "n_embd": c.hidden_size,
+        "n_layer": c.num_hidden_layers,
+        "n_head": c.num_attention_heads,
+        "n_inner": c.intermediate_size,
+        "n_positions": c.max_position_embeddings,
+        "activation_function": act,
+        "layer_norm_epsilon": c.norm_eps,
+        "tie_word_embeddings": True,
+    }
+    out = {
+        "transformer.wte.weight": w["embed_tokens.weight"],
+        "transformer.wpe.weight": w["embed_positions.weight"],
+        "transformer.ln_f.weight": w["norm.weight"],
+        "transformer.ln_f.bias": w["norm.bias"],
+    }
+    for i in range(c.num_hidden_layers):
+        h, p = f"transformer.h.{i}", f"layers.{i}"
+        for hf_norm, norm in (("ln_1", "attn_norm"), ("ln_2", "mlp_norm")):
+            out[f"{h}.{hf_norm}.weight"] = w[f"{p}.{norm}.weight"]
+            out[f"{h}.{hf_norm}.bias"] = w[f"{p}.{norm}.bias"]
+        qkv = [f"{p}.attn.{n}" for n in ("q_proj", "k_proj", "v_proj")]
+        out[f"{h}.attn.c_attn.weight"] = mx.concatenate([w[f"{n}.weight"].T for n in qkv], axis=1)
+        out[f"{h}.attn.c_attn.bias"] = mx.concatenate([w[f"{n}.bias"] for n in qkv])
+        for hf_name, name in (
+            ("attn.c_proj", "attn.o_proj"),
+            ("mlp.c_fc", "mlp.up_proj"),
+            ("mlp.c_proj", "mlp.down_proj"),
+        ):
+            out[f"{h}.{hf_name}.weight"] = w[f"{p}.{name}.weight"].T
+            out[f"{h}.{hf_name}.bias"] = w[f"{p}.{name}.bias"]
+    return hf, out
+
+
+def save_hf(model: Transformer, out_dir: str | Path, tokenizer_path: str | Path | None = None):
+    """Write `out_dir` in the Hugging Face layout (loadable by transformers and mlx_lm)."""
+    hf, weights = to_hf(model)
+    dtype = next(iter(weights.values())).dtype
+    hf["torch_dtype"] = {mx.float16: "float16", mx.bfloat16: "bfloat16"}.get(dtype, "float32")
+
+    def fill(tmp: Path) -> None:
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+        # contiguous copies: safetensors stores row-major data, transposes are views
+        mx.save_safetensors(
+            str(tmp / "model.safetensors"),
+            {k: mx.contiguous(v) for k, v in weights.items()},
+            metadata={"format": "pt"},
+        )
+        if tokenizer_path is not None and Path(tokenizer_path).is_file():
+            shutil.copyfile(tokenizer_path, tmp / TOKENIZER_FILE)
+            (tmp / "tokenizer_config.json").write_text(
+                json.dumps(
+                    {
+                        "tokenizer_class": "LlamaTokenizer",
+                        "add_bos_token": False,
+                        "add_eos_token": False,
+                        "legacy": False,
+                    },
+                    indent=2,
+                )
+                + "\n"
+            )
+
+    return write_folder_atomically(out_dir, fill)
+
+
+# -- CLI -------------------------------------------------------------------------------------------
+
+
+def add_arguments(parser) -> None:
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--from-hf", metavar="HF_DIR", help="a Hugging Face GPT-2 or Llama folder")
+    src.add_argument("--to-hf", metavar="CKPT", help="one of our checkpoints to write as HF")
+    parser.add_argument("--out", required=True, help="the folder to write")
+    parser.add_argument("--tokenizer", help="sentencepiece model to put in the checkpoint")
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        help="weights dtype to save (default: as read)",
+    )
+
+
+def run(args) -> int:
+    if args.from_hf:
+        model = import_hf(args.from_hf)
+        tokenizer = args.tokenizer or Path(args.from_hf) / TOKENIZER_FILE
+        tokenizer = tokenizer if Path(tokenizer).is_file() else None
+        if args.tokenizer and tokenizer is None:
+            raise UserError(f"{args.tokenizer}: not found")
+        save_checkpoint(args.out, model, tokenizer_path=tokenizer, dtype=args.dtype)
+        family = model.config.extra["imported_from"]
+    else:
+        model = load_checkpoint(args.to_hf, dtype=args.dtype)
+        family = hf_family(model.config)
+        tokenizer = args.tokenizer or Path(args.to_hf) / TOKENIZER_FILE
+        save_hf(model, args.out, tokenizer)
+    n = model.config.num_parameters()
+    print(f"wrote {args.out} ({family}, {n / 1e6:.2f} M parameters)")
+    return 0
+
+
+__all__ = ["import_hf", "save_hf", "to_hf", "hf_family", "CheckpointError"]
