@@ -20,6 +20,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "mlx_transformer.hf",
         "import a Hugging Face GPT-2/Llama checkpoint, or export one",
     ),
+    "info": ("mlx_transformer.info", "describe a checkpoint (config, size), checking it"),
 }
 
 
@@ -33,7 +34,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     for name, (module, help_text) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(_module=module)
-        if only is None or only == name:  # import only the module that will run
+        if only == name:  # import only the module that will run
             importlib.import_module(module).add_arguments(p)
     return parser
 

@@ -71,9 +71,16 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
-        if self.head_dim is None and _is_pos_int(self.num_attention_heads):
+        # Derive only from valid values, so that validate() names the bad field instead.
+        sizes_ok = _is_pos_int(self.hidden_size) and _is_pos_int(self.num_attention_heads)
+        if self.head_dim is None and sizes_ok:
+            if self.hidden_size % self.num_attention_heads:
+                raise ConfigError(
+                    f"hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads "
+                    f"({self.num_attention_heads}), or set head_dim explicitly"
+                )
             self.head_dim = self.hidden_size // self.num_attention_heads
-        if self.intermediate_size is None and _is_pos_int(self.hidden_size):
+        if self.intermediate_size is None and sizes_ok:
             if self.hidden_act == "swiglu":
                 self.intermediate_size = 64 * math.ceil(8 * self.hidden_size / 3 / 64)
             else:

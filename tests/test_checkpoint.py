@@ -1,0 +1,137 @@
+"""The checkpoint folder: exact round trips, strict loading, one-line errors, atomic writes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+from test_model import CONFIGS, random_model, tiny_config
+
+from mlx_transformer.checkpoint import load_checkpoint, save_checkpoint
+from mlx_transformer.checkpoint_format import CheckpointError
+from mlx_transformer.cli import main as cli_main
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model = random_model(tiny_config(**CONFIGS["llama-gqa"]))
+    return save_checkpoint(tmp_path / "ckpt", model), model
+
+
+def flat(model):
+    return {k: np.array(v) for k, v in tree_flatten(model.parameters())}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_round_trip_is_exact(name, tmp_path):
+    model = random_model(tiny_config(**CONFIGS[name]))
+    loaded = load_checkpoint(save_checkpoint(tmp_path / "c", model))
+    assert loaded.config == model.config
+    a, b = flat(model), flat(loaded)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    ids = mx.array([[5, 3, 8, 1]])
+    assert np.array_equal(np.array(model(ids)), np.array(loaded(ids)))
+
+
+def test_bfloat16_round_trip(tmp_path):
+    model = random_model(tiny_config())
+    loaded = load_checkpoint(save_checkpoint(tmp_path / "c", model, dtype="bfloat16"))
+    for k, v in tree_flatten(loaded.parameters()):
+        assert v.dtype == mx.bfloat16
+        ref = dict(tree_flatten(model.parameters()))[k].astype(mx.bfloat16)
+        assert mx.array_equal(v, ref)
+
+
+def rewrite_weights(folder, change):
+    weights = mx.load(str(folder / "model.safetensors"))
+    change(weights)
+    mx.save_safetensors(str(folder / "model.safetensors"), weights)
+
+
+BROKEN = {
+    "missing": (
+        lambda w: w.pop("layers.1.mlp.up_proj.weight"),
+        "missing tensor layers.1.mlp.up_proj.weight",
+    ),
+    "extra": (
+        lambda w: w.update({"layers.9.attn.q_proj.weight": mx.zeros((2, 2))}),
+        "unexpected tensor layers.9.attn.q_proj.weight",
+    ),
+    "misshaped": (
+        lambda w: w.update({"norm.weight": mx.zeros((31,))}),
+        r"tensor norm.weight has shape \(31,\), the config expects \(32,\)",
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", list(BROKEN))
+def test_strict_loading_names_the_tensor(saved, kind):
+    folder, _ = saved
+    change, message = BROKEN[kind]
+    rewrite_weights(folder, change)
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(folder)
+
+
+def test_truncated_weights_file(saved):
+    folder, _ = saved
+    path = folder / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_checkpoint(folder)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("{not json", "not valid JSON"),
+        ('{"hidden_size": "wide"}', "hidden_size must be a positive integer"),
+        ('{"norm_type": "batchnorm"}', "norm_type must be one of layernorm, rmsnorm"),
+        ('{"model_type": "gpt2"}', "import Hugging Face checkpoints"),
+    ],
+)
+def test_invalid_config_json(saved, text, message):
+    folder, _ = saved
+    (folder / "config.json").write_text(text)
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(folder)
+
+
+def test_cli_reports_one_line_without_traceback(saved, tmp_path):
+    folder, _ = saved
+    (folder / "config.json").write_text('{"num_attention_heads": 0}')
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlx_transformer", "info", str(folder)],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert "num_attention_heads must be a positive integer" in proc.stderr
+    assert cli_main(["info", str(tmp_path / "nowhere")]) == 2
+
+
+def test_info_describes_a_valid_checkpoint(saved, capsys):
+    folder, model = saved
+    assert cli_main(["info", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert f"{model.config.num_parameters() / 1e6:.3f} M parameters (F32)" in out
+
+
+def test_failed_save_leaves_the_previous_checkpoint(saved):
+    folder, model = saved
+    before = (folder / "model.safetensors").read_bytes()
+
+    def crash(tmp):
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        save_checkpoint(folder, random_model(model.config, seed=1), write_extra=crash)
+    assert (folder / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["ckpt"]  # no temp debris
+    assert json.loads((folder / "config.json").read_text())["format_version"] == 1
