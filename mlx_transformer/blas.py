@@ -10,8 +10,8 @@ MLX loads.
 Environment:
   MLX_TRANSFORMER_BLAS   unset/"auto": find an OpenBLAS; "reference": keep MLX's own BLAS, no
                          notice; a path: preload that library.
-  OPENBLAS_NUM_THREADS   left alone when set; otherwise set to DEFAULT_THREADS in the re-executed
-                         process (see its comment).
+  OPENBLAS_NUM_THREADS   left alone when set (as are GOTO_/OMP_NUM_THREADS); otherwise set in the
+                         re-executed process to default_threads() (see there).
   OPENBLAS_CORETYPE      left alone when set; otherwise set when the library's CPU detection fell
                          back to its generic x86-64 kernels on a CPU that has AVX2/AVX-512.
 """
@@ -34,11 +34,8 @@ SETTING_VAR = "MLX_TRANSFORMER_BLAS"
 REEXEC_MARKER = "_MLX_TRANSFORMER_BLAS_REEXEC"  # set in the re-executed process: never loop
 NOTICE_MARKER = "_MLX_TRANSFORMER_BLAS_NOTICE"  # set once a notice was printed: once per tree
 FIX_COMMAND = "sudo apt-get install libopenblas0-pthread"
-# One OpenBLAS thread: on a 2-core machine it was fastest for decode and a small training step and
-# within a few percent of two threads for prefill (scripts/bench_blas.py). MLX's CPU backend runs
-# its other ops on its own threads, and more BLAS threads fight them for cores. Users who mostly
-# run big batched matmuls can set OPENBLAS_NUM_THREADS themselves.
-DEFAULT_THREADS = 1
+# OpenBLAS threads when the user has not chosen: see default_threads().
+MAX_DEFAULT_THREADS = 4
 # Libraries whose name says they are an optimized BLAS exporting the plain symbols.
 OPTIMIZED_NAMES = ("libopenblas", "libmkl_rt", "libblis", "libflexiblas")
 # OpenBLAS's DYNAMIC_ARCH falls back to these kernels on x86-64 CPUs it does not recognise
@@ -146,13 +143,26 @@ def coretype_for(probe: Probe, cpu_flags: set[str], machine: str) -> str | None:
     return None
 
 
-def reexec_env(env: Mapping[str, str], library: str, coretype: str | None) -> dict[str, str]:
+def default_threads(cores: int) -> int:
+    """OpenBLAS threads to use when the user has not set OPENBLAS_NUM_THREADS.
+
+    Half the cores, at most 4: MLX runs its other CPU ops on its own thread, and idle OpenBLAS
+    threads spin-wait for a while after each GEMM, stealing that thread's core. On the 2-core
+    machine this was measured on (scripts/bench_blas.py), 1 thread matched 2 for a small training
+    step and prefill and was faster for decode; only a lone 1024³ matmul gained (~2x) from 2.
+    """
+    return max(1, min(MAX_DEFAULT_THREADS, cores // 2))
+
+
+def reexec_env(
+    env: Mapping[str, str], library: str, coretype: str | None, cores: int = 2
+) -> dict[str, str]:
     """The environment of the re-executed process: library preloaded, marker set, threads set."""
     new = dict(env)
     new["LD_PRELOAD"] = " ".join(p for p in (library, env.get("LD_PRELOAD", "")) if p)
     new[REEXEC_MARKER] = library
     if not any(env.get(v) for v in ("OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS", "OMP_NUM_THREADS")):
-        new["OPENBLAS_NUM_THREADS"] = str(DEFAULT_THREADS)
+        new["OPENBLAS_NUM_THREADS"] = str(default_threads(cores))
     if coretype and not env.get("OPENBLAS_CORETYPE"):
         new["OPENBLAS_CORETYPE"] = coretype
     return new
@@ -192,6 +202,13 @@ def _ldconfig_text() -> str:
         except (OSError, subprocess.SubprocessError):
             continue
     return ""
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # what this process may use (containers, taskset)
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def _cpu_flags() -> set[str]:
@@ -374,7 +391,7 @@ def ensure_fast_blas(
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     argv = [sys.executable, *sys.orig_argv[1:]]
-    execve(sys.executable, argv, reexec_env(env, probe.path, coretype))
+    execve(sys.executable, argv, reexec_env(env, probe.path, coretype, _cores()))
     return "reexec"  # only reached when a test passes a fake execve
 
 
