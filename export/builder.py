@@ -1,0 +1,281 @@
+"""The whole decoder as one ONNX graph: IO table → embeddings → masks → blocks → LM head.
+
+One graph serves prefill (past length 0) and decode. `build_model` is the entry point; it checks
+that every checkpoint tensor ended up in the graph.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import onnx
+
+from mlx_transformer.config import ModelConfig
+
+from .graph import BOOL, FLOAT, INT32, INT64, Graph
+from .layers import MASKED, add_and_norm, attention_ort, attention_portable, linear, mlp
+from .weights import Weights
+
+FLAVOURS = ("portable", "ort")
+
+# -- IO -------------------------------------------------------------------------------------------
+
+# Symbolic dims: batch_size, sequence_length (new tokens), past_sequence_length,
+# total_sequence_length = past_sequence_length + sequence_length.
+
+
+def io_table(config: ModelConfig) -> tuple[list[tuple], list[tuple]]:
+    """(inputs, outputs), each a list of (name, elem_type, shape) in graph order."""
+    K, hd, V = config.num_key_value_heads, config.head_dim, config.vocab_size
+    inputs = [
+        ("input_ids", INT64, ["batch_size", "sequence_length"]),
+        ("attention_mask", INT64, ["batch_size", "total_sequence_length"]),
+        ("position_ids", INT64, ["batch_size", "sequence_length"]),
+    ]
+    outputs = [("logits", FLOAT, ["batch_size", "sequence_length", V])]
+    for i in range(config.num_hidden_layers):
+        for kind in ("key", "value"):
+            past = ["batch_size", K, "past_sequence_length", hd]
+            inputs.append((f"past_key_values.{i}.{kind}", FLOAT, past))
+            present = ["batch_size", K, "total_sequence_length", hd]
+            outputs.append((f"present.{i}.{kind}", FLOAT, present))
+    return inputs, outputs
+
+
+# -- positions ------------------------------------------------------------------------------------
+
+#   position_ids ─Cast─Unsqueeze─Mul(inv_freq)─┬─Sin─Unsqueeze─┐
+#                                               └─Cos─Unsqueeze─Concat(-1)─Reshape(B,L,D)─▶
+
+
+def sinusoidal(g: Graph, position_ids: str, D: int) -> str:
+    """PE(pos, 2i) = sin(pos·f_i), PE(pos, 2i+1) = cos(pos·f_i), f_i = 10000^(-2i/D): (B, L, D)."""
+    path = "/model/embed_positions/sinusoidal"
+    # float32 in the same order as model.sinusoidal_encoding: exp(-log(10000) * 2i / D)
+    steps = np.arange(0, D, 2, dtype=np.float32)
+    inv_freq = np.exp(np.float32(-math.log(10000.0)) * steps / np.float32(D)).astype(np.float32)
+    pos = g.node("Cast", [position_ids], f"{path}/Cast", to=FLOAT)
+    pos = g.node("Unsqueeze", [pos, g.constant([-1], np.int64)], f"{path}/Unsqueeze")
+    angles = g.node("Mul", [pos, g.tensor(f"{path}/inv_freq", inv_freq)], f"{path}/Mul")
+    sin = g.node("Sin", [angles], f"{path}/Sin")
+    cos = g.node("Cos", [angles], f"{path}/Cos")
+    last = g.constant([-1], np.int64)
+    sin = g.node("Unsqueeze", [sin, last], f"{path}/UnsqueezeSin")
+    cos = g.node("Unsqueeze", [cos, last], f"{path}/UnsqueezeCos")
+    pairs = g.node("Concat", [sin, cos], f"{path}/Concat", axis=-1)  # (B, L, D/2, 2)
+    return g.node("Reshape", [pairs, g.constant([0, 0, D], np.int64)], f"{path}/Reshape")
+
+
+def rope_inv_freq(config: ModelConfig) -> np.ndarray:
+    hd = config.head_dim
+    return config.rope_theta ** (-np.arange(0, hd, 2, dtype=np.float64) / hd)
+
+
+#   position_ids ─Cast─Unsqueeze(1,3)─Mul(inv_freq)─┬─Cos─▶ (B, 1, L, hd/2) [, 1]
+#                                                    └─Sin─▶
+
+
+def rotary_tables(g: Graph, position_ids: str, config: ModelConfig) -> tuple[str, str]:
+    """cos and sin of position · theta^(-2i/hd), computed once for all layers (portable)."""
+    path = "/model/rotary"
+    inv_freq = rope_inv_freq(config).astype(np.float32)
+    pos = g.node("Cast", [position_ids], f"{path}/Cast", to=FLOAT)
+    pos = g.node("Unsqueeze", [pos, g.constant([1, 3], np.int64)], f"{path}/Unsqueeze")
+    angles = g.node("Mul", [pos, g.tensor(f"{path}/inv_freq", inv_freq)], f"{path}/Mul")
+    cos = g.node("Cos", [angles], f"{path}/Cos")
+    sin = g.node("Sin", [angles], f"{path}/Sin")
+    if config.rope_traditional:  # broadcast over the (even, odd) pair axis
+        last = g.constant([-1], np.int64)
+        cos = g.node("Unsqueeze", [cos, last], f"{path}/UnsqueezeCos")
+        sin = g.node("Unsqueeze", [sin, last], f"{path}/UnsqueezeSin")
+    return cos, sin
+
+
+def rotary_caches(g: Graph, config: ModelConfig) -> tuple[str, str]:
+    """(max_position_embeddings, hd/2) cos/sin tables for com.microsoft RotaryEmbedding."""
+    angles = np.arange(config.max_position_embeddings)[:, None] * rope_inv_freq(config)[None]
+    cos = g.tensor("/model/rotary/cos_cache", np.cos(angles).astype(np.float32))
+    sin = g.tensor("/model/rotary/sin_cache", np.sin(angles).astype(np.float32))
+    return cos, sin
+
+
+def embeddings(g: Graph, input_ids: str, position_ids: str, config: ModelConfig) -> str:
+    """embed[ids] (· √D) + learned or sinusoidal positions: (B, L, D)."""
+    x = g.node("Gather", [g.weight("embed_tokens.weight"), input_ids], "/model/embed_tokens/Gather")
+    if config.scale_embeddings:
+        scale = g.constant(math.sqrt(config.hidden_size))
+        x = g.node("Mul", [x, scale], "/model/embed_tokens/Scale")
+    if config.position_encoding == "learned":
+        table = g.weight("embed_positions.weight")
+        pe = g.node("Gather", [table, position_ids], "/model/embed_positions/Gather")
+        x = g.node("Add", [x, pe], "/model/embed_positions/Add")
+    elif config.position_encoding == "sinusoidal":
+        pe = sinusoidal(g, position_ids, config.hidden_size)
+        x = g.node("Add", [x, pe], "/model/embed_positions/Add")
+    return x
+
+
+# -- masks ----------------------------------------------------------------------------------------
+
+#   S = Shape(attention_mask)[1], L = Shape(input_ids)[1]
+#   q = Range(S-L, S), k = Range(0, S)
+#   keep = (k ≤ q AND attention_mask[k] ≠ 0) OR k == q        → (B, 1, L, S) bool
+
+
+def lengths(g: Graph, input_ids: str, attention_mask: str) -> tuple[str, str, str]:
+    """Scalars (0-d int64): batch B, new tokens L, total S."""
+    path = "/model/lengths"
+    scalar = g.constant([], np.int64)  # Reshape target of a 0-d tensor
+    dims = {}
+    for name, source, axis in (("B", input_ids, 0), ("L", input_ids, 1), ("S", attention_mask, 1)):
+        dim = g.node("Shape", [source], f"{path}/{name}/Shape", start=axis, end=axis + 1)
+        dims[name] = g.node("Reshape", [dim, scalar], f"{path}/{name}/Reshape")
+    return dims["B"], dims["L"], dims["S"]
+
+
+def keep_mask(g: Graph, attention_mask: str, L: str, S: str) -> str:
+    path = "/model/attn_mask"
+    zero, one = g.constant(0, np.int64), g.constant(1, np.int64)
+    past = g.node("Sub", [S, L], f"{path}/Past")
+    q = g.node("Range", [past, S, one], f"{path}/QueryPositions")
+    k = g.node("Range", [zero, S, one], f"{path}/KeyPositions")
+    q = g.node("Unsqueeze", [q, g.constant([1], np.int64)], f"{path}/UnsqueezeQ")  # (L, 1)
+    causal = g.node("LessOrEqual", [k, q], f"{path}/Causal")  # (L, S)
+    diagonal = g.node("Equal", [k, q], f"{path}/Diagonal")
+    real = g.node("Cast", [attention_mask], f"{path}/Cast", to=BOOL)  # (B, S)
+    real = g.node("Unsqueeze", [real, g.constant([1, 2], np.int64)], f"{path}/Unsqueeze")
+    keep = g.node("And", [causal, real], f"{path}/And")  # (B, 1, L, S)
+    return g.node("Or", [keep, diagonal], f"{path}/Or")
+
+
+#   seqlens_k = Expand(S - 1, [B]) (int32), total_sequence_length = S (int32),
+#   attention_bias = Where(keep, 0, MASKED)         (padding handled by the bias, not seqlens_k)
+
+
+def gqa_inputs(g: Graph, keep: str, B: str, S: str) -> tuple[str, str, str]:
+    path = "/model/gqa_inputs"
+    total = g.node("Cast", [S], f"{path}/total_sequence_length", to=INT32)
+    last = g.node("Sub", [total, g.constant(1, np.int32)], f"{path}/Sub")
+    batch = g.node("Unsqueeze", [B, g.constant([0], np.int64)], f"{path}/Batch")
+    seqlens_k = g.node("Expand", [last, batch], f"{path}/seqlens_k")
+    bias = g.node("Where", [keep, g.constant(0.0), g.constant(MASKED)], f"{path}/attention_bias")
+    return seqlens_k, total, bias
+
+
+# -- the model ------------------------------------------------------------------------------------
+
+
+def build_graph(config: ModelConfig, weights: Weights, flavour: str, head_copy: bool) -> Graph:
+    """All nodes of the model; see `build_model`."""
+    g = Graph(weights)
+    inputs, outputs = io_table(config)
+    for name, elem_type, shape in inputs:
+        g.input(name, elem_type, shape)
+    input_ids, attention_mask, position_ids = "input_ids", "attention_mask", "position_ids"
+
+    x = embeddings(g, input_ids, position_ids, config)
+    B, L, S = lengths(g, input_ids, attention_mask)
+    keep = keep_mask(g, attention_mask, L, S)
+    rope = config.position_encoding == "rope"
+    if flavour == "ort":
+        rotary = (position_ids, *rotary_caches(g, config)) if rope else None
+        extra = gqa_inputs(g, keep, B, S)
+    else:
+        rotary = rotary_tables(g, position_ids, config) if rope else None
+        if config.num_attention_heads != config.num_key_value_heads:
+            keep = g.node("Unsqueeze", [keep, g.constant([1], np.int64)], "/model/attn_mask/Group")
+
+    pre = config.norm_position == "pre"
+    residual, h = x, None  # pre-norm: the pending residual sum is fused into the next norm
+    for i in range(config.num_hidden_layers):
+        layer = f"layers.{i}"
+        past = (f"past_key_values.{i}.key", f"past_key_values.{i}.value")
+        if pre:
+            normed, residual = add_and_norm(g, residual, h, f"{layer}.attn_norm", config, flavour)
+        else:
+            normed = residual
+        if flavour == "ort":
+            h, k, v = attention_ort(g, normed, f"{layer}.attn", config, rotary, extra, past)
+        else:
+            h, k, v = attention_portable(g, normed, f"{layer}.attn", config, rotary, keep, past)
+        g.rename_output(k, f"present.{i}.key")
+        g.rename_output(v, f"present.{i}.value")
+        if pre:
+            normed, residual = add_and_norm(g, residual, h, f"{layer}.mlp_norm", config, flavour)
+            h = mlp(g, normed, f"{layer}.mlp", config, flavour)
+        else:
+            residual, _ = add_and_norm(g, residual, h, f"{layer}.attn_norm", config, flavour)
+            h = mlp(g, residual, f"{layer}.mlp", config, flavour)
+            residual, _ = add_and_norm(g, residual, h, f"{layer}.mlp_norm", config, flavour)
+    if pre:
+        x, _ = add_and_norm(g, residual, h, "norm", config, flavour)
+    else:
+        x = residual
+
+    if not config.tie_word_embeddings:
+        logits = linear(g, x, "lm_head", bias=False)
+    elif head_copy:  # a separate (D, V) copy that weight quantizers can see as a MatMul weight
+        logits = g.node("MatMul", [x, g.weight("embed_tokens.weight", transpose=True)],
+                        "/model/lm_head/MatMul")  # fmt: skip
+    else:
+        head = g.node("Transpose", [g.weight("embed_tokens.weight")], "/model/lm_head/Transpose")
+        logits = g.node("MatMul", [x, head], "/model/lm_head/MatMul")
+    g.rename_output(logits, "logits")
+    for name, elem_type, shape in outputs:
+        g.output(name, elem_type, shape)
+    return g
+
+
+def fallbacks(config: ModelConfig, flavour: str) -> list[str]:
+    """Where the ort flavour uses portable pieces because no contrib op expresses the model."""
+    if flavour != "ort":
+        return []
+    notes = []
+    if config.norm_type == "rmsnorm":
+        notes.append(
+            "the first RMSNorm of each stack uses explicit ops (com.microsoft has only the "
+            "Skip- variant; SimplifiedLayerNormalization lives in the ai.onnx domain)"
+        )
+    if config.position_encoding in ("learned", "sinusoidal"):
+        notes.append(f"{config.position_encoding} positions use standard ops (no contrib op)")
+    notes.append(
+        "GroupQueryAttention gets seqlens_k = total length - 1 for every row and masks padding "
+        "with attention_bias (genai's ReduceSum(mask) - 1 is wrong for left padding)"
+    )
+    notes.append(
+        "GroupQueryAttention cannot take a multi-token chunk after a non-empty past when "
+        "batch > 1: feed such chunks one token at a time (export.runtime does)"
+    )
+    return notes
+
+
+def build_model(
+    config: ModelConfig, weights: Weights, flavour: str = "portable", head_copy: bool = False
+) -> onnx.ModelProto:
+    """The ONNX model of a checkpoint.
+
+    Args:
+        config: the model configuration.
+        weights: its tensors (float32); every one must be used.
+        flavour: "portable" (standard ops, opset 17) or "ort" (com.microsoft fused ops).
+        head_copy: with tied embeddings, store the LM head as its own transposed initializer
+            (so int8/int4 quantizers treat it as a MatMul weight) instead of Transpose(embed).
+    Returns:
+        The ModelProto (float32 weights and IO).
+    """
+    if flavour not in FLAVOURS:
+        raise ValueError(f"flavour must be one of {', '.join(FLAVOURS)}, got {flavour!r}")
+    g = build_graph(config, weights, flavour, head_copy)
+    unused = weights.unused()
+    if unused:
+        raise RuntimeError(f"builder bug: checkpoint tensors not used by the graph: {unused}")
+    return g.to_model(
+        doc=f"mlx-transformer decoder, {flavour} flavour",
+        metadata={"flavour": flavour, "config": config_json(config)},
+    )
+
+
+def config_json(config: ModelConfig) -> str:
+    return json.dumps(config.to_dict(), sort_keys=True)
