@@ -10,3 +10,38 @@ sys.path.insert(0, str(Path(__file__).parent))
 # Nothing is downloaded at test time: transformers must never reach for the hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+# --- Tokenizer and data fixtures (issue 3: tokenizer and data pipeline) --------------------
+# Tiny sentencepiece models, trained once per session from the embedded corpus' first 50 KB.
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus_text() -> str:
+    """The first ~50 KB of the embedded Tiny Shakespeare (cut at a line end)."""
+    from mlx_transformer.data import default_corpus_path
+
+    text = default_corpus_path().read_text(encoding="utf-8")[:50_000]
+    return text[: text.rfind("\n") + 1]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_path(tmp_path_factory, tiny_corpus_text) -> Path:
+    """A BPE sentencepiece model (vocab 400: 256 bytes, 5 specials, ~140 merges)."""
+    from mlx_transformer.tokenizer import train_tokenizer
+
+    path = tmp_path_factory.mktemp("tokenizer") / "tokenizer.model"
+    train_tokenizer([tiny_corpus_text], path, vocab_size=400, num_threads=1)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_char_tokenizer_path(tmp_path_factory, tiny_corpus_text) -> Path:
+    """A character-level sentencepiece model (the corpus' characters plus 256 bytes)."""
+    from mlx_transformer.tokenizer import train_tokenizer
+
+    path = tmp_path_factory.mktemp("char_tokenizer") / "tokenizer.model"
+    train_tokenizer([tiny_corpus_text], path, model_type="char", num_threads=1)
+    return path

@@ -1,0 +1,442 @@
+"""The tokenizer: a thin, exact wrapper over a sentencepiece model, plus training and streaming.
+
+Imports no MLX: the ONNX side (numpy + onnxruntime + sentencepiece) uses this module as is.
+
+Models trained here round-trip exactly: `decode(encode(text)) == text` for any Unicode string.
+That takes a few choices, all recorded in the model file itself:
+
+- `normalization_rule_name="identity"`, `remove_extra_whitespaces=False`, `add_dummy_prefix=False`:
+  sentencepiece neither rewrites characters nor adds or drops spaces.
+- `byte_fallback=True`: a character the vocabulary lacks becomes its UTF-8 bytes (`<0xE2>` ...),
+  never `<unk>`.
+- `"\\n"` is a user-defined piece, so newlines survive and no piece spans one.
+- Fixed special ids: unk=0, bos=1, eos=2, pad=3; newline=4; user special tokens follow.
+
+Two wrinkles of sentencepiece are handled in `Tokenizer.encode`: its BPE segmentation of a long
+string depends slightly on text far away, so we encode line by line (a line's tokens depend only on
+the line, and a corpus encodes the same however it is chunked); and a literal U+2581 ("▁") in the
+text would decode as a space, so we encode it as its three bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import sentencepiece as spm
+
+from .errors import UserError
+
+SPECIAL_IDS = {"unk": 0, "bos": 1, "eos": 2, "pad": 3}
+NEWLINE_PIECE = "\n"
+MODEL_TYPES = ("bpe", "unigram", "char")
+
+_SPACE = "\u2581"  # sentencepiece's visible space, "▁"
+_SPACE_BYTES = _SPACE.encode("utf-8")
+_BYTE_PIECE = re.compile(r"<0x([0-9A-F]{2})>")
+# sentencepiece skips training sentences longer than max_sentence_length (4192 bytes by default);
+# we cut long lines into pieces of at most this many characters (<= 4 bytes each) instead.
+_MAX_TRAIN_CHARS = 1000
+
+
+class Tokenizer:
+    """A sentencepiece model with exact encode/decode and the ids training and generation need."""
+
+    def __init__(self, model_bytes: bytes, path: Path | None = None):
+        try:
+            self._sp = spm.SentencePieceProcessor(model_proto=model_bytes)
+        except RuntimeError as e:
+            where = path if path is not None else "the given bytes"
+            raise UserError(
+                f"{where} is not a sentencepiece model ({e}); pass a tokenizer.model written by "
+                "`mlx-transformer prepare` or sentencepiece"
+            ) from None
+        self.model_bytes = model_bytes
+        self.path = path
+        self.checksum = hashlib.sha256(model_bytes).hexdigest()
+        self._tables: _DecodeTables | None = None  # built on first streaming use
+        self._newline_id = self._sp.piece_to_id(NEWLINE_PIECE)
+        if self._newline_id == self._sp.unk_id():
+            self._newline_id = -1
+        # The three byte pieces of "▁", when the model has byte fallback.
+        byte_ids = [self._sp.piece_to_id(f"<0x{b:02X}>") for b in _SPACE_BYTES]
+        self._space_byte_ids = byte_ids if all(self._sp.is_byte(i) for i in byte_ids) else None
+
+    @classmethod
+    def load(cls, path: str | Path) -> Tokenizer:
+        """Load `path`, a sentencepiece `.model` file or a folder holding `tokenizer.model`."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "tokenizer.model"
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise UserError(
+                f"tokenizer file {path} not found; pass a tokenizer.model (e.g. from a dataset "
+                "made by `mlx-transformer prepare`, or a checkpoint folder)"
+            ) from None
+        except OSError as e:
+            raise UserError(f"cannot read tokenizer file {path}: {e.strerror}") from None
+        return cls(data, path)
+
+    # --- ids -------------------------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        return self._sp.vocab_size()
+
+    @property
+    def unk_id(self) -> int:
+        return self._sp.unk_id()
+
+    @property
+    def bos_id(self) -> int:
+        """The begin-of-sequence id, or -1 if the model has none."""
+        return self._sp.bos_id()
+
+    @property
+    def eos_id(self) -> int:
+        """The end-of-sequence id (also the document separator in datasets), or -1 if none."""
+        return self._sp.eos_id()
+
+    @property
+    def pad_id(self) -> int:
+        """The padding id; models trained here have pad=3. Foreign models may say -1."""
+        return self._sp.pad_id()
+
+    @property
+    def special_ids(self) -> dict[str, int]:
+        """{"unk": .., "bos": .., "eos": .., "pad": ..}; -1 where the model lacks one."""
+        return {"unk": self.unk_id, "bos": self.bos_id, "eos": self.eos_id, "pad": self.pad_id}
+
+    def user_defined_tokens(self) -> dict[str, int]:
+        """User-defined pieces (always matched whole, like "\\n" and `special_tokens`) -> id."""
+        from sentencepiece import sentencepiece_model_pb2 as pb  # protobuf: only when asked
+
+        proto = pb.ModelProto()
+        proto.ParseFromString(self.model_bytes)
+        user = pb.ModelProto.SentencePiece.USER_DEFINED
+        return {p.piece: i for i, p in enumerate(proto.pieces) if p.type == user}
+
+    def id_to_piece(self, token_id: int) -> str:
+        return self._sp.id_to_piece(token_id)
+
+    def piece_to_id(self, piece: str) -> int:
+        return self._sp.piece_to_id(piece)
+
+    # --- encode / decode -------------------------------------------------------------------
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        """Token ids of `text`, line by line (see the module docstring), with optional bos/eos."""
+        ids = [self.bos_id] if bos and self.bos_id >= 0 else []
+        for line_ids in self.encode_lines(text):
+            ids.extend(line_ids)
+        if eos and self.eos_id >= 0:
+            ids.append(self.eos_id)
+        return ids
+
+    def encode_lines(self, text: str) -> list[list[int]]:
+        """Token ids per line of `text`; concatenated, they are `encode(text)`."""
+        lines = _lines(text)
+        if self._space_byte_ids is None or _SPACE not in text:
+            return self._sp.encode(lines)
+        return [self._encode_literal_spaces(line) for line in lines]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """The text of `ids`; control ids (bos/eos/pad) decode to nothing."""
+        return self._sp.decode([int(i) for i in ids])
+
+    def detokenizer(self) -> StreamingDetokenizer:
+        """A fresh streaming detokenizer over this vocabulary."""
+        return StreamingDetokenizer(self)
+
+    def _encode_literal_spaces(self, line: str) -> list[int]:
+        # A literal "▁" would decode as " ": emit its three byte pieces instead.
+        ids: list[int] = []
+        for k, part in enumerate(line.split(_SPACE)):
+            if k:
+                ids.extend(self._space_byte_ids)
+            if part:
+                ids.extend(self._sp.encode(part))
+        return ids
+
+    def _decode_tables(self) -> _DecodeTables:
+        if self._tables is None:
+            self._tables = _DecodeTables(self)
+        return self._tables
+
+
+def _lines(text: str) -> list[str]:
+    """`text` cut after each "\\n" (str.splitlines would also cut at \\r, \\x0b, \\u2028 ...)."""
+    parts = text.split("\n")
+    lines = [p + "\n" for p in parts[:-1]]
+    if parts[-1]:
+        lines.append(parts[-1])
+    return lines
+
+
+class _DecodeTables:
+    """Per id, what it decodes to alone: built once per tokenizer (O(vocab)), shared."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        from sentencepiece import sentencepiece_model_pb2 as pb  # protobuf, only when streaming
+
+        sp = tokenizer._sp
+        n = sp.vocab_size()
+        unk_surface = sp.decode([sp.unk_id()]) if sp.unk_id() >= 0 else ""
+        pieces = [sp.id_to_piece(i) for i in range(n)]
+        self.surface = [
+            "" if sp.is_control(i) or sp.is_byte(i) else p.replace(_SPACE, " ")
+            for i, p in enumerate(pieces)
+        ]
+        self.kind = [
+            _CONTROL
+            if sp.is_control(i)
+            else _BYTE
+            if sp.is_byte(i)
+            else _UNK
+            if sp.is_unknown(i)
+            else _NORMAL
+            for i in range(n)
+        ]
+        for i in range(n):
+            if self.kind[i] == _UNK:
+                self.surface[i] = unk_surface
+        self.byte = [
+            int(_BYTE_PIECE.fullmatch(p).group(1), 16) if sp.is_byte(i) else -1
+            for i, p in enumerate(pieces)
+        ]
+        proto = pb.ModelProto()
+        proto.ParseFromString(tokenizer.model_bytes)
+        spec = proto.normalizer_spec
+        # sentencepiece drops the "▁" that starts the text when these are set.
+        self.strip_leading_space = spec.add_dummy_prefix or spec.remove_extra_whitespaces
+        self.strip_all_leading_spaces = spec.remove_extra_whitespaces
+
+
+_NORMAL, _CONTROL, _UNK, _BYTE = range(4)
+
+
+class StreamingDetokenizer:
+    """Turns ids into text one at a time, as generation produces them (mlx-lm style).
+
+    After any sequence of `add_token` calls and `finalize()`, `text == tokenizer.decode(tokens)`.
+    Byte-fallback pieces are held until they form whole characters, so no segment ever ends in
+    half a UTF-8 character. Each `add_token` is a table look-up, not a re-decode.
+
+    Usage:
+        detok = tokenizer.detokenizer()
+        for token in generated:
+            detok.add_token(token)
+            print(detok.last_segment, end="", flush=True)
+        detok.finalize()
+        print(detok.last_segment)
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self._tokenizer = tokenizer
+        self._tables = tokenizer._decode_tables()
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything; start a new sequence."""
+        self.tokens: list[int] = []
+        self._parts: list[str] = []  # all text so far
+        self._unread: list[str] = []  # text not yet returned by last_segment
+        self._pending_ids: list[int] = []  # byte pieces not yet forming whole characters
+        self._pending_bytes = bytearray()
+        self._at_start = True  # sentencepiece's "is_bos_ws"
+
+    def add_token(self, token: int) -> None:
+        """Add one id; its text, once complete, shows in `last_segment` and `text`."""
+        token = int(token)
+        tables = self._tables
+        if not 0 <= token < len(tables.kind):
+            raise ValueError(
+                f"token id {token} is outside the vocabulary 0..{len(tables.kind) - 1}"
+            )
+        self.tokens.append(token)
+        kind = tables.kind[token]
+        if kind == _BYTE:
+            self._pending_ids.append(token)
+            self._pending_bytes.append(tables.byte[token])
+            try:
+                text = self._pending_bytes.decode("utf-8")
+            except UnicodeDecodeError:
+                return  # incomplete (or invalid): wait for more bytes or the end of the run
+            self._pending_ids.clear()
+            self._pending_bytes.clear()
+            self._emit(text)
+            return
+        self._flush_bytes()
+        text = tables.surface[token]
+        if kind == _NORMAL and self._at_start and tables.strip_leading_space:
+            if text.startswith(" "):
+                text = text[1:]
+                if not tables.strip_all_leading_spaces:
+                    self._at_start = False
+        self._emit(text)
+
+    def finalize(self) -> None:
+        """End the sequence: flush bytes still held (invalid UTF-8 decodes to U+FFFD)."""
+        self._flush_bytes()
+
+    @property
+    def last_segment(self) -> str:
+        """The text completed since the last read of `last_segment`."""
+        segment = "".join(self._unread)
+        self._unread.clear()
+        return segment
+
+    @property
+    def text(self) -> str:
+        """All the text so far (bytes still held are not included until complete)."""
+        if len(self._parts) > 1:
+            self._parts[:] = ["".join(self._parts)]  # keep repeated reads cheap
+        return self._parts[0] if self._parts else ""
+
+    def _emit(self, text: str) -> None:
+        if text:
+            self._parts.append(text)
+            self._unread.append(text)
+            self._at_start = False
+
+    def _flush_bytes(self) -> None:
+        if self._pending_ids:
+            # sentencepiece's own rule for invalid bytes (one U+FFFD per bad byte).
+            self._emit(self._tokenizer._sp.decode(self._pending_ids))
+            self._pending_ids.clear()
+            self._pending_bytes.clear()
+
+
+# --- training ------------------------------------------------------------------------------
+
+
+def train_tokenizer(
+    texts: Iterable[str],
+    output: str | Path | None = None,
+    *,
+    vocab_size: int = 8000,
+    model_type: str = "bpe",
+    special_tokens: Sequence[str] = (),
+    input_sentence_size: int = 2_000_000,
+    shuffle_input_sentence: bool = True,
+    character_coverage: float = 0.9995,
+    split_digits: bool = True,
+    seed: int = 0,
+    num_threads: int | None = None,
+) -> Tokenizer:
+    """Train a sentencepiece tokenizer that round-trips any text exactly.
+
+    Args:
+        texts: Strings (documents or lines), streamed; each is cut into lines for training.
+            Exceptions raised while iterating (e.g. a `UserError` for bad input) propagate.
+        output: Where to write the `.model` file (atomically); None keeps it in memory only.
+        vocab_size: Pieces in the vocabulary, including 256 byte pieces and the special ids.
+            The "char" model ignores it (its vocabulary is the corpus' characters plus bytes).
+        model_type: "bpe" (default), "unigram" or "char".
+        special_tokens: Extra user-defined tokens (e.g. "<|user|>"), always matched whole;
+            they get ids 5, 6, ... in order (4 is "\\n").
+        input_sentence_size: Train on at most this many lines, sampled uniformly when
+            `shuffle_input_sentence` (reservoir sampling, so memory stays bounded).
+        character_coverage: Share of characters covered by pieces; the rare rest use bytes.
+        split_digits: Give each digit its own piece.
+        seed: Seed for the line sampling.
+        num_threads: Training threads (default: all CPUs).
+
+    Returns:
+        The trained `Tokenizer`.
+    """
+    if model_type not in MODEL_TYPES:
+        raise UserError(f"unknown tokenizer model type {model_type!r}; use one of {MODEL_TYPES}")
+    special_tokens = _check_special_tokens(special_tokens)
+    failure: list[BaseException] = []  # sentencepiece wraps iterator errors; keep the original
+
+    def sentences() -> Iterator[str]:
+        try:
+            for text in texts:
+                for line in text.split("\n"):
+                    for start in range(0, len(line), _MAX_TRAIN_CHARS):
+                        yield line[start : start + _MAX_TRAIN_CHARS]
+        except BaseException as e:
+            failure.append(e)
+            raise
+
+    spm.set_random_generator_seed(seed)
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=sentences(),
+            model_writer=model,
+            model_type=model_type,
+            vocab_size=vocab_size,
+            byte_fallback=True,
+            unk_id=SPECIAL_IDS["unk"],
+            bos_id=SPECIAL_IDS["bos"],
+            eos_id=SPECIAL_IDS["eos"],
+            pad_id=SPECIAL_IDS["pad"],
+            user_defined_symbols=[NEWLINE_PIECE, *special_tokens],
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            add_dummy_prefix=False,
+            allow_whitespace_only_pieces=True,
+            split_digits=split_digits,
+            character_coverage=character_coverage,
+            input_sentence_size=input_sentence_size,
+            shuffle_input_sentence=shuffle_input_sentence,
+            hard_vocab_limit=model_type != "char",
+            num_threads=num_threads or os.cpu_count() or 1,
+            minloglevel=2,
+        )
+    except RuntimeError as e:
+        if failure:
+            raise failure[0] from None
+        raise _training_error(str(e), vocab_size) from None
+    if failure:
+        raise failure[0]
+    tokenizer = Tokenizer(model.getvalue())
+    if output is not None:
+        output = Path(output)
+        tmp = output.with_name(f".{output.name}.tmp")
+        tmp.write_bytes(tokenizer.model_bytes)
+        tmp.replace(output)
+        tokenizer.path = output
+    return tokenizer
+
+
+def _check_special_tokens(tokens: Sequence[str]) -> list[str]:
+    reserved = {"<unk>", "<s>", "</s>", "<pad>", NEWLINE_PIECE}
+    seen: set[str] = set()
+    for token in tokens:
+        if not token or token in reserved or token in seen or "," in token:
+            raise UserError(
+                f"special token {token!r} is empty, reserved, repeated or contains a comma; "
+                "pass distinct tokens such as <|user|>"
+            )
+        seen.add(token)
+    return list(tokens)
+
+
+def _training_error(message: str, vocab_size: int) -> UserError:
+    """Rephrase sentencepiece's trainer errors (C++ source lines and all) as one user line."""
+    if m := re.search(r"Vocabulary size too high \((\d+)\).*?<= (\d+)", message):
+        return UserError(
+            f"vocabulary size {m.group(1)} is too large for this corpus: it supports at most "
+            f"{m.group(2)}; pass --vocab-size {m.group(2)} or less, or add more text"
+        )
+    if m := re.search(r"smaller than required_chars\. (\d+) vs (\d+)", message):
+        return UserError(
+            f"vocabulary size {m.group(1)} is too small: this corpus needs at least {m.group(2)} "
+            "(256 byte pieces, the special tokens and its common characters); "
+            f"pass --vocab-size {m.group(2)} or more"
+        )
+    if "sentences_.empty()" in message or "no sentences" in message.lower():
+        return UserError("the corpus holds no text to train a tokenizer on; check --data")
+    detail = re.sub(r"^.*?\) \[.*?\] ", "", message.strip().splitlines()[0])
+    return UserError(
+        f"sentencepiece could not train the tokenizer (vocab size {vocab_size}): {detail}"
+    )
