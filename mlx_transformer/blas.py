@@ -168,10 +168,15 @@ def reexec_env(
     return new
 
 
-def slow_notice() -> str:
+def slow_notice(setting: str = "") -> str:
+    """The one line printed when no optimized BLAS can be used."""
+    if setting not in ("", "auto", "reference"):
+        found = f"{SETTING_VAR}={setting} did not load as a BLAS exporting cblas_sgemm"
+    else:
+        found = "no optimized BLAS found"
     return (
-        "mlx-transformer: no optimized BLAS found; MLX's CPU matmuls will be slow "
-        f"(about 25x). Fix: {FIX_COMMAND}  (or set {SETTING_VAR}=reference to silence this)"
+        f"mlx-transformer: {found}; MLX's CPU matmuls will be slow (about 25x). "
+        f"Fix: {FIX_COMMAND}  (or set {SETTING_VAR}=reference to silence this)"
     )
 
 
@@ -282,7 +287,7 @@ def _site_dirs() -> list[str]:
 def _candidates(env: Mapping[str, str]) -> Iterable[str]:
     """Existing candidate libraries, best first; lazy, so `ldconfig -p` runs only when needed."""
     setting = env.get(SETTING_VAR, "").strip()
-    if setting and setting != "auto":
+    if setting not in ("", "auto", "reference"):
         yield setting  # a path given by the user
         return
     prefixes = [p for p in (sys.prefix, env.get("CONDA_PREFIX")) if p]
@@ -378,7 +383,7 @@ def ensure_fast_blas(
         return "failed"
     found = find_optimized_blas(env)
     if found is None:
-        _notify(slow_notice(), env)
+        _notify(slow_notice(env.get(SETTING_VAR, "").strip()), env)
         return "notice"
     probe, coretype = found
     if "mlx" in sys.modules or not _release_pytest_capture():
