@@ -15,6 +15,7 @@ from .errors import UserError
 
 # name -> (module, one-line help). Modules are imported only when their subcommand runs.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "generate": ("mlx_transformer.generate", "generate text from a checkpoint, streaming it"),
     "demo": ("mlx_transformer.demo", "the whole journey on the embedded default corpus"),
     "convert": (
         "mlx_transformer.hf",

@@ -1,0 +1,408 @@
+"""Text generation with a KV cache, in layers (mlx-lm's shape, in a few hundred lines):
+
+    batch_generate_step / generate_step   token ids in, token ids out, one step at a time
+    stream_generate                        text in, `GenerationResponse`s out (text pieces, timings)
+    generate / batch_generate              text in, text out
+
+Prompts are encoded without BOS, as training data is (documents are only followed by EOS); an
+empty prompt starts from BOS alone. Stop strings are matched on the decoded text, across token
+boundaries; text that might be the start of a stop string is held back until it is not.
+
+Context overflow (`overflow`): "error" (default) refuses prompt + max_tokens > context before any
+work. "slide" keeps going: when the window is full, the last half of the context (prompt and
+generated tokens alike) is prefilled again, with positions from 0, and decoding continues; a
+prompt longer than the context is cut to its last half-context tokens first. Re-prefilling
+costs one prefill of half a context per half a context of new tokens, and works for every
+position encoding (a rotating cache would need positions beyond those the model was trained on).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+
+from .decode import DynamicCacheDecoder, StaticCacheDecoder, left_pad, prefill
+from .errors import UserError
+from .model import Transformer
+from .sample import LogitsProcessor, Sampler, greedy, make_logits_processors, make_sampler
+
+OVERFLOW_POLICIES = ("error", "slide")
+SLIDE_KEEP_FRACTION = 0.5  # of the context, kept (and prefilled again) when sliding
+
+
+class ContextOverflowError(UserError, ValueError):
+    """prompt + max_tokens does not fit the model's context (and overflow="error")."""
+
+
+# -- tokens in, tokens out ------------------------------------------------------------------------
+
+
+def batch_generate_step(
+    prompts: Sequence[Sequence[int]],
+    model: Transformer,
+    *,
+    max_tokens: int = 256,
+    sampler: Sampler | None = None,
+    logits_processors: Sequence[LogitsProcessor] = (),
+    prefill_step_size: int = 512,
+    overflow: str = "error",
+    compiled: bool = True,
+) -> Iterator[list[int]]:
+    """Generate for several prompts at once (left-padded); yield one token per prompt per step.
+
+    Rows never influence each other: greedy output of a batch equals each prompt run alone.
+    The generator runs for max_tokens steps unless the caller stops iterating.
+
+    Args:
+        prompts: token ids, each non-empty.
+        model: the model.
+        max_tokens: steps to run.
+        sampler: logits (B, V) -> ids (B,); default greedy.
+        logits_processors: (history (B, T), logits (B, V)) -> logits, applied in order.
+        prefill_step_size: prompt tokens per forward pass during prefill.
+        overflow: "error" or "slide" (see the module docstring).
+        compiled: use the compiled static-cache decode step (False: the eager KVCache path).
+    Returns:
+        An iterator of lists of B token ids. Errors in the arguments raise here, eagerly.
+    """
+    context = model.config.max_position_embeddings
+    rows = [[int(t) for t in p] for p in prompts]
+    if not rows or any(len(r) == 0 for r in rows):
+        raise ValueError("every prompt needs at least one token")
+    if not (isinstance(max_tokens, int) and max_tokens >= 0):
+        raise ValueError(f"max_tokens must be a non-negative integer, got {max_tokens}")
+    if not (isinstance(prefill_step_size, int) and prefill_step_size >= 1):
+        raise ValueError(f"prefill_step_size must be a positive integer, got {prefill_step_size}")
+    if overflow not in OVERFLOW_POLICIES:
+        raise ValueError(
+            f"overflow must be one of {', '.join(OVERFLOW_POLICIES)}, got {overflow!r}"
+        )
+    longest = max(len(r) for r in rows)
+    if overflow == "error" and longest + max_tokens > context:
+        raise ContextOverflowError(
+            f"prompt ({longest} tokens) + max_tokens ({max_tokens}) = {longest + max_tokens} "
+            f"exceeds the model's context of {context} tokens; shorten the prompt, lower "
+            "--max-tokens, or pass --overflow slide"
+        )
+    options = (sampler or greedy, list(logits_processors), prefill_step_size, compiled)
+    return _steps(model, rows, max_tokens, context, options)
+
+
+def _steps(model, rows, max_tokens, context, options) -> Iterator[list[int]]:
+    """Decode window after window; each window starts with a prefill of its prompt."""
+    keep = max(1, int(context * SLIDE_KEEP_FRACTION))
+    produced = 0
+    window = rows if max(len(r) for r in rows) < context else [r[-keep:] for r in rows]
+    while produced < max_tokens:
+        L = max(len(w) for w in window)
+        n = min(max_tokens - produced, context - L)
+        for tokens in _decode_window(model, window, n, *options):
+            for row, token in zip(rows, tokens):
+                row.append(token)
+            produced += 1
+            yield tokens
+        window = [r[-keep:] for r in rows]
+
+
+def _decode_window(model, prompts, n, sampler, processors, prefill_step_size, compiled):
+    """Prefill `prompts`, then yield n steps; step i+1 is queued before step i is read."""
+    input_ids, mask = left_pad(prompts)
+    cache, logits = prefill(model, input_ids, mask, prefill_step_size)
+    history = input_ids if mask is None else mx.where(mask > 0, input_ids, -1)
+
+    def pick(logits: mx.array) -> mx.array:
+        nonlocal history
+        for processor in processors:
+            logits = processor(history, logits)
+        token = sampler(logits).astype(mx.int32)
+        if processors:
+            history = mx.concatenate([history, token[:, None]], axis=1)
+        return token
+
+    y = pick(logits)
+    mx.async_eval(y)
+    if compiled:
+        decoder = StaticCacheDecoder(model, cache, mask, capacity=input_ids.shape[1] + n)
+    else:
+        decoder = DynamicCacheDecoder(model, cache, mask)
+    for i in range(n):
+        if i + 1 < n:
+            next_y = pick(decoder(y))
+            mx.async_eval(next_y)
+        yield y.tolist()
+        if i + 1 < n:
+            y = next_y
+
+
+def generate_step(prompt_ids: Sequence[int], model: Transformer, **kwargs) -> Iterator[int]:
+    """One prompt's tokens, one at a time; keyword arguments as `batch_generate_step`."""
+    steps = batch_generate_step([prompt_ids], model, **kwargs)
+    return (tokens[0] for tokens in steps)
+
+
+# -- text in, text out ----------------------------------------------------------------------------
+
+
+def find_stop(text: str, stops: Sequence[str], start: int = 0) -> int | None:
+    """Index of the earliest occurrence of any stop string in text[start:], or None."""
+    hits = [i for s in stops if (i := text.find(s, start)) >= 0]
+    return min(hits) if hits else None
+
+
+def partial_stop_length(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest end of `text` that is the beginning of a stop string (held back)."""
+    best = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best
+
+
+class StopStrings:
+    """Text of one sequence as it grows: what is safe to show, and whether a stop string came."""
+
+    def __init__(self, stops: Sequence[str] = ()):
+        self.stops = [s for s in stops if s]
+        self.longest = max((len(s) for s in self.stops), default=0)
+        self.text = ""
+        self.shown = 0  # text[:shown] has been returned
+        self.stopped = False
+
+    def add(self, piece: str) -> str:
+        """Append new text; return the part now safe to show (never any of a stop string)."""
+        start = max(0, len(self.text) - self.longest + 1)
+        self.text += piece
+        hit = find_stop(self.text, self.stops, start) if self.stops else None
+        if hit is not None:
+            self.text, self.stopped = self.text[:hit], True
+            end = hit
+        else:
+            end = len(self.text) - partial_stop_length(self.text, self.stops)
+        out, self.shown = self.text[self.shown : end], max(self.shown, end)
+        return out
+
+    def flush(self) -> str:
+        """The generation ended without a stop string: show what was held back."""
+        out, self.shown = self.text[self.shown :], len(self.text)
+        return out
+
+
+@dataclass
+class GenerationResponse:
+    """One step of `stream_generate`."""
+
+    text: str  # text completed by this step (may be empty: held bytes or a possible stop)
+    token: int | None  # the token of this step (None for the final flush)
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    peak_memory: float  # GB, mx.get_peak_memory()
+    finish_reason: str | None = None  # "stop" (EOS or stop string), "length", or None
+
+
+def encode_prompt(tokenizer, prompt: str | Sequence[int]) -> list[int]:
+    """Token ids of a prompt: text is encoded without BOS; an empty prompt is [BOS]."""
+    ids = tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+    if not ids:
+        if tokenizer.bos_id < 0:
+            raise ValueError("the prompt is empty and the tokenizer has no BOS to start from")
+        ids = [tokenizer.bos_id]
+    return ids
+
+
+def stream_generate(
+    model: Transformer,
+    tokenizer,
+    prompt: str | Sequence[int],
+    *,
+    max_tokens: int = 256,
+    stop: Sequence[str] = (),
+    **kwargs,
+) -> Iterator[GenerationResponse]:
+    """Generate text and yield it piece by piece, with timings (tokens/s) and peak memory.
+
+    Stops at EOS, at a stop string (which is not returned, nor anything after it), or after
+    max_tokens. Other keyword arguments go to `batch_generate_step` (sampler, ...).
+    """
+    ids = encode_prompt(tokenizer, prompt)
+    tic = time.perf_counter()
+    steps = generate_step(ids, model, max_tokens=max_tokens, **kwargs)
+    detok, text = tokenizer.detokenizer(), StopStrings(stop)
+    stats = dict(prompt_tokens=len(ids), prompt_tps=0.0, generation_tokens=0, generation_tps=0.0)
+    reason = "length"
+    for n, token in enumerate(steps):
+        now = time.perf_counter()
+        if n == 0:
+            stats["prompt_tps"] = len(ids) / (now - tic)
+            tic = now
+        stats["generation_tokens"] = n + 1
+        stats["generation_tps"] = (n + 1) / max(now - tic, 1e-9)
+        if token == tokenizer.eos_id:
+            reason = "stop"
+            break
+        detok.add_token(token)
+        piece = text.add(detok.last_segment)
+        if text.stopped:
+            reason = "stop"
+            yield GenerationResponse(piece, token, **stats, peak_memory=_peak_gb())
+            break
+        yield GenerationResponse(piece, token, **stats, peak_memory=_peak_gb())
+    piece = ""
+    if not text.stopped:
+        detok.finalize()
+        piece = text.add(detok.last_segment) + text.flush()
+        reason = "stop" if text.stopped else reason
+    yield GenerationResponse(piece, None, **stats, peak_memory=_peak_gb(), finish_reason=reason)
+
+
+def _peak_gb() -> float:
+    return mx.get_peak_memory() / 1e9
+
+
+def generate(model: Transformer, tokenizer, prompt: str | Sequence[int], **kwargs) -> str:
+    """The generated text (without the prompt); keyword arguments as `stream_generate`."""
+    return "".join(r.text for r in stream_generate(model, tokenizer, prompt, **kwargs))
+
+
+@dataclass
+class BatchResult:
+    """What `batch_generate` returns; stats have mlx-lm's meaning (tokens over all rows)."""
+
+    texts: list[str]
+    token_ids: list[list[int]]
+    prompt_tokens: int = 0
+    prompt_tps: float = 0.0
+    generation_tokens: int = 0
+    generation_tps: float = 0.0
+    peak_memory: float = 0.0
+    finish_reasons: list[str] = field(default_factory=list)
+
+
+def batch_generate(
+    model: Transformer,
+    tokenizer,
+    prompts: Sequence[str | Sequence[int]],
+    *,
+    max_tokens: int = 256,
+    stop: Sequence[str] = (),
+    **kwargs,
+) -> BatchResult:
+    """Generate for several prompts at once; each row stops on its own (EOS, stop, length)."""
+    rows = [encode_prompt(tokenizer, p) for p in prompts]
+    B = len(rows)
+    tic = time.perf_counter()
+    steps = batch_generate_step(rows, model, max_tokens=max_tokens, **kwargs)
+    token_ids: list[list[int]] = [[] for _ in range(B)]
+    texts = [StopStrings(stop) for _ in range(B)]
+    detoks = [tokenizer.detokenizer() for _ in range(B)]
+    reasons: list[str | None] = [None] * B
+    result = BatchResult([], token_ids, prompt_tokens=sum(len(r) for r in rows))
+    for n, tokens in enumerate(steps):
+        if n == 0:
+            now = time.perf_counter()
+            result.prompt_tps = result.prompt_tokens / (now - tic)
+            tic = now
+        for b, token in enumerate(tokens):
+            if reasons[b] is not None:
+                continue
+            result.generation_tokens += 1
+            if token == tokenizer.eos_id:
+                reasons[b] = "stop"
+                continue
+            token_ids[b].append(token)
+            detoks[b].add_token(token)
+            texts[b].add(detoks[b].last_segment)
+            if texts[b].stopped:
+                reasons[b] = "stop"
+        if all(r is not None for r in reasons):
+            break
+    result.generation_tps = result.generation_tokens / max(time.perf_counter() - tic, 1e-9)
+    for b in range(B):
+        if not texts[b].stopped:
+            detoks[b].finalize()
+            texts[b].add(detoks[b].last_segment)
+    result.texts = [t.text for t in texts]
+    result.finish_reasons = [r or "length" for r in reasons]
+    result.peak_memory = _peak_gb()
+    return result
+
+
+# -- command line ----------------------------------------------------------------------------
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", required=True, metavar="CKPT", help="checkpoint folder")
+    parser.add_argument("--prompt", default="", help='prompt text, or "-" to read stdin')
+    parser.add_argument("--max-tokens", type=int, default=256, help="tokens to generate at most")
+    parser.add_argument("--temp", type=float, default=0.0, help="temperature (0 = greedy)")
+    parser.add_argument("--top-k", type=int, default=0, help="keep the k most likely (0 = off)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus mass (1 = off)")
+    parser.add_argument("--min-p", type=float, default=0.0, help="relative floor (0 = off)")
+    parser.add_argument(
+        "--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1 = off)"
+    )
+    parser.add_argument(
+        "--repetition-context-size", type=int, default=64, help="tokens the penalty looks back"
+    )
+    parser.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    parser.add_argument(
+        "--stop", action="append", default=[], help="stop before this text (repeatable)"
+    )
+    parser.add_argument(
+        "--overflow",
+        choices=OVERFLOW_POLICIES,
+        default="error",
+        help="prompt + max tokens over the context: error, or slide the window",
+    )
+    parser.add_argument("--prefill-step-size", type=int, default=512, help="prompt chunk size")
+
+
+def run(args) -> int:
+    from .checkpoint import load_checkpoint
+    from .tokenizer import Tokenizer
+
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    try:
+        sampler = make_sampler(args.temp, args.top_p, args.min_p, args.top_k, args.seed)
+        if args.repetition_penalty <= 0 or args.repetition_context_size < 1:
+            raise ValueError("repetition penalty and its context size must be positive")
+        if args.max_tokens < 0 or args.prefill_step_size < 1:
+            raise ValueError("--max-tokens must be >= 0 and --prefill-step-size >= 1")
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    processors = make_logits_processors(args.repetition_penalty, args.repetition_context_size)
+    model = load_checkpoint(args.model)
+    tokenizer_path = Path(args.model) / "tokenizer.model"
+    if not tokenizer_path.is_file():
+        raise UserError(f"{args.model}: no tokenizer.model in the checkpoint folder")
+    tokenizer = Tokenizer.load(tokenizer_path)
+    responses = stream_generate(
+        model,
+        tokenizer,
+        prompt,
+        max_tokens=args.max_tokens,
+        stop=args.stop,
+        sampler=sampler,
+        logits_processors=processors,
+        prefill_step_size=args.prefill_step_size,
+        overflow=args.overflow,
+    )
+    last = None
+    for last in responses:
+        print(last.text, end="", flush=True)
+    print()
+    print(
+        f"prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tokens/s | "
+        f"generation: {last.generation_tokens} tokens, {last.generation_tps:.1f} tokens/s | "
+        f"peak memory: {last.peak_memory:.3f} GB",
+        file=sys.stderr,
+    )
+    return 0
