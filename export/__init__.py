@@ -1,0 +1,15 @@
+"""The ONNX side: read a checkpoint with numpy, build the graph, quantize, run it.
+
+Never imports MLX, directly or indirectly (a test checks). Modules:
+weights (checkpoint reader) → graph, layers, builder (the graph) → quantize → exporter (API and
+`export` CLI); providers (execution providers) → runtime (`onnx-generate`, deployment).
+"""
+
+from __future__ import annotations
+
+
+def export_onnx(*args, **kwargs) -> dict:
+    """See `export.exporter.export_onnx` (imported lazily: onnx is not needed to run a model)."""
+    from .exporter import export_onnx as export
+
+    return export(*args, **kwargs)

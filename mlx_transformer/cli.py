@@ -22,6 +22,9 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "import a Hugging Face GPT-2/Llama checkpoint, or export one",
     ),
     "info": ("mlx_transformer.info", "describe a checkpoint (config, size), checking it"),
+    "export": ("export.exporter", "export a checkpoint to ONNX (portable or onnxruntime ops)"),
+    "onnx-generate": ("export.runtime", "generate text from an exported ONNX folder (no MLX)"),
+    "verify": ("mlx_transformer.verify", "check an ONNX export against MLX on every provider"),
 }
 
 

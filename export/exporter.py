@@ -1,0 +1,223 @@
+"""`mlx-transformer export CKPT OUT`: checkpoint folder → ONNX folder, atomically.
+
+OUT/
+  model.onnx        the decoder (+ model.onnx.data when the weights pass 2 GB)
+  config.json       the checkpoint's config, byte for byte
+  tokenizer.model   the checkpoint's tokenizer, when it has one
+  io.json           IO names and shapes, model dims, special tokens, flavour, precision, notes,
+                    and for lower precisions the measured cost against fp32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from mlx_transformer.checkpoint_format import (
+    CONFIG_FILE,
+    TOKENIZER_FILE,
+    write_folder_atomically,
+)
+from mlx_transformer.config import ModelConfig
+from mlx_transformer.errors import UserError
+
+from .builder import FLAVOURS, build_model, fallbacks, io_table
+from .quantize import PRECISIONS, compare, to_fp16, to_int4, to_int8
+from .runtime import IO_FILE, MODEL_FILE
+from .weights import read_checkpoint
+
+EXTERNAL_DATA = "model.onnx.data"
+# Serialized protobufs are limited to 2 GB; stay clear of it.
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+DEFAULT_EVAL_TEXT = Path(__file__).resolve().parent.parent / "mlx_transformer/data"
+_ONNX_TYPES = {onnx.TensorProto.INT64: "int64", onnx.TensorProto.FLOAT: "float32"}
+
+
+def save(model: onnx.ModelProto, path: Path, external: bool) -> None:
+    """Write model.onnx; external data in one file beside it (small tensors stay inline).
+
+    Saving with external data rewrites `model` in place, so this is the last use of it.
+    """
+    if external:
+        onnx.save_model(
+            model,
+            path,
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=EXTERNAL_DATA,
+            size_threshold=1024,  # 0 would also move int64 shape constants: ORT then fails
+        )
+    else:
+        onnx.save_model(model, path)
+
+
+def weight_bytes(model: onnx.ModelProto) -> int:
+    return sum(len(t.raw_data) for t in model.graph.initializer)
+
+
+def eval_tokens_for(ckpt: Path, config: ModelConfig, eval_text: str | Path | None) -> tuple:
+    """Token ids to measure precision loss on, and a description of where they came from."""
+    tokenizer_path = ckpt / TOKENIZER_FILE
+    if tokenizer_path.is_file():
+        from mlx_transformer.tokenizer import Tokenizer
+
+        if eval_text is None:
+            files = sorted(DEFAULT_EVAL_TEXT.glob("*.txt"))
+            if files:
+                text = files[0].read_text(encoding="utf-8")[-6000:]
+                source = f"last 6000 characters of {files[0].name} (pass --eval-text for held-out)"
+                ids = Tokenizer.load(tokenizer_path).encode(text)
+                return np.array(ids, np.int64), source
+        else:
+            text = Path(eval_text).read_text(encoding="utf-8")
+            ids = Tokenizer.load(tokenizer_path).encode(text)
+            return np.array(ids, np.int64), str(eval_text)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, config.vocab_size, 512)
+    return ids, "512 random token ids (no tokenizer: perplexity is not meaningful)"
+
+
+def io_json(config: ModelConfig, ckpt: Path, flavour: str, precision: str, dtype: str) -> dict:
+    inputs, outputs = io_table(config)
+
+    def table(rows):
+        return [{"name": n, "dtype": _ONNX_TYPES[t], "shape": s} for n, t, s in rows]
+
+    special = None
+    if (ckpt / TOKENIZER_FILE).is_file():
+        from mlx_transformer.tokenizer import Tokenizer
+
+        special = Tokenizer.load(ckpt / TOKENIZER_FILE).special_ids
+    return {
+        "format": "mlx-transformer-onnx",
+        "format_version": 1,
+        "model": MODEL_FILE,
+        "flavour": flavour,
+        "precision": precision,
+        "dtype": "float32",  # of the float inputs and outputs, in every precision
+        "checkpoint_dtype": dtype,
+        "opset": 17,
+        "inputs": table(inputs),
+        "outputs": table(outputs),
+        "num_hidden_layers": config.num_hidden_layers,
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": config.num_key_value_heads,
+        "head_dim": config.head_dim,
+        "hidden_size": config.hidden_size,
+        "vocab_size": config.vocab_size,
+        "context_length": config.max_position_embeddings,
+        "special_tokens": special,
+        "notes": fallbacks(config, flavour),
+    }
+
+
+def export_onnx(
+    ckpt: str | Path,
+    out: str | Path,
+    flavour: str = "portable",
+    precision: str = "fp32",
+    eval_text: str | Path | None = None,
+    eval_tokens: np.ndarray | None = None,
+    measure: bool = True,
+    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
+) -> dict:
+    """Export a checkpoint folder to an ONNX folder (replaced atomically).
+
+    Args:
+        ckpt: checkpoint folder (config.json + model.safetensors [+ tokenizer.model]).
+        out: the ONNX folder to write.
+        flavour: "portable" (standard ONNX ops) or "ort" (onnxruntime fused ops).
+        precision: "fp32", "fp16", "int8" or "int4".
+        eval_text / eval_tokens: what to measure lower precisions on (default: see io.json).
+        measure: measure lower precisions against fp32 (adds a few seconds).
+        external_data_threshold: weights above this many bytes go to model.onnx.data.
+    Returns:
+        The io.json contents, with "size_bytes" and, below fp32, "precision_report".
+    """
+    if flavour not in FLAVOURS:
+        raise UserError(f"--flavour must be one of {', '.join(FLAVOURS)}, got {flavour!r}")
+    if precision not in PRECISIONS:
+        raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    ckpt, out = Path(ckpt), Path(out)
+    config, weights = read_checkpoint(ckpt)
+    info = io_json(config, ckpt, flavour, precision, weights.dtype)
+
+    def fill(tmp: Path) -> None:
+        model = build_model(config, weights, flavour, head_copy=precision in ("int8", "int4"))
+        external = weight_bytes(model) > external_data_threshold
+        target = tmp / MODEL_FILE
+        if precision == "fp32":
+            save(model, target, external)
+        else:
+            scratch = tmp / ".fp32"
+            scratch.mkdir()
+            save(model, scratch / MODEL_FILE, external)
+            if precision == "int8":
+                to_int8(scratch / MODEL_FILE, target, external)
+            else:
+                model = onnx.load(scratch / MODEL_FILE)
+                lowered = to_fp16(model) if precision == "fp16" else to_int4(model)
+                save(lowered, target, external)
+            if measure:
+                tokens, source = (
+                    (np.asarray(eval_tokens), "given token ids")
+                    if eval_tokens is not None
+                    else eval_tokens_for(ckpt, config, eval_text)
+                )
+                report = compare(scratch / MODEL_FILE, target, config, tokens)
+                info["precision_report"] = {"eval_source": source, **report}
+                info["precision_report"]["size_bytes_fp32"] = _folder_bytes(scratch)
+            shutil.rmtree(scratch)
+        info["external_data"] = (tmp / EXTERNAL_DATA).exists()
+        info["size_bytes"] = _folder_bytes(tmp, (MODEL_FILE, EXTERNAL_DATA))
+        shutil.copyfile(ckpt / CONFIG_FILE, tmp / CONFIG_FILE)
+        if (ckpt / TOKENIZER_FILE).is_file():
+            shutil.copyfile(ckpt / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
+        (tmp / IO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+
+    write_folder_atomically(out, fill)
+    return info
+
+
+def _folder_bytes(folder: Path, names: tuple[str, ...] = (MODEL_FILE, EXTERNAL_DATA)) -> int:
+    return sum((folder / n).stat().st_size for n in names if (folder / n).exists())
+
+
+# -- CLI ------------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", metavar="CKPT", help="checkpoint folder")
+    parser.add_argument("out", metavar="OUT", help="ONNX folder to write (replaced atomically)")
+    parser.add_argument("--flavour", choices=FLAVOURS, default="portable")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    parser.add_argument("--eval-text", help="held-out text to measure lower precisions on")
+    parser.add_argument("--no-measure", action="store_true", help="skip the precision report")
+
+
+def run(args: argparse.Namespace) -> int:
+    info = export_onnx(
+        args.checkpoint,
+        args.out,
+        flavour=args.flavour,
+        precision=args.precision,
+        eval_text=args.eval_text,
+        measure=not args.no_measure,
+    )
+    print(f"wrote {args.out}: {info['flavour']} {info['precision']}, {info['size_bytes']:,} bytes")
+    for note in info["notes"]:
+        print(f"  note: {note}")
+    report = info.get("precision_report")
+    if report:
+        print(f"  vs fp32 on {report['eval_source']}:")
+        for key in ("max_abs_logit_error", "argmax_agreement", "greedy_match", "perplexity_change"):
+            print(f"    {key}: {report[key]}")
+        print(f"    size: {report['size_bytes_fp32']:,} → {info['size_bytes']:,} bytes")
+    sys.stdout.flush()
+    return 0

@@ -1,0 +1,184 @@
+"""Lower precision for the exported graph, and what it costs against fp32.
+
+- fp16: onnxruntime's float16 converter with float32 IO; norms, softmax, masks and position
+  math stay float32 (fp16 overflows in variance sums, and fp16 angles lose whole positions).
+- int8: dynamic quantization of every MatMul weight (per tensor, QInt8; per-channel uses 7-bit
+  weights there and measured worse). Activations are quantized at run time.
+- int4: weight-only MatMulNBits (block 32, symmetric); the LM head at 8 bits, because int4 heads
+  degrade small models most (repetition). Embeddings stay float32 in every precision.
+
+`compare` measures a candidate against the fp32 graph on the same tokens: max logit error,
+next-token (argmax) agreement, greedy generation agreement and perplexity.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from mlx_transformer.config import ModelConfig
+
+from .providers import create_session
+
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
+LM_HEAD = "/model/lm_head/MatMul"
+
+# Ops whose every instance stays float32 in the fp16 graph.
+FP32_OPS = [
+    "LayerNormalization",
+    "SkipLayerNormalization",
+    "SkipSimplifiedLayerNormalization",
+    "Softmax",
+    "Erf",
+    "GroupQueryAttention",  # its softmax
+    "RotaryEmbedding",  # its cos/sin tables
+]
+# Nodes (by path) that stay float32: explicit RMSNorms, positions, masks.
+FP32_PATHS = ("norm/", "/model/rotary/", "/model/embed_positions/", "/model/attn_mask/")
+
+
+def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    # onnx shape inference does not know com.microsoft ops; without their output types the
+    # converter would not put Casts after the blocked ones.
+    known = {v.name for v in model.graph.value_info}
+    for node in model.graph.node:
+        if node.domain == "com.microsoft":
+            for name in node.output:
+                if name and name not in known:
+                    model.graph.value_info.append(
+                        onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+                    )
+    keep = [n.name for n in model.graph.node if any(p in n.name for p in FP32_PATHS)]
+    keep += [n.name for n in model.graph.node if n.name.endswith(("/Mask", "/attention_bias"))]
+    return convert_float_to_float16(
+        model, keep_io_types=True, op_block_list=FP32_OPS, node_block_list=keep
+    )
+
+
+def to_int8(src: Path, dst: Path, external_data: bool = False) -> None:
+    root = logging.getLogger()
+    level, root.level = root.level, logging.ERROR  # its "consider pre-processing" warning
+    try:
+        _quantize_dynamic(src, dst, external_data)
+    finally:
+        root.setLevel(level)
+
+
+def _quantize_dynamic(src: Path, dst: Path, external_data: bool) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(
+        src,
+        dst,
+        weight_type=QuantType.QInt8,
+        per_channel=False,
+        op_types_to_quantize=["MatMul"],
+        use_external_data_format=external_data,
+        extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT},
+    )
+
+
+def to_int4(model: onnx.ModelProto, block_size: int = 32) -> onnx.ModelProto:
+    """MatMulNBits: 4-bit weights except the LM head (8-bit). Needs the onnx-ir package."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
+    common = dict(block_size=block_size, is_symmetric=True, accuracy_level=4)
+    body = MatMulNBitsQuantizer(model, bits=4, nodes_to_exclude=[LM_HEAD], **common)
+    body.process()
+    head = MatMulNBitsQuantizer(body.model.model, bits=8, nodes_to_include=[LM_HEAD], **common)
+    head.process()
+    return head.model.model
+
+
+# -- measuring ------------------------------------------------------------------------------------
+
+
+def _feeds(config: ModelConfig, ids: np.ndarray) -> dict[str, np.ndarray]:
+    B, T = ids.shape
+    empty = np.zeros((B, config.num_key_value_heads, 0, config.head_dim), np.float32)
+    feeds = {
+        "input_ids": ids.astype(np.int64),
+        "attention_mask": np.ones((B, T), np.int64),
+        "position_ids": np.broadcast_to(np.arange(T), (B, T)).astype(np.int64),
+    }
+    for i in range(config.num_hidden_layers):
+        feeds[f"past_key_values.{i}.key"] = feeds[f"past_key_values.{i}.value"] = empty
+    return feeds
+
+
+def greedy_tokens(session, config: ModelConfig, prompt: np.ndarray, n: int) -> list[int]:
+    """n greedy tokens after `prompt` (1-D), decoding with the KV cache."""
+    feeds = _feeds(config, prompt[None])
+    out, tokens = [], []
+    for _ in range(n):
+        out = session.run(None, feeds)
+        token = int(out[0][0, -1].argmax())
+        tokens.append(token)
+        S = feeds["attention_mask"].shape[1] + 1
+        if S > config.max_position_embeddings:
+            break
+        feeds = {
+            "input_ids": np.array([[token]], np.int64),
+            "attention_mask": np.ones((1, S), np.int64),
+            "position_ids": np.array([[S - 1]], np.int64),
+        }
+        for i in range(config.num_hidden_layers):
+            feeds[f"past_key_values.{i}.key"] = out[1 + 2 * i]
+            feeds[f"past_key_values.{i}.value"] = out[2 + 2 * i]
+    return tokens
+
+
+def _nll(logits: np.ndarray, ids: np.ndarray) -> float:
+    """Mean next-token negative log-likelihood of ids (B, T) under logits (B, T, V)."""
+    x = logits[:, :-1].astype(np.float64)
+    x = x - x.max(-1, keepdims=True)
+    logp = x - np.log(np.exp(x).sum(-1, keepdims=True))
+    return float(-np.take_along_axis(logp, ids[:, 1:, None], -1).mean())
+
+
+def eval_windows(tokens: np.ndarray, config: ModelConfig, windows: int = 4) -> np.ndarray:
+    """Up to `windows` rows of min(context, 128) consecutive tokens."""
+    T = min(config.max_position_embeddings, 128, len(tokens))
+    n = max(1, min(windows, len(tokens) // T))
+    return np.stack([tokens[i * T : (i + 1) * T] for i in range(n)]).astype(np.int64)
+
+
+def compare(
+    reference: Path, candidate: Path, config: ModelConfig, tokens: np.ndarray, greedy_n: int = 32
+) -> dict:
+    """Errors of the candidate graph against the reference (fp32) graph, on the CPU EP.
+
+    Args:
+        tokens: evaluation token ids (1-D); cut into windows (`eval_windows`).
+    Returns:
+        max_abs_logit_error, argmax_agreement (next-token, teacher-forced), greedy_match
+        (identical greedy tokens before the first difference, of greedy_n), perplexities.
+    """
+    ids = eval_windows(tokens, config)
+    ref_session, _ = create_session(reference, "cpu")
+    cand_session, _ = create_session(candidate, "cpu")
+    ref = ref_session.run(["logits"], _feeds(config, ids))[0]
+    cand = cand_session.run(["logits"], _feeds(config, ids))[0]
+    prompt = ids[0, : min(8, ids.shape[1])]
+    n = min(greedy_n, config.max_position_embeddings - len(prompt))
+    ref_greedy = greedy_tokens(ref_session, config, prompt, n)
+    cand_greedy = greedy_tokens(cand_session, config, prompt, n)
+    match = next((i for i, (a, b) in enumerate(zip(ref_greedy, cand_greedy)) if a != b), n)
+    ppl_ref, ppl_cand = math.exp(_nll(ref, ids)), math.exp(_nll(cand, ids))
+    return {
+        "eval_tokens": int(ids.size),
+        "max_abs_logit_error": float(np.abs(cand - ref).max()),
+        "logit_scale": float(np.abs(ref).max()),
+        "argmax_agreement": float((cand.argmax(-1) == ref.argmax(-1)).mean()),
+        "greedy_match": f"{match}/{n}",
+        "perplexity_fp32": ppl_ref,
+        "perplexity": ppl_cand,
+        "perplexity_change": ppl_cand / ppl_ref - 1.0,
+    }

@@ -1,0 +1,356 @@
+"""Generate text from an exported folder with numpy + onnxruntime + sentencepiece only (no MLX).
+
+    gen = OnnxGenerator("onnx/", provider="cpu")
+    for segment in gen.stream("To be", max_tokens=50, temp=0.8, seed=0):
+        print(segment, end="", flush=True)
+
+The KV cache goes out as `present.*` and comes back as `past_key_values.*`; on GPU providers IO
+binding keeps it on the device between steps. Batches are left-padded; positions are counted
+from the attention mask (Hugging Face style), so a padded row gives the same tokens as alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from mlx_transformer.errors import UserError
+
+from .providers import DEVICE_TYPES, create_session, full_name
+from .sampling import apply_repetition_penalty, make_sampler
+
+IO_FILE = "io.json"
+MODEL_FILE = "model.onnx"
+TOKENIZER_FILE = "tokenizer.model"
+
+
+def read_io(onnx_dir: str | Path) -> dict:
+    path = Path(onnx_dir) / IO_FILE
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(
+            f"{path}: not found; is {onnx_dir} a `mlx-transformer export` folder?"
+        ) from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e}); re-export the model") from None
+
+
+def positions_from_mask(attention_mask: np.ndarray, length: int) -> np.ndarray:
+    """Position of each of the last `length` tokens: real tokens before it, clamped at 0."""
+    positions = np.cumsum(attention_mask, axis=1) - 1
+    return np.maximum(positions[:, -length:], 0).astype(np.int64)
+
+
+class OnnxModel:
+    """One decoder session and its IO contract (io.json): logits and KV cache per call.
+
+    Args:
+        onnx_dir: an exported folder (model.onnx + io.json).
+        provider: execution provider (cpu, cuda, webgpu, openvino, ... or onnxruntime's name).
+        io_binding: keep the KV cache on the device between calls; default: on for GPU providers.
+        provider_options: passed to the provider.
+        strict: no silent CPU fallback (`session.disable_cpu_ep_fallback`).
+    """
+
+    def __init__(
+        self,
+        onnx_dir: str | Path,
+        provider: str = "cpu",
+        io_binding: bool | None = None,
+        provider_options: dict | None = None,
+        strict: bool = False,
+    ):
+        self.dir = Path(onnx_dir)
+        self.io = read_io(onnx_dir)
+        self.session, self.placement = create_session(
+            self.dir / self.io.get("model", MODEL_FILE),
+            provider,
+            provider_options=provider_options,
+            strict=strict,
+        )
+        self.layers = self.io["num_hidden_layers"]
+        self.context_length = self.io["context_length"]
+        device = DEVICE_TYPES.get(full_name(provider))
+        use_binding = device is not None if io_binding is None else io_binding
+        self.device = (device or "cpu") if use_binding else None
+        # com.microsoft GroupQueryAttention rejects a multi-token chunk after a non-empty past
+        # when batch > 1; such chunks are fed one token at a time.
+        self.split_chunks = self.io.get("flavour") == "ort"
+
+    def empty_past(self, batch: int) -> list[np.ndarray]:
+        shape = (batch, self.io["num_key_value_heads"], 0, self.io["head_dim"])
+        return [np.zeros(shape, np.float32) for _ in range(2 * self.layers)]
+
+    def __call__(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, past: Sequence | None = None
+    ) -> tuple[np.ndarray, list]:
+        """Logits (B, L, V) and the present KV cache (2 per layer) for new tokens (B, L).
+
+        attention_mask is (B, past + L); past is None (nothing yet) or the previous `present`.
+        """
+        input_ids = np.asarray(input_ids, np.int64)
+        attention_mask = np.asarray(attention_mask, np.int64)
+        B, L = input_ids.shape
+        S = attention_mask.shape[1]
+        if S > self.context_length:
+            raise UserError(
+                f"sequence of {S} tokens exceeds the model's context of {self.context_length}"
+            )
+        past = self.empty_past(B) if past is None else past
+        if self.split_chunks and B > 1 and L > 1 and S > L:
+            pieces = []
+            for t in range(L):
+                logits, past = self._run(
+                    input_ids[:, t : t + 1], attention_mask[:, : S - L + t + 1], past
+                )
+                pieces.append(logits)
+            return np.concatenate(pieces, axis=1), past
+        return self._run(input_ids, attention_mask, past)
+
+    def _feeds(self, input_ids, attention_mask) -> dict[str, np.ndarray]:
+        L = input_ids.shape[1]
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "position_ids": positions_from_mask(attention_mask, L),
+        }
+
+    def _past_names(self) -> list[str]:
+        return [f"past_key_values.{i}.{k}" for i in range(self.layers) for k in ("key", "value")]
+
+    def _present_names(self) -> list[str]:
+        return [f"present.{i}.{k}" for i in range(self.layers) for k in ("key", "value")]
+
+    def _run(self, input_ids, attention_mask, past) -> tuple[np.ndarray, list]:
+        feeds = self._feeds(input_ids, attention_mask)
+        if self.device is None:
+            feeds.update(zip(self._past_names(), past))
+            outputs = self.session.run(None, feeds)
+            return outputs[0], outputs[1:]
+        binding = self.session.io_binding()
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, value)
+        for name, value in zip(self._past_names(), past):
+            if isinstance(value, np.ndarray):
+                binding.bind_cpu_input(name, value)
+            else:
+                binding.bind_ortvalue_input(name, value)
+        binding.bind_output("logits", "cpu")
+        for name in self._present_names():
+            binding.bind_output(name, self.device)
+        self.session.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        return outputs[0].numpy(), list(outputs[1:])
+
+
+@dataclass
+class Generation:
+    """One row's result: generated ids, their text (with a tokenizer), why it stopped."""
+
+    tokens: list[int] = field(default_factory=list)
+    text: str | None = None
+    finish_reason: str | None = None  # "eos", "stop", "length" (max tokens) or "context"
+
+
+class OnnxGenerator:
+    """Batched sampling with streaming text, on any execution provider.
+
+    Args:
+        onnx_dir: an exported folder; its tokenizer.model is used when present.
+        provider, io_binding, provider_options, strict: see `OnnxModel`.
+    """
+
+    def __init__(self, onnx_dir: str | Path, provider: str = "cpu", **model_options):
+        self.model = OnnxModel(onnx_dir, provider, **model_options)
+        self.tokenizer = None
+        path = Path(onnx_dir) / TOKENIZER_FILE
+        if path.is_file():
+            from mlx_transformer.tokenizer import Tokenizer  # sentencepiece, no MLX
+
+            self.tokenizer = Tokenizer.load(path)
+        special = self.model.io.get("special_tokens") or {}
+        self.eos_id = special.get("eos", -1)
+        self.pad_id = max(special.get("pad", 0), 0)
+
+    # -- token level ---------------------------------------------------------------------------
+
+    def generate_step(
+        self,
+        prompts: Sequence[Sequence[int]],
+        temp: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        min_p: float = 0.0,
+        repetition_penalty: float = 1.0,
+        repetition_context_size: int = 64,
+        seed: int | None = None,
+    ) -> Iterator[np.ndarray]:
+        """Yield the next token of every row, (B,), until the context is full.
+
+        Prompts are left-padded into one batch; each row's positions start at 0.
+        """
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise UserError("every prompt needs at least one token")
+        sampler = make_sampler(temp, top_p, min_p, top_k, seed)
+        B, T = len(prompts), max(len(p) for p in prompts)
+        ids = np.full((B, T), self.pad_id, np.int64)
+        mask = np.zeros((B, T), np.int64)
+        for i, p in enumerate(prompts):
+            ids[i, T - len(p) :], mask[i, T - len(p) :] = p, 1
+        history = np.where(mask == 1, ids, -1)
+        logits, past = self.model(ids, mask)
+        while True:
+            last = logits[:, -1].astype(np.float64)
+            if repetition_penalty != 1.0:
+                window = history[:, -repetition_context_size:]
+                last = apply_repetition_penalty(last, window, repetition_penalty)
+            token = sampler(last).astype(np.int64)
+            yield token
+            if mask.shape[1] >= self.model.context_length:
+                return
+            mask = np.concatenate([mask, np.ones((B, 1), np.int64)], axis=1)
+            history = np.concatenate([history, token[:, None]], axis=1)
+            logits, past = self.model(token[:, None], mask, past)
+
+    def generate_tokens(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_tokens: int = 100,
+        stop: Sequence[str] = (),
+        stop_at_eos: bool = True,
+        **sampling,
+    ) -> list[Generation]:
+        """Generate for each prompt (token ids) until EOS, a stop string, or max_tokens."""
+        *_, (results, _) = self._generate(prompts, max_tokens, stop, stop_at_eos, sampling)
+        return results
+
+    def _generate(self, prompts, max_tokens, stop, stop_at_eos, sampling):
+        """After each step yield (Generations so far, the text each row added in this step)."""
+        if stop and self.tokenizer is None:
+            raise UserError("stop strings need a tokenizer (tokenizer.model in the folder)")
+        results = [Generation(text="" if self.tokenizer else None) for _ in prompts]
+        detoks = [self.tokenizer.detokenizer() if self.tokenizer else None for _ in prompts]
+        segments = ["" for _ in prompts]
+        if max_tokens <= 0:
+            yield results, segments
+            return
+        hold = max((len(s) for s in stop), default=1) - 1  # text that may start a stop string
+        steps = self.generate_step(prompts, **sampling)
+        for n, token in enumerate(steps, start=1):
+            for i, (r, detok) in enumerate(zip(results, detoks)):
+                segments[i] = ""
+                if r.finish_reason is not None:
+                    continue
+                t = int(token[i])
+                if stop_at_eos and t == self.eos_id:
+                    r.finish_reason = "eos"
+                else:
+                    r.tokens.append(t)
+                    if detok is not None:
+                        detok.add_token(t)
+                if n >= max_tokens and r.finish_reason is None:
+                    r.finish_reason = "length"
+                if detok is not None:
+                    segments[i] = self._update_text(r, detok, stop, hold)
+            if all(r.finish_reason for r in results):
+                steps.close()
+                yield results, segments
+                return
+            yield results, segments
+        for i, r in enumerate(results):  # the context filled up
+            if r.finish_reason is None:
+                r.finish_reason = "context"
+                if detoks[i] is not None:
+                    segments[i] = self._update_text(r, detoks[i], stop, hold)
+        yield results, segments
+
+    @staticmethod
+    def _update_text(r: Generation, detok, stop, hold) -> str:
+        """Extend r.text by what is safe to show (returned); cut at the first stop string."""
+        if r.finish_reason is not None:
+            detok.finalize()
+        full = detok.text
+        cut = min((full.find(s) for s in stop if s in full), default=-1)
+        if cut >= 0:
+            full, r.finish_reason = full[:cut], "stop"
+        shown = len(full) if r.finish_reason is not None else max(len(r.text), len(full) - hold)
+        segment = full[len(r.text) : shown]
+        r.text = full[:shown]
+        return segment
+
+    # -- text level ----------------------------------------------------------------------------
+
+    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        if self.tokenizer is None:
+            raise UserError("this folder has no tokenizer.model; pass token ids instead")
+        return self.tokenizer.encode(text, bos=add_bos)
+
+    def generate(
+        self, prompts: str | Sequence[str], max_tokens: int = 100, add_bos: bool = False, **kw
+    ) -> list[Generation]:
+        """Generate for one prompt or a batch; see `generate_step` for the sampling options."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        ids = [self.encode(p, add_bos) for p in prompts]
+        return self.generate_tokens(ids, max_tokens, **kw)
+
+    def stream(
+        self, prompt: str, max_tokens: int = 100, add_bos: bool = False, **kw
+    ) -> Iterator[str]:
+        """Yield text segments of one prompt's continuation as they become final."""
+        stop, stop_at_eos = kw.pop("stop", ()), kw.pop("stop_at_eos", True)
+        ids = [self.encode(prompt, add_bos)]
+        for _, segments in self._generate(ids, max_tokens, stop, stop_at_eos, kw):
+            if segments[0]:
+                yield segments[0]
+
+
+# -- CLI: mlx-transformer onnx-generate ---------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="ONNX_DIR", help="folder written by `export`")
+    parser.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
+    parser.add_argument("--max-tokens", type=int, default=100)
+    parser.add_argument("--temp", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--min-p", type=float, default=0.0)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--provider", default="cpu", help="cpu, cuda, webgpu, openvino, ...")
+
+
+def run(args: argparse.Namespace) -> int:
+    gen = OnnxGenerator(args.model, provider=args.provider)
+    print(f"[{gen.model.placement.requested}: {gen.model.placement.status}]", file=sys.stderr)
+    sampling = dict(
+        temp=args.temp,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+    )
+    try:
+        make_sampler(args.temp, args.top_p, args.min_p, args.top_k)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if len(args.prompt) == 1:
+        print(args.prompt[0], end="", flush=True)
+        for segment in gen.stream(args.prompt[0], args.max_tokens, stop=args.stop, **sampling):
+            print(segment, end="", flush=True)
+        print()
+        return 0
+    for prompt, result in zip(
+        args.prompt, gen.generate(args.prompt, args.max_tokens, stop=args.stop, **sampling)
+    ):
+        print(f"{prompt}{result.text}\n[{result.finish_reason}]\n")
+    return 0
