@@ -15,6 +15,7 @@ from .errors import UserError
 
 # name -> (module, one-line help). Modules are imported only when their subcommand runs.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "prepare": ("mlx_transformer.prepare", "train a tokenizer and encode text into token shards"),
     "generate": ("mlx_transformer.generate", "generate text from a checkpoint, streaming it"),
     "demo": ("mlx_transformer.demo", "the whole journey on the embedded default corpus"),
     "convert": (
@@ -44,6 +45,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .blas import ensure_fast_blas
+
+    ensure_fast_blas()  # Linux CPU: may re-exec once with an optimized OpenBLAS preloaded
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), None)
     wants_help = not argv or command is None

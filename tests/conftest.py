@@ -4,6 +4,15 @@ import os
 import sys
 from pathlib import Path
 
+from mlx_transformer.blas import blas_summary, ensure_fast_blas
+
+ensure_fast_blas()  # before anything imports mlx: may re-run pytest with OpenBLAS preloaded
+
+
+def pytest_report_header(config):
+    return blas_summary()
+
+
 # tests/reference.py (the float64 numpy model) is imported by several test files.
 sys.path.insert(0, str(Path(__file__).parent))
 

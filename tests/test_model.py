@@ -65,7 +65,7 @@ def random_model(config: ModelConfig, seed: int = 0) -> Transformer:
         scale = 1 / np.sqrt(p.shape[-1]) if p.ndim == 2 else 0.3
         value = rng.normal(0, scale, p.shape) + (1.0 if name.endswith("norm.weight") else 0.0)
         if name.startswith("embed"):
-            value = rng.normal(0, 1.0, p.shape)
+            value = rng.normal(0, 0.3, p.shape)
         params.append((name, mx.array(value.astype(np.float32))))
     model.update(tree_unflatten(params))
     model.eval()
