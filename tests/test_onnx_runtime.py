@@ -1,0 +1,198 @@
+"""The deployment runtime: samplers, generation against MLX, batching, stops, streaming, the CLI,
+and the promise that it runs where MLX cannot be imported."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from test_model import CONFIGS, random_model, tiny_config
+
+from export import export_onnx, sampling
+from export.runtime import OnnxGenerator
+from mlx_transformer import sample as mlx_sample
+from mlx_transformer.checkpoint import save_checkpoint
+from mlx_transformer.cli import main
+from mlx_transformer.model import make_cache
+from mlx_transformer.tokenizer import train_tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def mlx_greedy(model, prompt: list[int], n: int) -> list[int]:
+    cache = make_cache(model)
+    logits = model(mx.array([prompt]), cache=cache)
+    tokens = []
+    for _ in range(n):
+        token = int(mx.argmax(logits[0, -1]))
+        tokens.append(token)
+        logits = model(mx.array([[token]]), cache=cache)
+    return tokens
+
+
+@pytest.fixture(scope="module")
+def tokenizer_path(tmp_path_factory):
+    """A character-level sentencepiece model trained on a few KB of this repository's text."""
+    text = (ROOT / "mlx_transformer/model.py").read_text()
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
+    train_tokenizer([text], path, model_type="char", num_threads=1)
+    return path
+
+
+@pytest.fixture(scope="module")
+def text_model(tokenizer_path, tmp_path_factory):
+    """An exported random Llama-style model with a tokenizer (vocab = the tokenizer's)."""
+    from mlx_transformer.tokenizer import Tokenizer
+
+    vocab = Tokenizer.load(tokenizer_path).vocab_size
+    config = tiny_config(**CONFIGS["llama-gqa"], vocab_size=vocab, max_position_embeddings=128)
+    model = random_model(config)
+    ckpt = save_checkpoint(tmp_path_factory.mktemp("ckpt"), model, tokenizer_path=tokenizer_path)
+    out = tmp_path_factory.mktemp("onnx")
+    export_onnx(ckpt, out, flavour="ort")
+    return model, ckpt, out
+
+
+# -- samplers (numpy) agree with the MLX ones ------------------------------------------------------
+
+
+def test_filters_match_mlx_sampler_functions():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 3, (4, 50)).astype(np.float32)
+    history = np.array([[1, 2, 3, -1], [4, 4, 5, 6], [-1, -1, 7, 8], [0, 49, 49, 1]])
+    pairs = [
+        (lambda x: sampling.apply_top_k(x, 5), lambda x: mlx_sample.apply_top_k(x, 5)),
+        (lambda x: sampling.apply_top_p(x, 0.7), lambda x: mlx_sample.apply_top_p(x, 0.7)),
+        (lambda x: sampling.apply_min_p(x, 0.1), lambda x: mlx_sample.apply_min_p(x, 0.1)),
+        (
+            lambda x: sampling.apply_repetition_penalty(x, history, 1.5),
+            lambda x: mlx_sample.apply_repetition_penalty(x, mx.array(history), 1.5),
+        ),
+    ]
+    for ours, theirs in pairs:
+        np.testing.assert_allclose(ours(logits), np.array(theirs(mx.array(logits))), rtol=1e-6)
+
+
+def test_sampler_seed_greedy_and_filters():
+    logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]] * 2000))
+    assert (sampling.make_sampler()(logits) == 0).all()
+    a = sampling.make_sampler(temp=1.0, seed=3)(logits)
+    assert np.array_equal(a, sampling.make_sampler(temp=1.0, seed=3)(logits))
+    np.testing.assert_allclose(
+        np.bincount(a, minlength=4) / 2000, [0.5, 0.3, 0.15, 0.05], atol=0.04
+    )
+    assert set(sampling.make_sampler(temp=1.0, top_k=2, seed=0)(logits)) == {0, 1}
+    assert set(sampling.make_sampler(temp=1.0, top_p=0.75, seed=0)(logits)) == {0, 1}
+    assert set(sampling.make_sampler(temp=1.0, min_p=0.5, seed=0)(logits)) == {0, 1}
+    with pytest.raises(ValueError, match="top-p"):
+        sampling.make_sampler(temp=1.0, top_p=2.0)
+
+
+# -- generation ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flavour", ["portable", "ort"])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_greedy_generation_is_token_exact_with_mlx(name, flavour, tmp_path):
+    model = random_model(tiny_config(**CONFIGS[name], max_position_embeddings=80))
+    ckpt = save_checkpoint(tmp_path / "ckpt", model)
+    export_onnx(ckpt, tmp_path / "onnx", flavour=flavour)
+    prompt = [3, 14, 15, 9, 26, 5]
+    want = mlx_greedy(model, prompt, 64)
+    got = OnnxGenerator(tmp_path / "onnx").generate_tokens([prompt], max_tokens=64)[0]
+    assert got.tokens == want and got.finish_reason == "length"
+
+
+def test_batched_left_padding_gives_each_prompt_its_own_tokens(text_model):
+    _, _, out = text_model
+    gen = OnnxGenerator(out)
+    prompts = ["def forward(self", "x", "class Attention(nn.Module):\n    "]
+    batch = gen.generate(prompts, max_tokens=20)
+    for prompt, result in zip(prompts, batch):
+        alone = gen.generate(prompt, max_tokens=20)[0]
+        assert result.tokens == alone.tokens and result.text == alone.text
+
+
+def test_sampling_is_reproducible_with_a_seed(text_model):
+    gen = OnnxGenerator(text_model[2])
+    settings = dict(max_tokens=30, temp=0.9, top_p=0.9, top_k=40, min_p=0.02, seed=7)
+    a = gen.generate("import ", **settings)[0]
+    assert a.tokens == gen.generate("import ", **settings)[0].tokens
+    b = gen.generate("import ", **{**settings, "repetition_penalty": 1.3})[0]
+    assert len(b.tokens) == 30
+
+
+def test_stop_strings_eos_and_streaming(text_model):
+    gen = OnnxGenerator(text_model[2])
+    full = gen.generate("def ", max_tokens=40)[0]
+    assert full.finish_reason == "length" and len(full.tokens) == 40
+    stop = full.text[10:13]
+    cut = gen.generate("def ", max_tokens=40, stop=[stop])[0]
+    assert cut.finish_reason == "stop" and cut.text == full.text[: full.text.find(stop)]
+    assert "".join(gen.stream("def ", max_tokens=40, stop=[stop])) == cut.text
+    assert "".join(gen.stream("def ", max_tokens=40)) == full.text
+    gen.eos_id = full.tokens[3]  # pretend the model's 4th token is EOS
+    eos = gen.generate("def ", max_tokens=40)[0]
+    assert eos.finish_reason == "eos" and eos.tokens == full.tokens[:3]
+
+
+def test_context_limit_ends_generation(text_model):
+    gen = OnnxGenerator(text_model[2])
+    prompt = [5] * 120  # context is 128
+    result = gen.generate_tokens([prompt], max_tokens=50)[0]
+    assert result.finish_reason == "context" and len(result.tokens) == 9
+
+
+def test_cli_export_and_onnx_generate(text_model, tmp_path, capsys):
+    _, ckpt, _ = text_model
+    out = tmp_path / "cli"
+    assert main(["export", str(ckpt), str(out), "--flavour", "portable"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert main(["onnx-generate", str(out), "--prompt", "def ", "--max-tokens", "10"]) == 0
+    expected = OnnxGenerator(out).generate("def ", max_tokens=10)[0].text
+    assert capsys.readouterr().out == f"def {expected}\n"
+    assert main(["onnx-generate", str(out), "--prompt", "x", "--top-p", "3", "--temp", "1"]) == 2
+
+
+NO_MLX = textwrap.dedent(
+    """
+    import sys
+
+    class NoMLX:
+        def find_spec(self, name, path=None, target=None):
+            if name == "mlx" or name.startswith("mlx."):
+                raise ImportError("mlx is not installed here")
+            return None
+
+    sys.meta_path.insert(0, NoMLX())
+    from export import export_onnx
+    from export.runtime import OnnxGenerator
+
+    export_onnx(sys.argv[1], sys.argv[2], flavour="ort", precision="int8")
+    result = OnnxGenerator(sys.argv[2]).generate("def ", max_tokens=8, temp=0.7, seed=1)[0]
+    assert len(result.tokens) == 8, result
+    assert not any(m == "mlx" or m.startswith("mlx.") for m in sys.modules)
+    print("ok", repr(result.text))
+    """
+)
+
+
+def test_export_and_runtime_work_without_mlx(text_model, tmp_path):
+    _, ckpt, _ = text_model
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-c", NO_MLX, str(ckpt), str(tmp_path / "onnx")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("ok")
