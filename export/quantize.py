@@ -56,9 +56,31 @@ def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
                     )
     keep = [n.name for n in model.graph.node if any(p in n.name for p in FP32_PATHS)]
     keep += [n.name for n in model.graph.node if n.name.endswith(("/Mask", "/attention_bias"))]
-    return convert_float_to_float16(
+    model = convert_float_to_float16(
         model, keep_io_types=True, op_block_list=FP32_OPS, node_block_list=keep
     )
+    return topologically_sorted(model)  # the converter appends some Casts after their users
+
+
+def topologically_sorted(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Reorder graph nodes so each comes after the producers of its inputs (stable)."""
+    graph = model.graph
+    ready = {""} | {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    pending, ordered = list(graph.node), []
+    while pending:
+        rest = []
+        for node in pending:
+            if all(name in ready for name in node.input):
+                ordered.append(node)
+                ready.update(node.output)
+            else:
+                rest.append(node)
+        if len(rest) == len(pending):
+            raise ValueError(f"graph has a cycle or a missing input at {rest[0].name}")
+        pending = rest
+    del graph.node[:]
+    graph.node.extend(ordered)
+    return model
 
 
 def to_int8(src: Path, dst: Path, external_data: bool = False) -> None:
