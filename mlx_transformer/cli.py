@@ -17,10 +17,16 @@ from .errors import UserError
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("mlx_transformer.prepare", "train a tokenizer and encode text into token shards"),
     "generate": ("mlx_transformer.generate", "generate text from a checkpoint, streaming it"),
+    "train": ("mlx_transformer.train", "train or fine-tune (full or LoRA) on a prepared dataset"),
+    "fuse": ("mlx_transformer.lora", "fuse LoRA adapters into a plain checkpoint"),
     "demo": ("mlx_transformer.demo", "the whole journey on the embedded default corpus"),
     "convert": (
         "mlx_transformer.hf",
         "import a Hugging Face GPT-2/Llama checkpoint, or export one",
+    ),
+    "inspect": (
+        "mlx_transformer.inspect_cmd",
+        "attention maps, logit lens, ablations, head scores",
     ),
     "info": ("mlx_transformer.info", "describe a checkpoint (config, size), checking it"),
     "export": ("export.exporter", "export a checkpoint to ONNX (portable or onnxruntime ops)"),
