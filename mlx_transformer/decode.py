@@ -19,9 +19,12 @@ and visible from the next one on. Positions are passed explicitly.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Sequence
+from functools import partial
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 
 from .model import KVCache, Transformer, make_cache
 
@@ -85,6 +88,37 @@ class StaticKVCache:
         return self.keys, self.values
 
 
+def _static_step(model_ref, tokens, positions, column, key_valid, keys, values):
+    """One decode step over the static buffers; `model_ref` is a weak reference to the model."""
+    N = key_valid.shape[1]
+    caches = [StaticKVCache(k, v, column) for k, v in zip(keys, values)]
+    slots = mx.arange(N)
+    mask = ((slots < column) & key_valid) | (slots == N - 1)  # (B, N)
+    logits = model_ref()(tokens, attention_mask=mask, cache=caches, position_ids=positions)
+    new_keys = [c.keys for c in caches]
+    new_values = [c.values for c in caches]
+    return logits[:, -1], positions + 1, column + 1, new_keys, new_values
+
+
+# id(model) -> (what the trace depends on, the compiled step). The step holds the model weakly, and
+# the entry goes when the model does. The trace captures the weights as constants, so new weight
+# arrays (training, `model.update`) or a train/eval switch make a new entry.
+_COMPILED: dict[int, tuple[tuple, Callable]] = {}
+
+
+def compiled_step(model: Transformer) -> Callable:
+    """The compiled `_static_step` of this model, reused across generations (MLX retraces it
+    only for new shapes), so a second generation does not pay the ~10 ms trace again."""
+    depends_on = (model.training, *(id(p) for _, p in tree_flatten(model.parameters())))
+    entry = _COMPILED.get(id(model))
+    if entry is None or entry[0] != depends_on:
+        if entry is None:
+            weakref.finalize(model, _COMPILED.pop, id(model), None)
+        entry = (depends_on, mx.compile(partial(_static_step, weakref.ref(model))))
+        _COMPILED[id(model)] = entry
+    return entry[1]
+
+
 class StaticCacheDecoder:
     """Decode steps over buffers of N slots (N - 1 columns of past + scratch), compiled.
 
@@ -104,7 +138,6 @@ class StaticCacheDecoder:
         capacity: int,
         compiled: bool = True,
     ):
-        self.model = model
         L = cache[0].offset
         B, K, _, hd = cache[0].keys.shape
         N = capacity
@@ -120,17 +153,8 @@ class StaticCacheDecoder:
         self.key_valid = mx.concatenate([real, mx.ones((B, N - L), mx.int32)], axis=1) > 0
         self.positions = real.sum(axis=1, keepdims=True).astype(mx.int32)  # (B, 1)
         self.column = mx.array(L, mx.int32)
-        self._step = mx.compile(self._forward) if compiled else self._forward
-
-    def _forward(self, tokens, positions, column, key_valid, keys, values):
-        N = key_valid.shape[1]
-        caches = [StaticKVCache(k, v, column) for k, v in zip(keys, values)]
-        slots = mx.arange(N)
-        mask = ((slots < column) & key_valid) | (slots == N - 1)  # (B, N)
-        logits = self.model(tokens, attention_mask=mask, cache=caches, position_ids=positions)
-        new_keys = [c.keys for c in caches]
-        new_values = [c.values for c in caches]
-        return logits[:, -1], positions + 1, column + 1, new_keys, new_values
+        self.model = model  # the steps hold it weakly
+        self._step = compiled_step(model) if compiled else partial(_static_step, weakref.ref(model))
 
     def __call__(self, tokens: mx.array) -> mx.array:
         """Feed tokens (B,) at the next position; return the next logits (B, V), lazily."""

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import gc
+
 import mlx.core as mx
 import numpy as np
 import pytest
 from test_model import CONFIGS, random_model, tiny_config
 
+from mlx_transformer import decode
 from mlx_transformer.checkpoint import save_checkpoint
 from mlx_transformer.cli import main
-from mlx_transformer.decode import DynamicCacheDecoder, StaticCacheDecoder, left_pad, prefill
+from mlx_transformer.decode import (
+    DynamicCacheDecoder,
+    StaticCacheDecoder,
+    compiled_step,
+    left_pad,
+    prefill,
+)
 from mlx_transformer.generate import (
     ContextOverflowError,
     StopStrings,
@@ -68,6 +77,19 @@ def test_compiled_static_cache_logits_equal_dynamic_cache_logits():
         a, b = static(y), dynamic(y)
         np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-4, atol=1e-4)
         y = mx.argmax(a, axis=-1)
+
+
+def test_compiled_step_is_reused_but_follows_new_weights():
+    model = random_model(tiny_config(**LLAMA), seed=2)
+    assert compiled_step(model) is compiled_step(model)
+    first = list(generate_step(PROMPTS[0], model, max_tokens=6))
+    model.update(random_model(tiny_config(**LLAMA), seed=9).parameters())  # e.g. a training step
+    after = list(generate_step(PROMPTS[0], model, max_tokens=6))
+    assert after == full_forward_greedy(model, PROMPTS[0], 6) and after != first
+    key = id(model)
+    del model
+    gc.collect()
+    assert key not in decode._COMPILED
 
 
 def test_chunked_prefill_equals_one_pass():
