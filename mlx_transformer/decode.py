@@ -88,12 +88,16 @@ class StaticKVCache:
         return self.keys, self.values
 
 
-def _static_step(model_ref, tokens, positions, column, key_valid, keys, values):
-    """One decode step over the static buffers; `model_ref` is a weak reference to the model."""
-    N = key_valid.shape[1]
+def _static_step(model_ref, tokens, positions, column, key_valid, scratch, keys, values):
+    """One decode step over the static buffers; `model_ref` is a weak reference to the model.
+
+    `scratch` (N,) marks the last slot. It is an input rather than `arange(N) == N - 1` because
+    MLX's CPU compiler builds (with a C++ compiler, ~1 s) a kernel per distinct constant: N as a
+    constant would cost that again for every new prompt + max_tokens.
+    """
     caches = [StaticKVCache(k, v, column) for k, v in zip(keys, values)]
-    slots = mx.arange(N)
-    mask = ((slots < column) & key_valid) | (slots == N - 1)  # (B, N)
+    slots = mx.arange(key_valid.shape[1])
+    mask = ((slots < column) & key_valid) | scratch  # (B, N)
     logits = model_ref()(tokens, attention_mask=mask, cache=caches, position_ids=positions)
     new_keys = [c.keys for c in caches]
     new_values = [c.values for c in caches]
@@ -153,13 +157,20 @@ class StaticCacheDecoder:
         self.key_valid = mx.concatenate([real, mx.ones((B, N - L), mx.int32)], axis=1) > 0
         self.positions = real.sum(axis=1, keepdims=True).astype(mx.int32)  # (B, 1)
         self.column = mx.array(L, mx.int32)
+        self.scratch = mx.arange(N) == N - 1
         self.model = model  # the steps hold it weakly
         self._step = compiled_step(model) if compiled else partial(_static_step, weakref.ref(model))
 
     def __call__(self, tokens: mx.array) -> mx.array:
         """Feed tokens (B,) at the next position; return the next logits (B, V), lazily."""
         logits, self.positions, self.column, self.keys, self.values = self._step(
-            tokens[:, None], self.positions, self.column, self.key_valid, self.keys, self.values
+            tokens[:, None],
+            self.positions,
+            self.column,
+            self.key_valid,
+            self.scratch,
+            self.keys,
+            self.values,
         )
         return logits
 
