@@ -50,26 +50,21 @@ def prefill(
     input_ids: mx.array,
     attention_mask: mx.array | None,
     step_size: int = 512,
-) -> tuple[list[KVCache], mx.array]:
-    """Run the prompt through the model in chunks of `step_size` tokens, filling a fresh cache.
+) -> list[KVCache]:
+    """Fill a fresh cache with `input_ids` (B, L), `step_size` tokens per forward pass.
 
-    Only the last position goes through the LM head (the other logits are never evaluated).
-
-    Returns:
-        (the cache, logits of the last prompt token (B, V)), the logits not yet evaluated.
+    Call it with all prompt tokens but the last, which the decoder then feeds: only the cache is
+    evaluated here, so MLX skips what the cache does not need (the last block's attention
+    output and MLP, the final norm and LM head) — a quarter of the work for a 4-layer model.
     """
     cache = make_cache(model)
     L = input_ids.shape[1]
-    start = 0
-    while L - start > step_size:
-        end = start + step_size
+    for start in range(0, L, step_size):
+        end = min(start + step_size, L)
         mask = attention_mask[:, :end] if attention_mask is not None else None
-        model.forward(input_ids[:, start:end], mask, cache)  # only the cache is evaluated
+        model(input_ids[:, start:end], mask, cache)
         mx.eval([c.state for c in cache])
-        start = end
-    out = model.forward(input_ids[:, start:], attention_mask, cache, output_hidden_states=True)
-    last_hidden = out.hidden_states[-1][:, -1:]  # (B, 1, D)
-    return cache, model.logits_from_hidden(last_hidden)[:, 0]
+    return cache
 
 
 class StaticKVCache:
@@ -128,9 +123,10 @@ class StaticCacheDecoder:
 
     Args:
         model: the model.
-        cache: the cache after prefill (its `offset` is the prompt width L).
+        cache: the cache after prefill (its `offset` L may be 0).
         attention_mask: the prefill mask (B, L), or None when the prompts were not padded.
-        capacity: N; at most N - L steps can run, and N <= the model's context.
+        capacity: N; N - 1 - L steps can run, and N <= the model's context.
+        batch_size: B, when attention_mask is None.
         compiled: False runs the same step eagerly (for tests).
     """
 
@@ -140,17 +136,20 @@ class StaticCacheDecoder:
         cache: list[KVCache],
         attention_mask: mx.array | None,
         capacity: int,
+        batch_size: int = 1,
         compiled: bool = True,
     ):
-        L = cache[0].offset
-        B, K, _, hd = cache[0].keys.shape
-        N = capacity
+        L, N, config = cache[0].offset, capacity, model.config
+        B = attention_mask.shape[0] if attention_mask is not None else batch_size
+        K, hd = config.num_key_value_heads, config.head_dim
+        dtype = model.embed_tokens.weight.dtype
         self.keys, self.values = [], []
         for c in cache:
-            k = mx.zeros((B, K, N, hd), c.keys.dtype)
-            v = mx.zeros((B, K, N, hd), c.values.dtype)
-            k[..., :L, :] = c.keys[..., :L, :]
-            v[..., :L, :] = c.values[..., :L, :]
+            k = mx.zeros((B, K, N, hd), dtype)
+            v = mx.zeros((B, K, N, hd), dtype)
+            if L:
+                k[..., :L, :] = c.keys[..., :L, :]
+                v[..., :L, :] = c.values[..., :L, :]
             self.keys.append(k)
             self.values.append(v)
         real = attention_mask if attention_mask is not None else mx.ones((B, L), mx.int32)

@@ -112,7 +112,13 @@ def _steps(model, rows, max_tokens, context, options) -> Iterator[list[int]]:
 def _decode_window(model, prompts, n, sampler, processors, prefill_step_size, compiled):
     """Prefill `prompts`, then yield n steps; step i+1 is queued before step i is read."""
     input_ids, mask = left_pad(prompts)
-    cache, logits = prefill(model, input_ids, mask, prefill_step_size)
+    B, L = input_ids.shape
+    prefix_mask = mask[:, :-1] if mask is not None else None  # the last token is always real
+    cache = prefill(model, input_ids[:, :-1], prefix_mask, prefill_step_size)
+    if compiled:
+        decoder = StaticCacheDecoder(model, cache, prefix_mask, capacity=L + n, batch_size=B)
+    else:
+        decoder = DynamicCacheDecoder(model, cache, prefix_mask)
     history = input_ids if mask is None else mx.where(mask > 0, input_ids, -1)
 
     def pick(logits: mx.array) -> mx.array:
@@ -124,12 +130,8 @@ def _decode_window(model, prompts, n, sampler, processors, prefill_step_size, co
             history = mx.concatenate([history, token[:, None]], axis=1)
         return token
 
-    y = pick(logits)
+    y = pick(decoder(input_ids[:, -1]))
     mx.async_eval(y)
-    if compiled:
-        decoder = StaticCacheDecoder(model, cache, mask, capacity=input_ids.shape[1] + n)
-    else:
-        decoder = DynamicCacheDecoder(model, cache, mask)
     for i in range(n):
         if i + 1 < n:
             next_y = pick(decoder(y))

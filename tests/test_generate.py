@@ -68,12 +68,12 @@ def test_greedy_is_argmax_of_full_forward_at_every_step(name, compiled):
 def test_compiled_static_cache_logits_equal_dynamic_cache_logits():
     model = random_model(tiny_config(**LLAMA), seed=2)
     ids, mask = left_pad(PROMPTS)
-    cache_a, first = prefill(model, ids, mask)
-    cache_b, _ = prefill(model, ids, mask)
-    static = StaticCacheDecoder(model, cache_a, mask, capacity=ids.shape[1] + 6)
-    dynamic = DynamicCacheDecoder(model, cache_b, mask)
-    y = mx.argmax(first, axis=-1)
-    for _ in range(5):
+    B, L = ids.shape
+    prefix = mask[:, :-1]
+    static = StaticCacheDecoder(model, prefill(model, ids[:, :-1], prefix), prefix, L + 6, B)
+    dynamic = DynamicCacheDecoder(model, prefill(model, ids[:, :-1], prefix), prefix)
+    y = ids[:, -1]
+    for _ in range(6):
         a, b = static(y), dynamic(y)
         np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-4, atol=1e-4)
         y = mx.argmax(a, axis=-1)
