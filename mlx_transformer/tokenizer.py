@@ -362,7 +362,7 @@ def train_tokenizer(
                 for line in text.split("\n"):
                     for start in range(0, len(line), _MAX_TRAIN_CHARS):
                         yield line[start : start + _MAX_TRAIN_CHARS]
-        except BaseException as e:
+        except (Exception, KeyboardInterrupt) as e:  # not GeneratorExit: an early stop is fine
             failure.append(e)
             raise
 
