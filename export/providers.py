@@ -76,9 +76,10 @@ def _private_webgpu() -> Path | None:
     env = json.loads(env_file.read_text())
     os.environ.setdefault("VK_ICD_FILENAMES", env["VK_ICD_FILENAMES"])
     os.environ.setdefault("ORT_WEBGPU_EP_ALLOW_SOFTWARE_ADAPTER", "1")
-    # LD_LIBRARY_PATH is read once at process start, so load the private libraries (Vulkan
-    # loader, lavapipe and their dependencies) by path; later dlopen()s find them by soname.
-    pending = sorted(glob.glob(os.path.join(env["lib_dir"], "*.so*")))
+    # LD_LIBRARY_PATH is read once at process start, so load the private shared libraries
+    # (Vulkan loader, newer libdrm: names "lib*.so.N") by path; later dlopen()s find them by
+    # soname. Drivers and layers ("*.so") are left to the loader: loaded globally they clash.
+    pending = sorted(glob.glob(os.path.join(env["lib_dir"], "lib*.so.[0-9]")))
     while pending:
         failed = []
         for lib in pending:

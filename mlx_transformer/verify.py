@@ -237,6 +237,7 @@ def run_provider(checks: Checks, name: str, ckpt_model, onnx_dir: Path, budget, 
         nodes=placement.nodes,
         ops_left_to_cpu=placement.ops_on_cpu,
         without_cpu_fallback=strict_error or "runs",
+        workarounds=onnx_model.workarounds,
     )
     if fallback:  # everything ran on the CPU: not a pass for this provider
         checks.add("parity", None, name, skipped="all nodes fell back to the CPU EP")
