@@ -1,0 +1,75 @@
+"""exp and tanh from multiplies and adds, for MLX's Linux CPU backend.
+
+The `mlx-cpu` wheel is built for baseline x86-64, where `mx.exp` and `mx.tanh` cost ~25 ns per
+element (libm calls and software `fma`), against ~0.5 ns for an add: in a small GPT's training
+step the GELU's tanh alone took more time than all the matmuls. Written as a short polynomial
+of adds and multiplies, `mx.compile` fuses them into one loop that the compiler vectorises:
+5-8x faster, with a relative error of ~1e-7 (float32 rounding). On Metal and CUDA the built-in
+kernels are already fast; `use_fast_math()` says when to prefer these.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+
+LOG2E = 1.4426950408889634
+# Adding 1.5 * 2**23 to a float32 in (-2**22, 2**22) rounds it to an integer and leaves that
+# integer in the low mantissa bits, where a bit cast can read it.
+_ROUND = 12582912.0
+_ROUND_BITS = 0x4B400000
+
+
+def use_fast_math() -> bool:
+    """True on the CPU backend, where the polynomial versions beat MLX's own kernels."""
+    return mx.default_device() == mx.cpu
+
+
+def exp(x: mx.array) -> mx.array:
+    """e**x for float32: 2**n * p(f), x*log2(e) = n + f, |f| <= 1/2, p a Cephes polynomial.
+
+    Differentiable (the rounding and the bit cast are constants to autodiff; d/dx p(f) 2**n
+    is p'(f) 2**n log2(e) ~ exp(x)). Inputs below -87 give ~0, above 88 give ~inf-free 2**126.
+    """
+    dtype = x.dtype
+    y = mx.clip(x.astype(mx.float32) * LOG2E, -126.0, 126.0)
+    t = mx.stop_gradient(y + _ROUND)
+    f = y - (t - _ROUND)  # y - round(y), in [-1/2, 1/2]
+    p = 1.535336188319500e-4
+    p = p * f + 1.339887440266574e-3
+    p = p * f + 9.618437357674640e-3
+    p = p * f + 5.550332471162809e-2
+    p = p * f + 2.402264791363012e-1
+    p = p * f + 6.931472028550421e-1
+    p = p * f + 1.0
+    two_n = ((t.view(mx.int32) - _ROUND_BITS + 127) << 23).view(mx.float32)  # 2**round(y)
+    return (p * two_n).astype(dtype)
+
+
+def tanh(x: mx.array) -> mx.array:
+    """tanh as a 13/6-degree rational function (Eigen's fast tanh), exact to float32 rounding."""
+    x = mx.clip(x, -7.90531110763549805, 7.90531110763549805)
+    x2 = x * x
+    p = x2 * -2.76076847742355e-16 + 2.00018790482477e-13
+    p = x2 * p + -8.60467152213735e-11
+    p = x2 * p + 5.12229709037114e-08
+    p = x2 * p + 1.48572235717979e-05
+    p = x2 * p + 6.37261928875436e-04
+    p = x2 * p + 4.89352455891786e-03
+    q = x2 * 1.19825839466702e-06 + 1.18534705686654e-04
+    q = x2 * q + 2.26843463243900e-03
+    q = x2 * q + 4.89352518554385e-03
+    return x * p / q
+
+
+def gelu_tanh(x: mx.array) -> mx.array:
+    """GPT-2's GELU (tanh approximation), as model.gelu_tanh but with the fast tanh."""
+    inner = math.sqrt(2.0 / math.pi) * (x + 0.044715 * (x * x * x))
+    return 0.5 * x * (1.0 + tanh(inner))
+
+
+def logsumexp(x: mx.array, axis: int = -1) -> mx.array:
+    """log(sum(exp(x))) over `axis`, stable (max subtracted), with the fast exp."""
+    m = mx.stop_gradient(x.max(axis=axis, keepdims=True))
+    return mx.log(exp(x - m).sum(axis=axis)) + m.squeeze(axis)

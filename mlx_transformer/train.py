@@ -1,0 +1,539 @@
+"""`mlx-transformer train`: pretraining and fine-tuning (full or LoRA), single or data-parallel.
+
+    mlx-transformer train --data DATA --out RUN [--max-steps N] [--resume]
+                          [--init-from CKPT_OR_HF_DIR] [--lora --lora-rank 8 ...]
+
+The loop: a compiled step (train_step.Stepper) per optimizer step, evaluation every
+`eval_every` steps on a fixed validation sample (loss, perplexity, bits per byte), metrics to
+OUT/metrics.jsonl and OUT/loss.png, checkpoints every `save_every` steps and at the end
+(train_io.RunFolder). Ctrl-C or SIGTERM finish the current step, save, and exit with 130 / 143.
+A NaN or infinite loss stops the run before anything is saved over the last good checkpoint.
+
+Randomness is a pure function of (seed, rank, step): batch k comes from data.PretrainBatches,
+and the MLX key (dropout, LoRA init) is reseeded from (seed, rank, step) before each step, so
+`--resume` replays exactly what an uninterrupted run would have done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+
+from . import train_args
+from .checkpoint import load_checkpoint
+from .checkpoint_format import TOKENIZER_FILE
+from .config import MODEL_TYPE, ModelConfig
+from .data import Batch, Dataset, FinetuneBatches, PretrainBatches, load_dataset, val_windows
+from .errors import UserError
+from .lora import apply_lora, load_adapters, read_adapter_config
+from .model import Transformer
+from .train_args import TrainingArgs
+from .train_io import (
+    MetricsLog,
+    Plotter,
+    RunFolder,
+    read_training_state,
+    restore_optimizer,
+    write_checkpoint,
+)
+from .train_step import Stepper, cast_params, loss_sum, make_optimizer
+
+DROPOUT_FIELDS = ("embedding_dropout", "attention_dropout", "residual_dropout")
+EXIT_CODES = {"completed": 0, "SIGINT": 130, "SIGTERM": 143}
+
+
+class TrainingDiverged(UserError):
+    """The loss or gradient norm became NaN or infinite."""
+
+
+@dataclass
+class TrainResult:
+    """What `train` returns."""
+
+    step: int
+    stopped_by: str  # "completed", "SIGINT" or "SIGTERM"
+    train_loss: float | None
+    val: dict[str, float] | None
+    checkpoint: Path | None  # OUT/latest resolved (None on ranks > 0)
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_CODES[self.stopped_by]
+
+
+# -- models -------------------------------------------------------------------------------------
+
+
+def load_init_model(path: str | Path) -> tuple[Transformer, Path | None]:
+    """A model to start from: our checkpoint folder, or a Hugging Face GPT-2/Llama folder
+    (told apart by config.json's model_type). Returns (model, its tokenizer.model or None)."""
+    path = Path(path)
+    try:
+        kind = json.loads((path / "config.json").read_text()).get("model_type", MODEL_TYPE)
+    except (OSError, json.JSONDecodeError, AttributeError):
+        kind = MODEL_TYPE  # load_checkpoint names the problem
+    if kind == MODEL_TYPE:
+        model = load_checkpoint(path)
+    else:
+        from .hf import import_hf
+
+        model = import_hf(path)
+    tokenizer = path / TOKENIZER_FILE
+    return model, tokenizer if tokenizer.is_file() else None
+
+
+def with_dropout(model: Transformer, overrides: dict[str, Any]) -> Transformer:
+    """The same weights in a model whose dropout rates are `overrides` (fine-tuning only)."""
+    other = sorted(set(overrides) - set(DROPOUT_FIELDS))
+    if other:
+        raise UserError(
+            f"--{other[0].replace('_', '-')} changes the architecture of the --init-from model; "
+            "only the dropout rates can be set when fine-tuning"
+        )
+    if not overrides:
+        return model
+    config = dataclasses.replace(model.config, **overrides)
+    config.validate()
+    new = Transformer(config)
+    new.update(model.parameters())
+    return new
+
+
+def build_model(
+    args: TrainingArgs, dataset: Dataset, resume_from: Path | None
+) -> tuple[Transformer, dict | None, Path]:
+    """(model, LoRA config or None, tokenizer to save with checkpoints)."""
+    lora_config = None
+    if resume_from is not None and args.lora:
+        lora_config = read_adapter_config(resume_from)
+        model, _ = load_init_model(lora_config["base_model"])
+        load_adapters(model, resume_from)
+    elif resume_from is not None:
+        model = load_checkpoint(resume_from)
+    elif args.init_from is not None:
+        model, _ = load_init_model(args.init_from)
+        model = with_dropout(model, args.model)
+        if args.lora:
+            lora_config = apply_lora(
+                model,
+                args.lora_rank,
+                args.lora_alpha,
+                args.lora_dropout,
+                args.lora_targets,
+                args.lora_layers,
+            )
+            lora_config["base_model"] = str(Path(args.init_from).resolve())
+    else:
+        try:
+            config = ModelConfig(**{"vocab_size": dataset.vocab_size, **args.model})
+        except TypeError as e:
+            raise UserError(f"model settings: {e}") from None
+        model = Transformer(config)
+    if dataset.vocab_size > model.config.vocab_size:
+        raise UserError(
+            f"the dataset's tokenizer has {dataset.vocab_size} tokens, the model only "
+            f"{model.config.vocab_size}; prepare the data with the model's tokenizer "
+            "(`mlx-transformer prepare --tokenizer CKPT/tokenizer.model`)"
+        )
+    if args.precision == "bfloat16-pure":
+        cast_params(model, mx.bfloat16, trainable_too=True)
+    elif args.precision == "bfloat16":
+        cast_params(model, mx.bfloat16, trainable_too=False)  # frozen LoRA base only
+    mx.eval(model.parameters())
+    return model, lora_config, dataset.tokenizer_path
+
+
+# -- data ---------------------------------------------------------------------------------------
+
+
+def to_mx(batch: Batch) -> tuple:
+    """A data.Batch as the Stepper's tuple of arrays."""
+
+    def arr(x: np.ndarray | None) -> mx.array | None:
+        return None if x is None else mx.array(x)
+
+    return (arr(batch.inputs), arr(batch.targets), arr(batch.loss_mask), arr(batch.attention_mask))
+
+
+def make_batches(args: TrainingArgs, dataset: Dataset, context: int, rank: int, world: int):
+    cls = PretrainBatches if dataset.kind == "pretrain" else FinetuneBatches
+    return cls(dataset, args.batch_size, context, seed=args.seed, rank=rank, world_size=world)
+
+
+def validation_batches(
+    dataset: Dataset, batch_size: int, context: int, num_batches: int
+) -> list[Batch]:
+    """The fixed validation sample: `num_batches` batches of windows spread evenly over the
+    val split (0 = every token of it, via data.val_windows)."""
+    if "val" not in dataset.splits or dataset.splits["val"].tokens < 2:
+        return []
+    if dataset.kind == "finetune":
+        val = FinetuneBatches(dataset, batch_size, context, split="val", shuffle=False)
+        return [val.batch(k) for k in range(num_batches or val.steps_per_epoch)]
+    if num_batches == 0:
+        return list(val_windows(dataset, batch_size, context))
+    shards = dataset.splits["val"].shards
+    starts = [(k, s) for k, sh in enumerate(shards) for s in range(0, len(sh) - context, context)]
+    if len(starts) <= num_batches * batch_size:
+        return list(val_windows(dataset, batch_size, context))
+    picks = np.linspace(0, len(starts) - 1, num_batches * batch_size).round().astype(int)
+    windows = np.stack([shards[k][s : s + context + 1] for k, s in (starts[i] for i in picks)])
+    windows = windows.astype(np.int32)
+    return [
+        Batch(inputs=w[:, :-1], targets=w[:, 1:])
+        for w in np.split(windows, num_batches)  # (B, context + 1) each
+    ]
+
+
+def evaluate(
+    model: Transformer,
+    batches: list[Batch],
+    bytes_per_token: float,
+    group: mx.distributed.Group | None = None,
+) -> dict[str, float]:
+    """Mean loss (nats/token), perplexity and bits per byte over `batches` (shared out across
+    the processes of `group`, then summed)."""
+    rank, world = (group.rank(), group.size()) if group is not None else (0, 1)
+    was_training = model.training
+    model.eval()
+    total, count = mx.array(0.0), mx.array(0.0)
+    for batch in batches[rank::world]:
+        s, n = loss_sum(model, to_mx(batch))
+        total, count = total + s, count + n
+        mx.eval(total, count)
+    if world > 1:
+        total = mx.distributed.all_sum(total, group=group)
+        count = mx.distributed.all_sum(count, group=group)
+    model.train(was_training)
+    loss = (total / mx.maximum(count, 1)).item()
+    return {
+        "val_loss": loss,
+        "val_ppl": math.exp(min(loss, 700)),
+        "val_bpb": loss / math.log(2) / bytes_per_token,
+    }
+
+
+def val_bytes_per_token(dataset: Dataset) -> float:
+    info = dataset.splits["val"].info if "val" in dataset.splits else {}
+    if dataset.kind == "finetune" and info.get("completion_tokens"):
+        return info["completion_bytes"] / info["completion_tokens"]
+    return dataset.bytes_per_token("val") if "val" in dataset.splits else float("nan")
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """The MLX random key of a step: a pure function of (seed, rank, step)."""
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, np.uint64)[0])
+
+
+# -- the loop -----------------------------------------------------------------------------------
+
+
+class StopRequest:
+    """SIGINT/SIGTERM set a flag; the loop finishes its step, saves and exits. A second
+    signal gets the default behaviour (KeyboardInterrupt / termination)."""
+
+    def __init__(self):
+        self.signal: str | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequest:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signal = signal.Signals(signum).name
+        signal.signal(signum, self._old.get(signum, signal.SIG_DFL))
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+class Trainer:
+    """One training run; `train()` is the usual way in."""
+
+    def __init__(self, args: TrainingArgs):
+        args.validate()
+        self.args = args
+        self.group = mx.distributed.init() if mx.distributed.is_available() else None
+        self.rank = self.group.rank() if self.group is not None else 0
+        self.world = self.group.size() if self.group is not None else 1
+        if self.group is not None and self.world == 1:
+            self.group = None
+        self.run = RunFolder(args.out)
+        self.dataset = load_dataset(args.data)
+        self._setup()
+
+    def _setup(self) -> None:
+        args, run = self.args, self.run
+        resume_from, state, opt_tensors = None, {}, None
+        if args.resume:
+            resume_from = run.resume_point()
+            state, opt_tensors = read_training_state(resume_from)
+        elif run.has_run():
+            raise UserError(
+                f"{run.out} already holds a run; pass --resume to continue it, or choose "
+                "another --out (nothing was overwritten)"
+            )
+        mx.random.seed(args.seed)  # model initialisation (and LoRA's A matrices)
+        self.model, self.lora_config, self.tokenizer_path = build_model(
+            args, self.dataset, resume_from
+        )
+        config = self.model.config
+        self.context = args.context_length or config.max_position_embeddings
+        if self.context > config.max_position_embeddings:
+            raise UserError(
+                f"--context-length {self.context} exceeds the model's context of "
+                f"{config.max_position_embeddings} (max_position_embeddings)"
+            )
+        self.model.train()
+        self.optimizer = make_optimizer(args, self.model.trainable_parameters())
+        if opt_tensors is not None:
+            restore_optimizer(self.optimizer, opt_tensors, self.model.trainable_parameters())
+        self.batches = make_batches(args, self.dataset, self.context, self.rank, self.world)
+        if state:
+            self.batches.load_state_dict(state["data"])
+        self.step = state.get("step", 0)
+        self.tokens_seen = state.get("tokens_seen", 0)
+        best = state.get("best_val_loss")
+        self.best_val = math.inf if best is None else best
+        self.stepper = Stepper(
+            self.model, self.optimizer, args.precision, args.grad_clip, args.compile, self.group
+        )
+        self.val_batches = validation_batches(
+            self.dataset, args.batch_size, self.context, args.eval_batches
+        )
+        self.bytes_per_token = val_bytes_per_token(self.dataset)
+        if self.rank == 0:
+            run.write_run_config({"training": args.to_dict(), "model": config.to_dict()})
+            self.metrics = MetricsLog(run.metrics, self.step if args.resume else None)
+        self.plotter = Plotter(run.plot)
+
+    # -- one step ---------------------------------------------------------------------------
+
+    def train_step(self) -> tuple[float, float]:
+        """One optimizer step over grad_accumulation micro-batches: (loss, grad norm)."""
+        mx.random.seed(step_seed(self.args.seed, self.rank, self.step))
+        acc = None
+        for _ in range(self.args.grad_accumulation - 1):
+            acc = self.stepper.accumulate(to_mx(next(self.batches)), acc)
+            mx.eval(acc)  # bounds memory to one micro-batch's activations
+        loss, norm = self.stepper.step(to_mx(next(self.batches)), acc)
+        mx.eval(self.stepper.state, loss, norm)
+        self.step += 1
+        self.tokens_seen += (
+            self.args.batch_size * self.context * self.world * (self.args.grad_accumulation)
+        )
+        loss_value, norm_value = loss.item(), norm.item()
+        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+            last = self.run.latest.resolve() if self.run.latest.exists() else None
+            raise TrainingDiverged(
+                f"loss {loss_value} (gradient norm {norm_value}) at step {self.step}: stopped "
+                f"without saving; last good checkpoint: {last or 'none yet'} (lower "
+                "--learning-rate, raise --warmup-steps or use float32)"
+            )
+        return loss_value, norm_value
+
+    # -- saving -----------------------------------------------------------------------------
+
+    def training_state(self) -> dict[str, Any]:
+        return {
+            "format_version": 1,
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "best_val_loss": self.best_val if math.isfinite(self.best_val) else None,
+            "seed": self.args.seed,
+            "data": self.batches.state_dict(),
+            "world_size": self.world,
+            "precision": self.args.precision,
+            "lora": self.lora_config is not None,
+            "mlx_version": mx.__version__,
+        }
+
+    def save(self, as_step: bool, as_best: bool) -> None:
+        """Write checkpoints/step_N (and point latest at it) and/or best/; rank 0 only."""
+        if self.rank != 0 or not (as_step or as_best):
+            return
+        state = self.training_state()
+        parts = (self.model, self.optimizer, state, self.tokenizer_path, self.lora_config)
+        if as_step:
+            folder = self.run.save(self.step, *parts, keep_last=self.args.keep_last)
+            if as_best:
+                self.run.save_best(folder)
+        else:
+            write_checkpoint(self.run.best, *parts)
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def evaluate(self) -> dict[str, float]:
+        return evaluate(self.model, self.val_batches, self.bytes_per_token, self.group)
+
+    def should_stop(self, stop: StopRequest) -> bool:
+        flag = stop.signal is not None
+        if self.world > 1:  # every process must stop at the same step
+            flag = mx.distributed.all_sum(mx.array(int(flag)), group=self.group).item() > 0
+            if flag and stop.signal is None:
+                stop.signal = "SIGTERM"
+        return flag
+
+    def fit(self, on_step=None) -> TrainResult:
+        """Train to args.max_steps (or a stop signal). on_step(trainer, loss) after each step."""
+        bar = _progress(self.args, self.rank, self.step)
+        self.last_val, loss, window = None, None, _Window()
+        try:
+            with StopRequest() as stop, bar:
+                while self.step < self.args.max_steps:
+                    tic = time.perf_counter()
+                    loss, norm = self.train_step()
+                    window.add(loss, norm, time.perf_counter() - tic)
+                    if on_step is not None:
+                        on_step(self, loss)
+                    if self._after_step(stop, bar, window):
+                        break
+        finally:
+            self.plotter.close()
+        checkpoint = self.run.latest.resolve() if self.rank == 0 else None
+        return TrainResult(self.step, stop.signal or "completed", loss, self.last_val, checkpoint)
+
+    def _after_step(self, stop: StopRequest, bar, window: _Window) -> bool:
+        """Log, evaluate, save as the schedule says; True when a signal asks to stop."""
+        args = self.args
+        stopping = self.should_stop(stop)
+        final = self.step == args.max_steps
+        self._log(bar, window)
+        as_best = False
+        if (args.eval_every and self.step % args.eval_every == 0) or final:
+            self.last_val = self._eval_and_log(bar)
+            as_best = self.last_val is not None and self.last_val["val_loss"] < self.best_val
+            if as_best:
+                self.best_val = self.last_val["val_loss"]
+        periodic = args.save_every and self.step % args.save_every == 0
+        self.save(bool(periodic) or final or stopping, as_best)
+        if stopping:
+            bar.write(
+                f"{stop.signal}: saved step {self.step} to {self.run.latest}", file=sys.stderr
+            )
+        return stopping
+
+    def _log(self, bar, window: _Window) -> None:
+        lr = self.optimizer.learning_rate.item()  # the rate of the step just taken
+        tok_s = window.tokens_per_sec(self.tokens_per_step)
+        peak = mx.get_peak_memory() / 1e9
+        bar.set_postfix_str(
+            f"loss {window.last_loss:.4f} lr {lr:.2e} {tok_s:,.0f} tok/s mem {peak:.2f} GB",
+            refresh=False,
+        )
+        bar.update(1)
+        if self.rank == 0 and self.args.log_every and self.step % self.args.log_every == 0:
+            self.metrics.append(
+                {
+                    "step": self.step,
+                    "loss": window.mean_loss(),
+                    "grad_norm": window.last_norm,
+                    "lr": lr,
+                    "tokens_per_sec": tok_s,
+                    "tokens_seen": self.tokens_seen,
+                    "peak_memory_gb": peak,
+                }
+            )
+            window.reset()
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.args.batch_size * self.context * self.args.grad_accumulation * self.world
+
+    def _eval_and_log(self, bar) -> dict[str, float] | None:
+        if not self.val_batches:
+            return None
+        tic = time.perf_counter()
+        val = self.evaluate()
+        if self.rank == 0:
+            seconds = time.perf_counter() - tic
+            self.metrics.append({"step": self.step, **val, "eval_seconds": seconds})
+            self.plotter.submit(self.metrics.records)
+            bar.write(
+                f"step {self.step}: val loss {val['val_loss']:.4f}, ppl {val['val_ppl']:.2f}, "
+                f"{val['val_bpb']:.4f} bits/byte",
+                file=sys.stderr,
+            )
+        return val
+
+
+class _Window:
+    """Train losses and step times since the last metrics line."""
+
+    def __init__(self):
+        self.reset()
+        self.last_loss = self.last_norm = float("nan")
+
+    def reset(self) -> None:
+        self.losses: list[float] = []
+        self.seconds: list[float] = []
+
+    def add(self, loss: float, norm: float, seconds: float) -> None:
+        self.losses.append(loss)
+        self.seconds.append(seconds)
+        self.last_loss, self.last_norm = loss, norm
+
+    def mean_loss(self) -> float:
+        return sum(self.losses) / len(self.losses)
+
+    def tokens_per_sec(self, tokens_per_step: int) -> float:
+        # The first step of a window may include compilation; a median is robust to it.
+        return tokens_per_step / float(np.median(self.seconds[-50:]))
+
+
+def _progress(args: TrainingArgs, rank: int, start: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=args.max_steps,
+        initial=start,
+        unit="step",
+        dynamic_ncols=True,
+        disable=not args.progress or rank != 0,
+        file=sys.stderr,
+    )
+
+
+def train(args: TrainingArgs, on_step=None) -> TrainResult:
+    """Train as `args` says; see the module docstring.
+
+    Args:
+        args: the resolved settings (`train_args.resolve` builds them from flags and files).
+        on_step: optional callable(trainer, loss) run after every step (tests, custom logging).
+    Returns:
+        A TrainResult; `exit_code` is 0, or 130 / 143 when stopped by SIGINT / SIGTERM.
+    Raises:
+        TrainingDiverged: the loss became NaN or infinite (nothing saved after the last good
+            checkpoint); UserError for bad settings or data.
+    """
+    return Trainer(args).fit(on_step)
+
+
+# -- CLI ----------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    train_args.add_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    result = train(train_args.resolve(args))
+    if result.checkpoint is not None:
+        val = result.val or {}
+        detail = f", val loss {val['val_loss']:.4f}" if "val_loss" in val else ""
+        print(f"step {result.step}{detail}; checkpoint: {result.checkpoint}", file=sys.stderr)
+    return result.exit_code

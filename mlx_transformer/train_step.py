@@ -1,0 +1,209 @@
+"""The optimizer step: loss → gradients (accumulated, averaged across processes) → clip → AdamW.
+
+The step is compiled with its whole state passed explicitly (model, optimizer, RNG), so one call
+is one fused graph and `mx.eval` runs once per step. Losses are summed over tokens and divided by
+the token count of the whole step (all micro-batches, all processes): k micro-batches of n equals
+one batch of k*n, and 2 processes of n equal 1 process of 2n, up to float rounding.
+
+Precision ("float32" | "bfloat16" | "bfloat16-pure"):
+  bfloat16       float32 master weights and optimizer state; the trainable weights are cast to
+                 bf16 inside the differentiated function, so matmuls run in bf16 and gradients
+                 come back in float32. Norm statistics, softmax and the loss run in float32.
+  bfloat16-pure  the weights and the AdamW moments are stored in bf16 (half the memory).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from functools import partial
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_flatten, tree_map
+
+from . import fastmath
+from .model import Transformer
+
+Batch = tuple  # (inputs, targets, loss_mask | None, attention_mask | None), arrays (B, L)
+
+
+class AdamW(optim.AdamW):
+    """AdamW (with bias correction, as PyTorch) that decays only matrices and embeddings.
+
+    Norm gains and biases (1-D) are not decayed: pulling a LayerNorm gain towards 0 fights the
+    normalisation, and nanoGPT and GPT-2 leave them alone too.
+    """
+
+    def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict) -> mx.array:
+        if parameter.ndim < 2:
+            return optim.Adam.apply_single(self, gradient, parameter, state)
+        return super().apply_single(gradient, parameter, state)
+
+
+def lr_schedule(
+    peak: float, floor: float, warmup: int, decay_steps: int
+) -> Callable[[mx.array], mx.array]:
+    """nanoGPT's schedule, as a function of the number of updates done so far (0 first).
+
+    lr(s) = peak * (s+1)/(warmup+1) for s < warmup, then cosine from peak down to `floor` at
+    `decay_steps`, then `floor`.
+    """
+    span = max(1, decay_steps - warmup)
+
+    def schedule(step: mx.array) -> mx.array:
+        s = step.astype(mx.float32)
+        warm = peak * (s + 1) / (warmup + 1)
+        progress = mx.clip((s - warmup) / span, 0.0, 1.0)
+        cosine = floor + 0.5 * (1.0 + mx.cos(math.pi * progress)) * (peak - floor)
+        return mx.where(s < warmup, warm, cosine)
+
+    return schedule
+
+
+# -- loss -----------------------------------------------------------------------------------------
+
+
+def token_losses(
+    model: Transformer,
+    inputs: mx.array,
+    targets: mx.array,
+    attention_mask: mx.array | None = None,
+) -> mx.array:
+    """Cross-entropy in nats of each next-token prediction, float32, (B, L)."""
+    logits = model(inputs, attention_mask=attention_mask).astype(mx.float32)  # (B, L, V)
+    picked = mx.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]  # (B, L)
+    logsumexp = fastmath.logsumexp if fastmath.use_fast_math() else mx.logsumexp
+    return logsumexp(logits, axis=-1) - picked
+
+
+def loss_sum(model: Transformer, batch: Batch) -> tuple[mx.array, mx.array]:
+    """(sum of token losses, number of tokens counted): loss_mask picks the tokens that count."""
+    inputs, targets, loss_mask, attention_mask = batch
+    losses = token_losses(model, inputs, targets, attention_mask)
+    if loss_mask is None:
+        return losses.sum(), mx.array(losses.size, mx.float32)
+    mask = loss_mask.astype(mx.float32)
+    return (losses * mask).sum(), mask.sum()
+
+
+def cast_params(model: nn.Module, dtype: mx.Dtype, trainable_too: bool) -> None:
+    """Store the frozen (and, if asked, the trainable) floating-point weights in `dtype`."""
+    trainable = {id(v) for _, v in tree_flatten(model.trainable_parameters())}
+
+    def cast(p: mx.array) -> mx.array:
+        if not mx.issubdtype(p.dtype, mx.floating) or (id(p) in trainable and not trainable_too):
+            return p
+        return p.astype(dtype)
+
+    model.update(tree_map(cast, model.parameters()))
+
+
+# -- the step -------------------------------------------------------------------------------------
+
+
+def use_fast_activations(model: Transformer) -> None:
+    """On the CPU backend, give each MLP the polynomial GELU-tanh (fastmath): same function to
+    float32 rounding, several times faster there. Other activations are left as they are."""
+    if fastmath.use_fast_math() and model.config.hidden_act == "gelu_tanh":
+        for layer in model.layers:
+            layer.mlp.act = fastmath.gelu_tanh
+
+
+class Stepper:
+    """Compiled micro-step and update functions sharing [model.state, optimizer.state, RNG].
+
+    Build it after loading or restoring the model and optimizer: the compiled functions hold on
+    to those state trees, so they must not be replaced afterwards (update them in place).
+    """
+
+    def __init__(
+        self,
+        model: Transformer,
+        optimizer: optim.Optimizer,
+        precision: str = "float32",
+        grad_clip: float = 0.0,
+        compile: bool = True,
+        group: mx.distributed.Group | None = None,
+    ):
+        self.model, self.optimizer = model, optimizer
+        self.grad_clip = grad_clip
+        self.group = group
+        self.world_size = group.size() if group is not None else 1
+        # Mixed precision: float32 masters, bf16 copies made inside the differentiated function.
+        self.compute_dtype = mx.bfloat16 if precision == "bfloat16" else None
+        self._value_and_grad = mx.value_and_grad(self._loss_of_params)
+        self.state = [model.state, optimizer.state, mx.random.state]
+        wrap = partial(mx.compile, inputs=self.state, outputs=self.state) if compile else _same
+        self._accumulate = wrap(self._accumulate_impl)
+        self._step = wrap(self._step_impl)
+
+    def _loss_of_params(self, params: dict, batch: Batch) -> tuple[mx.array, mx.array]:
+        if self.compute_dtype is not None:
+            params = tree_map(lambda p: p.astype(self.compute_dtype), params)
+        self.model.update(params)
+        return loss_sum(self.model, batch)
+
+    def _loss_and_grads(self, batch: Batch) -> tuple[mx.array, mx.array, dict]:
+        params = self.model.trainable_parameters()
+        (total, count), grads = self._value_and_grad(params, batch)
+        self.model.update(params)  # put the master weights back
+        return total, count, grads
+
+    def _accumulate_impl(self, batch: Batch, acc: tuple | None) -> tuple:
+        total, count, grads = self._loss_and_grads(batch)
+        if acc is not None:
+            total, count = total + acc[0], count + acc[1]
+            grads = tree_map(mx.add, grads, acc[2])
+        return total, count, grads
+
+    def _step_impl(self, batch: Batch, acc: tuple | None) -> tuple[mx.array, mx.array]:
+        total, count, grads = self._accumulate_impl(batch, acc)
+        if self.world_size > 1:
+            # average_gradients packs small arrays into few all-reduces; it divides by N, so
+            # divide by the mean token count to get the gradient of the global mean loss.
+            grads = nn.average_gradients(grads, group=self.group)
+            total = mx.distributed.all_sum(total, group=self.group)
+            count = mx.distributed.all_sum(count, group=self.group)
+            grads = tree_map(lambda g: g * (self.world_size / count).astype(g.dtype), grads)
+        else:
+            grads = tree_map(lambda g: g / count.astype(g.dtype), grads)
+        if self.grad_clip > 0:
+            grads, norm = optim.clip_grad_norm(grads, self.grad_clip)
+        else:
+            norm = global_norm(grads)
+        self.optimizer.update(self.model, grads)
+        return total / count, norm
+
+    def accumulate(self, batch: Batch, acc: tuple | None = None) -> tuple:
+        """Add one micro-batch's loss sum, token count and gradients to `acc` (not evaluated)."""
+        return self._accumulate(batch, acc)
+
+    def step(self, batch: Batch, acc: tuple | None = None) -> tuple[mx.array, mx.array]:
+        """The last micro-batch plus the update: returns (mean loss, gradient norm), lazy."""
+        return self._step(batch, acc)
+
+
+def global_norm(grads: dict) -> mx.array:
+    return mx.sqrt(sum(mx.sum(mx.square(g.astype(mx.float32))) for _, g in tree_flatten(grads)))
+
+
+def _same(fn):
+    return fn
+
+
+def make_optimizer(args, params: dict) -> optim.Optimizer:
+    """AdamW with the warmup-cosine schedule of `args` (a TrainingArgs), initialised on params."""
+    schedule = lr_schedule(
+        args.learning_rate, args.min_learning_rate, args.warmup_steps, args.total_decay_steps
+    )
+    optimizer = AdamW(
+        learning_rate=schedule,
+        betas=[args.beta1, args.beta2],
+        eps=args.adam_eps,
+        weight_decay=args.weight_decay,
+        bias_correction=True,
+    )
+    optimizer.init(params)
+    return optimizer
