@@ -210,7 +210,8 @@ def create_session(
     """
     name = full_name(provider)
     so = options or session_options()
-    names = available()
+    built_in = ort.get_available_providers()
+    names = built_in if name in built_in else available()  # plugins only when asked for
     if name not in names:
         raise ProviderError(
             f"execution provider {provider!r} is not available here (available: "
