@@ -4,4 +4,10 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 scripts/setup.sh
+# onnxruntime's WebGPU provider on a software Vulkan GPU, so verify runs on a GPU provider too.
+# Private folder, cached between runs; if it cannot be installed the WebGPU tests skip, saying why.
+if [[ "$(uname -s)-$(uname -m)" == Linux-x86_64 && -z "${MLX_TRANSFORMER_NO_WEBGPU:-}" ]]; then
+  scripts/install_webgpu_ep.sh "${VIRTUAL_ENV:-.venv}/bin/python" ||
+    echo "test: WebGPU provider not installed; its tests will be skipped" >&2
+fi
 exec "${VIRTUAL_ENV:-.venv}/bin/python" -m pytest "$@"
