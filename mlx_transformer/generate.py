@@ -246,7 +246,7 @@ def stream_generate(
             stats["prompt_tps"] = len(ids) / (now - tic)
             tic = now
         stats["generation_tokens"] = n + 1
-        stats["generation_tps"] = (n + 1) / max(now - tic, 1e-9)
+        stats["generation_tps"] = n / (now - tic) if n else 0.0  # tokens after the first
         if token == tokenizer.eos_id:
             reason = "stop"
             break
@@ -276,7 +276,8 @@ def generate(model: Transformer, tokenizer, prompt: str | Sequence[int], **kwarg
 
 @dataclass
 class BatchResult:
-    """What `batch_generate` returns; stats have mlx-lm's meaning (tokens over all rows)."""
+    """What `batch_generate` returns. Token counts are over all rows; prompt_tps counts up to the
+    first step's tokens, generation_tps the tokens after them over the time after them."""
 
     texts: list[str]
     token_ids: list[list[int]]
@@ -326,7 +327,8 @@ def batch_generate(
                 reasons[b] = "stop"
         if all(r is not None for r in reasons):
             break
-    result.generation_tps = result.generation_tokens / max(time.perf_counter() - tic, 1e-9)
+    elapsed = time.perf_counter() - tic  # since the first step's tokens: count those after it
+    result.generation_tps = (result.generation_tokens - B) / elapsed if elapsed > 0 else 0.0
     for b in range(B):
         if not texts[b].stopped:
             detoks[b].finalize()
