@@ -232,11 +232,13 @@ class _Reader:
             else:
                 blocks = self._blocks(path)
                 block = next(blocks, None)
+                if block is None:
+                    continue  # an empty file is no document
                 while block is not None:
                     following = next(blocks, None)
                     yield doc, source, block[0], block[1], following is None
                     block = following
-                doc += block is not None or path.stat().st_size > 0
+                doc += 1
 
     def decode(self, raw: bytes, path: Path, offset: int, lines_before: int) -> str:
         try:
@@ -611,13 +613,14 @@ def _manifest(
 ) -> dict[str, Any]:
     """The dataset's description; data.load_dataset() checks it.
 
-    {"format_version": 1, "kind": "pretrain" | "finetune", "dtype": "uint16" | "uint32",
-     "vocab_size", "tokenizer": {"file", "sha256", "model_type", "vocab_size", "special_ids",
-     "user_defined_tokens"}, "document_separator": "eos", "split_by": "document" | "stream",
-     "val_fraction", "sources": [{"path", "bytes", "documents"}],
-     "splits": {"train" | "val": {"tokens", "bytes", "documents" (or "examples",
-     "completion_tokens", "completion_bytes"), "shards": [{"file", "tokens"
-     (, "index", "examples")}]}}, "request": what was asked (to recognise a rerun)}
+    format_version: 1; kind: "pretrain" | "finetune"; dtype: "uint16" | "uint32"; vocab_size;
+    tokenizer: {file, sha256, model_type, vocab_size, special_ids, user_defined_tokens};
+    document_separator: "eos"; split_by: "document" | "stream"; val_fraction;
+    sources: [{path, bytes, documents}];
+    splits: {train | val: {tokens, bytes (UTF-8 text, for bits per byte),
+        documents (those ending in the split) | examples, completion_tokens, completion_bytes,
+        shards: [{file, tokens[, index, examples]}]}};
+    request: the sources (size, mtime) and options asked for, to recognise a rerun.
     """
     from sentencepiece import sentencepiece_model_pb2 as pb
 

@@ -3,8 +3,8 @@
 1. Throughput, side by side on the same file (the first --throughput-mb of the generated
    corpus): a plain single-process sentencepiece loop (`sp.encode(line)` per line) against our
    prepare path (both passes, shards written, `--workers` processes), with the same tokenizer.
-2. Peak memory (RSS, from resource.getrusage of the child processes) while preparing the whole
-   generated corpus of --size-gb from scratch: tokenizer training on a sample, then encoding.
+2. Peak memory (RSS) while preparing the whole generated corpus of --size-gb from scratch:
+   tokenizer training on a sample, then encoding.
 
 The corpus is Tiny Shakespeare repeated with small changes (line order rotated, some lines
 upper-cased, copy numbers inserted) so that it is not one text over and over.
@@ -27,11 +27,34 @@ import sentencepiece as spm
 
 from mlx_transformer.data import default_corpus_path
 
-# Runs in a child process, so that getrusage(RUSAGE_CHILDREN) in the parent sees its peak RSS
-# and the child's own RUSAGE_CHILDREN sees the encoding workers'.
+# Runs prepare in a child process: getrusage(RUSAGE_SELF) there is prepare's own peak RSS. The
+# encoding workers' peaks are sampled from /proc: getrusage(RUSAGE_CHILDREN) would report the
+# parent's RSS for them (Linux keeps the high-water mark of the forked image across exec).
 CHILD = """
-import json, resource, sys, time
+import json, os, resource, sys, threading, time
 from mlx_transformer.prepare import prepare
+
+def rss_mb(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("VmRSS")) / 1024
+
+peak = {"workers_mb": 0.0, "total_mb": 0.0}
+def sample():  # worker RSS, polled: their getrusage counts the parent's pages before exec
+    me = os.getpid()
+    while True:
+        workers = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == me:
+                        workers.append(rss_mb(pid))
+            except (OSError, StopIteration, ValueError):
+                pass
+        peak["workers_mb"] = max([peak["workers_mb"], *workers])
+        peak["total_mb"] = max(peak["total_mb"], rss_mb(me) + sum(workers))
+        time.sleep(0.25)
+
+threading.Thread(target=sample, daemon=True).start()
 args = json.loads(sys.argv[1])
 start = time.perf_counter()
 m = prepare([args["data"]], args["out"], **args["options"])
@@ -40,7 +63,8 @@ print(json.dumps({
     "seconds": seconds,
     "tokens": m["splits"]["train"]["tokens"] + m["splits"]["val"]["tokens"],
     "main_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-    "worker_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+    "worker_rss_mb": peak["workers_mb"],
+    "total_rss_mb": peak["total_mb"],
 }))
 """
 
@@ -134,8 +158,8 @@ def main() -> None:
             f"{full['tokens']:,} tokens"
         )
         print(
-            f"  peak RSS: main process {full['main_rss_mb']:,.0f} MB, "
-            f"largest worker {full['worker_rss_mb']:,.0f} MB"
+            f"  peak RSS: main process {full['main_rss_mb']:,.0f} MB, largest worker "
+            f"{full['worker_rss_mb']:,.0f} MB, all together {full['total_rss_mb']:,.0f} MB"
         )
 
 
