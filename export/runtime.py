@@ -311,7 +311,9 @@ class OnnxGenerator:
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
         if self.tokenizer is None:
             raise UserError("this folder has no tokenizer.model; pass token ids instead")
-        return self.tokenizer.encode(text, bos=add_bos)
+        if add_bos:
+            return self.tokenizer.encode(text, bos=True)
+        return self.tokenizer.encode_prompt(text)  # an empty prompt starts from EOS, as in MLX
 
     def generate(
         self, prompts: str | Sequence[str], max_tokens: int = 100, add_bos: bool = False, **kw

@@ -211,13 +211,12 @@ class GenerationResponse:
 
 
 def encode_prompt(tokenizer, prompt: str | Sequence[int]) -> list[int]:
-    """Token ids of a prompt: text is encoded without BOS; an empty prompt is [BOS]."""
-    ids = tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
-    if not ids:
-        if tokenizer.bos_id < 0:
-            raise ValueError("the prompt is empty and the tokenizer has no BOS to start from")
-        ids = [tokenizer.bos_id]
-    return ids
+    """Token ids of a prompt: text without BOS; an empty prompt is [EOS] (`Tokenizer.encode_prompt`)."""
+    if isinstance(prompt, str):
+        return tokenizer.encode_prompt(prompt)
+    if not prompt:
+        raise ValueError("the prompt has no tokens")
+    return [int(t) for t in prompt]
 
 
 def stream_generate(

@@ -139,6 +139,14 @@ class Tokenizer:
             ids.append(self.eos_id)
         return ids
 
+    def encode_prompt(self, text: str) -> list[int]:
+        """Ids of a generation prompt. `prepare` separates documents with EOS and never inserts
+        BOS, so an empty prompt starts from EOS: the start of a new document, as in training."""
+        ids = self.encode(text)
+        if not ids and self.eos_id < 0:
+            raise UserError("the prompt is empty and the tokenizer has no EOS to start from")
+        return ids or [self.eos_id]
+
     def encode_lines(self, text: str) -> list[list[int]]:
         """Token ids per line of `text`; concatenated, they are `encode(text)`."""
         lines = _lines(text)

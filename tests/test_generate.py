@@ -233,8 +233,9 @@ def test_multibyte_characters_are_never_half_printed(text_model, tokenizer):
     assert all("\ufffd" not in r.text for r in responses)
 
 
-def test_empty_prompt_starts_from_bos_and_whitespace_prompt_works(text_model, tokenizer):
-    bos_alone = list(generate_step([tokenizer.bos_id], text_model, max_tokens=6))
+def test_empty_prompt_starts_from_eos_and_whitespace_prompt_works(text_model, tokenizer):
+    # Documents are separated by EOS in training: an empty prompt is "a new document starts".
+    bos_alone = list(generate_step([tokenizer.eos_id], text_model, max_tokens=6))
     out = list(stream_generate(text_model, tokenizer, "", max_tokens=6))
     assert [r.token for r in out[:-1]] == bos_alone and out[-1].prompt_tokens == 1
     spaces = list(stream_generate(text_model, tokenizer, "   ", max_tokens=6))

@@ -196,3 +196,17 @@ def test_export_and_runtime_work_without_mlx(text_model, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("ok")
+
+
+def test_empty_and_whitespace_prompts_match_mlx(text_model):
+    """An empty prompt starts from EOS (the document separator) on both sides."""
+    from mlx_transformer.generate import generate as mlx_generate
+    from mlx_transformer.tokenizer import Tokenizer
+
+    model, ckpt, out = text_model
+    tokenizer = Tokenizer.load(ckpt)
+    runner = OnnxGenerator(out)
+    for prompt in ("", "   "):
+        want = mlx_generate(model, tokenizer, prompt, max_tokens=12)
+        got = runner.generate(prompt, max_tokens=12)[0]
+        assert got.text == want, repr(prompt)
