@@ -211,7 +211,7 @@ class GenerationResponse:
 
 
 def encode_prompt(tokenizer, prompt: str | Sequence[int]) -> list[int]:
-    """Token ids of a prompt: text without BOS; an empty prompt is [EOS] (`Tokenizer.encode_prompt`)."""
+    """Token ids of a prompt: text without BOS; an empty one is [EOS] (Tokenizer.encode_prompt)."""
     if isinstance(prompt, str):
         return tokenizer.encode_prompt(prompt)
     if not prompt:
