@@ -243,6 +243,10 @@ def prepare(family: str, size: str, workdir: Path, seed: int = 0) -> dict:
     from mlx_transformer.hf import save_hf
     from mlx_transformer.model import Transformer
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # GPT-2's default bos/eos ids lie outside a small vocab
+    hf_logging.disable_progress_bar()
     config = model_config(family, size)
     root = workdir / f"{family}-{size}"
     paths = {name: root / name for name in ("ckpt", "hf", *ONNX_RUNNERS)}

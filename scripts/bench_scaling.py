@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mlx_transformer.blas import ensure_fast_blas  # noqa: E402  (before mlx loads)
 
 CONTEXTS = (64, 128, 256, 512, 1024, 2048)
-WIDTHS = (128, 256, 384, 512, 768)
+WIDTHS = (128, 256, 384, 512)
 LAYERS, HEAD_DIM, VOCAB = 4, 64, 65
 
 
@@ -184,7 +184,7 @@ def main(argv=None) -> int:
     p.add_argument("--contexts", default=",".join(map(str, CONTEXTS)))
     p.add_argument("--widths", default=",".join(map(str, WIDTHS)))
     p.add_argument("--tokens", type=int, default=4096, help="tokens per step (batch × context)")
-    p.add_argument("--steps", type=int, default=3, help="steps per trial")
+    p.add_argument("--steps", type=int, default=2, help="steps per trial")
     p.add_argument("--trials", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="three small contexts and widths")
     p.add_argument("--json", help="write the results here")
