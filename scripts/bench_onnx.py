@@ -235,6 +235,7 @@ def prepare(family: str, size: str, workdir: Path, seed: int = 0) -> dict:
     """
     import mlx.core as mx
     import numpy as np
+    from transformers.utils import logging as hf_logging
 
     from export.exporter import export_onnx
     from export.runtime import OnnxModel
@@ -242,8 +243,6 @@ def prepare(family: str, size: str, workdir: Path, seed: int = 0) -> dict:
     from mlx_transformer.config import ModelConfig
     from mlx_transformer.hf import save_hf
     from mlx_transformer.model import Transformer
-
-    from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # GPT-2's default bos/eos ids lie outside a small vocab
     hf_logging.disable_progress_bar()
