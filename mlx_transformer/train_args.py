@@ -188,7 +188,8 @@ def flag_names() -> set[str]:
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
-    """A dict of TrainingArgs fields (hyphens or underscores) from a JSON or YAML file."""
+    """A dict of TrainingArgs fields (hyphens or underscores; "_..." keys are comments) from a
+    JSON or YAML file."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -210,7 +211,8 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
             raise UserError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected an object of training settings")
-    return {k.replace("-", "_"): v for k, v in data.items()}
+    # Keys starting with "_" are comments.
+    return {k.replace("-", "_"): v for k, v in data.items() if not k.startswith("_")}
 
 
 def merge(base: dict[str, Any], overrides: dict[str, Any], where: str) -> dict[str, Any]:

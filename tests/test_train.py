@@ -375,3 +375,22 @@ def test_cli_errors_are_one_line(data_dir, tmp_path, capsys):
     shutil.rmtree(tmp_path / "o", ignore_errors=True)
     assert main(["train", "--out", str(tmp_path / "o"), "--resume", "--data", str(data_dir)]) == 2
     assert "nothing to resume" in capsys.readouterr().err
+
+
+def test_fast_math_matches_mlx():
+    from mlx_transformer import fastmath
+    from mlx_transformer.model import gelu_tanh
+
+    x = mx.array(np.linspace(-30, 30, 20001, dtype=np.float32))
+    np.testing.assert_allclose(np.array(fastmath.exp(x)), np.array(mx.exp(x)), rtol=2e-7)
+    np.testing.assert_allclose(np.array(fastmath.tanh(x)), np.array(mx.tanh(x)), atol=3e-7)
+    np.testing.assert_allclose(np.array(fastmath.gelu_tanh(x)), np.array(gelu_tanh(x)), atol=2e-6)
+    for fast, ref in ((fastmath.gelu_tanh, gelu_tanh), (fastmath.exp, mx.exp)):
+        y = x / 10  # keep exp's gradient in a comparable range
+        got = mx.grad(lambda v, f=fast: f(v).sum())(y)
+        want = mx.grad(lambda v, f=ref: f(v).sum())(y)
+        np.testing.assert_allclose(np.array(got), np.array(want), rtol=2e-5, atol=2e-6)
+    logits = mx.array(np.random.default_rng(0).normal(0, 5, (3, 7, 50)).astype(np.float32))
+    np.testing.assert_allclose(
+        np.array(fastmath.logsumexp(logits)), np.array(mx.logsumexp(logits, axis=-1)), rtol=1e-6
+    )

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The bar run: nanoGPT's CPU Shakespeare-char recipe (4 layers, 4 heads, width 128, context 64,
+# batch 12, 2000 iterations) on a sentencepiece char model of the embedded Tiny Shakespeare, then
+# the loss over the whole validation split (nats per character = per token here).
+#
+#   scripts/train_shakespeare_char.sh [RUN_DIR]        (default runs/shakespeare_char)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+RUN=${1:-runs/shakespeare_char}
+DATA=${DATA:-runs/data/shakespeare_char}
+
+$PY -m mlx_transformer prepare --model-type char --vocab-size 330 --out "$DATA"
+$PY -m mlx_transformer train --config scripts/shakespeare_char.json --data "$DATA" --out "$RUN" "${@:2}"
+# Whole-val loss of the final checkpoint (python -c: ensure_fast_blas re-executes the command).
+$PY -c '
+import json, math, sys
+from mlx_transformer.blas import ensure_fast_blas
+ensure_fast_blas()
+from mlx_transformer.train import evaluate_checkpoint
+run, data = sys.argv[1:3]
+val = evaluate_checkpoint(f"{run}/latest", data, batch_size=12, num_batches=0)
+val["val_nats_per_byte"] = val["val_bpb"] * math.log(2)
+print(json.dumps(val, indent=2))
+json.dump(val, open(f"{run}/whole_val.json", "w"), indent=2)
+' "$RUN" "$DATA"
