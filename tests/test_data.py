@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from mlx_transformer import prepare as prepare_module
+from mlx_transformer import prepare_encode, prepare_sources
 from mlx_transformer.cli import main
 from mlx_transformer.data import (
     FinetuneBatches,
@@ -98,7 +99,8 @@ def test_folder_of_documents_splits_by_document(tmp_path, tok, tiny_corpus_text)
 
 
 def test_parallel_workers_write_identical_shards(tmp_path, corpus_file, tok, monkeypatch):
-    monkeypatch.setattr(prepare_module, "BLOCK_BYTES", 4096)  # many tasks from 50 KB
+    for module in (prepare_sources, prepare_encode):  # both read it: blocks, tasks, pool size
+        monkeypatch.setattr(module, "BLOCK_BYTES", 4096)  # many tasks from 50 KB
     prepare([corpus_file], tmp_path / "one", tokenizer=tok.path, workers=1)
     prepare([corpus_file], tmp_path / "two", tokenizer=tok.path, workers=2)
     for name in ("train_000.bin", "val_000.bin"):
