@@ -1,4 +1,4 @@
-"""mlx_transformer.blas: finding an optimized BLAS and re-executing with it preloaded.
+"""mlx_transformer.blas, blas_probe: finding an optimized BLAS, re-executing with it preloaded.
 
 Pure helpers are tested with fake paths and environments; `ensure_fast_blas` with a fake execve;
 and, when OpenBLAS is installed here, one real re-executed subprocess and one pytest run.
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from mlx_transformer import blas
+from mlx_transformer import blas, blas_probe
 
 ROOT = Path(__file__).resolve().parents[1]
 AVX512 = {"avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd"}
@@ -42,12 +42,12 @@ def fake_dists(**dists: list[str]):
 )
 def test_mlx_flavor_from_installed_files(monkeypatch, dists, expected):
     monkeypatch.setattr(sys, "platform", "linux")
-    assert blas.mlx_flavor(fake_dists(**dists)) == expected
+    assert blas_probe.mlx_flavor(fake_dists(**dists)) == expected
 
 
 def test_mlx_flavor_on_macos_is_metal(monkeypatch):
     monkeypatch.setattr(sys, "platform", "darwin")
-    assert blas.mlx_flavor(fake_dists(mlx=[])) == "metal"
+    assert blas_probe.mlx_flavor(fake_dists(mlx=[])) == "metal"
 
 
 def test_installed_files_reads_a_dist_info_record(monkeypatch, tmp_path):
@@ -55,8 +55,11 @@ def test_installed_files_reads_a_dist_info_record(monkeypatch, tmp_path):
     info.mkdir()
     (info / "RECORD").write_text("mlx_cpu.libs/libblas-x.so.3,sha256=abc,10\nmlx/lib/libmlx.so,,\n")
     monkeypatch.setattr(sys, "path", [str(tmp_path)])
-    assert blas._installed_files("mlx-cpu") == ["mlx_cpu.libs/libblas-x.so.3", "mlx/lib/libmlx.so"]
-    assert blas._installed_files("mlx-cuda-13") is None
+    assert blas_probe._installed_files("mlx-cpu") == [
+        "mlx_cpu.libs/libblas-x.so.3",
+        "mlx/lib/libmlx.so",
+    ]
+    assert blas_probe._installed_files("mlx-cuda-13") is None
 
 
 def test_candidate_paths_debian_first_then_ldconfig_without_duplicates():
@@ -66,7 +69,7 @@ def test_candidate_paths_debian_first_then_ldconfig_without_duplicates():
             libblas.so.3 (libc6,x86-64) => /lib/x86_64-linux-gnu/libblas.so.3
             libopenblas.so.0 (libc6,x86-64) => /usr/lib64/libopenblas.so.0
         """)
-    paths = blas.candidate_paths("aarch64-linux-gnu", ["/opt/conda"], ldconfig)
+    paths = blas_probe.candidate_paths("aarch64-linux-gnu", ["/opt/conda"], ldconfig)
     assert paths[0] == "/usr/lib/aarch64-linux-gnu/openblas-pthread/libopenblas.so.0"
     assert "/opt/conda/lib/libopenblas.so.0" in paths
     assert "/lib/x86_64-linux-gnu/libopenblas.so.0" in paths
@@ -76,11 +79,11 @@ def test_candidate_paths_debian_first_then_ldconfig_without_duplicates():
 
 def test_preloaded_blas_needs_an_optimized_name_that_is_really_mapped():
     lib = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0"
-    assert blas.preloaded_blas(f"/x/libjemalloc.so.2 {lib}") == lib
-    assert blas.preloaded_blas(f"/x/libjemalloc.so.2:{lib}", mapped={lib}) == lib
-    assert blas.preloaded_blas(lib, mapped={"/x/libjemalloc.so.2"}) is None  # failed to load
-    assert blas.preloaded_blas("/x/libjemalloc.so.2") is None
-    assert blas.preloaded_blas("") is None
+    assert blas_probe.preloaded_blas(f"/x/libjemalloc.so.2 {lib}") == lib
+    assert blas_probe.preloaded_blas(f"/x/libjemalloc.so.2:{lib}", mapped={lib}) == lib
+    assert blas_probe.preloaded_blas(lib, mapped={"/x/libjemalloc.so.2"}) is None  # failed to load
+    assert blas_probe.preloaded_blas("/x/libjemalloc.so.2") is None
+    assert blas_probe.preloaded_blas("") is None
 
 
 @pytest.mark.parametrize(
@@ -94,9 +97,9 @@ def test_preloaded_blas_needs_an_optimized_name_that_is_really_mapped():
     ],
 )
 def test_coretype_is_forced_only_when_detection_fell_back(config, corename, flags, expected):
-    probe = blas.Probe("/x/libopenblas.so.0", ok=True, config=config, corename=corename)
-    assert blas.coretype_for(probe, flags, "x86_64") == expected
-    assert blas.coretype_for(probe, flags, "aarch64") is None
+    probe = blas_probe.Probe("/x/libopenblas.so.0", ok=True, config=config, corename=corename)
+    assert blas_probe.coretype_for(probe, flags, "x86_64") == expected
+    assert blas_probe.coretype_for(probe, flags, "aarch64") is None
 
 
 def test_default_threads_leaves_a_core_for_mlx():
@@ -119,7 +122,7 @@ def test_reexec_env_prepends_preload_marks_and_respects_user_settings():
 def test_probe_of_a_file_that_is_not_a_library_fails_cleanly(tmp_path):
     fake = tmp_path / "libopenblas.so.0"
     fake.write_text("not an ELF file")
-    probe = blas.probe_library(str(fake))
+    probe = blas_probe.probe_library(str(fake))
     assert not probe.ok and "OSError" in probe.error
 
 
@@ -134,7 +137,9 @@ def linux_reference(monkeypatch):
     monkeypatch.setattr(blas, "_mapped_libraries", set)
     monkeypatch.setattr(blas, "_release_pytest_capture", lambda: True)
     monkeypatch.delitem(sys.modules, "mlx", raising=False)
-    probe = blas.Probe("/usr/lib/libopenblas.so.0", ok=True, config=DYNAMIC, corename="Haswell")
+    probe = blas_probe.Probe(
+        "/usr/lib/libopenblas.so.0", ok=True, config=DYNAMIC, corename="Haswell"
+    )
     monkeypatch.setattr(blas, "find_optimized_blas", lambda env: (probe, None))
     calls: list[tuple] = []
     return lambda *args: calls.append(args), calls
