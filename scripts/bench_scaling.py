@@ -134,6 +134,7 @@ def plot(results: dict, path: str | Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
 
     ctx, wid, fit = results["by_context"], results["by_width"], results["fit"]
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
@@ -144,14 +145,18 @@ def plot(results: dict, path: str | Path) -> None:
     ax.axhline(fit["a_us"], color="gray", lw=0.8, label="linear part a")
     if fit["crossover_context"]:
         ax.axvline(fit["crossover_context"], color="red", lw=0.8, label="L* = a/b")
-    ax.set(xscale="log", xlabel="context L", ylabel="µs per token (train step)")
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.set(xlabel="context L", ylabel="µs per token (train step)")
     ax.set_title(
         f"width {results['fixed']['width']}, {results['fixed']['tokens_per_step']} tok/step"
     )
     ax.legend(fontsize=8)
     ax = axes[1]
     ax.plot(L, [r["peak_memory_mb"] for r in ctx], "o-")
-    ax.set(xscale="log", xlabel="context L", ylabel="peak MLX memory (MiB)")
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.set(xlabel="context L", ylabel="peak MLX memory (MiB)")
     ax.set_title("peak memory, same tokens per step")
     ax = axes[2]
     D = [r["width"] for r in wid]
@@ -160,6 +165,7 @@ def plot(results: dict, path: str | Path) -> None:
     ax2 = ax.twinx()
     ax2.plot(D, [r["peak_memory_mb"] for r in wid], "s--", color="C1", label="peak MiB")
     ax2.set_ylabel("peak MLX memory (MiB)")
+    ax.legend(ax.get_lines() + ax2.get_lines(), ["µs per token", "peak MiB"], fontsize=8)
     ax.set_title(f"context {results['fixed']['context']}")
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
