@@ -85,3 +85,65 @@ def logsumexp(x: mx.array, axis: int = -1) -> mx.array:
     """log(sum(exp(x))) over `axis`, stable (max subtracted), with the fast exp."""
     m = mx.stop_gradient(x.max(axis=axis, keepdims=True))
     return mx.log(exp(x - m).sum(axis=axis)) + m.squeeze(axis)
+
+
+# -- attention ----------------------------------------------------------------------------------
+
+
+def _attention_probs(q: mx.array, k: mx.array, scale: float, mask) -> mx.array:
+    """softmax(q kᵀ * scale), masked keys exactly 0. q (B, K, G, L, hd), k (B, K, 1, S, hd)."""
+    s = (q * scale) @ k.swapaxes(-1, -2)  # (B, K, G, L, S)
+    L, S = s.shape[-2:]
+    e = exp(s - s.max(axis=-1, keepdims=True))
+    if isinstance(mask, str):  # "causal": the last query sees every key
+        mask = mx.arange(S)[None] <= mx.arange(S - L, S)[:, None]
+    if mask is not None:
+        if mask.ndim == 4 and mask.shape[1] > 1:  # (B, H, L, S) -> (B, K, G, L, S)
+            mask = mask.reshape(mask.shape[0], -1, *s.shape[2:])
+        elif mask.ndim == 4:  # (B, 1, L, S) -> (B, 1, 1, L, S)
+            mask = mask[:, :, None]
+        e = mx.where(mask, e, 0.0)
+    return e * (1.0 / e.sum(axis=-1, keepdims=True))
+
+
+_ATTENTION: dict = {}
+
+
+def _attention_fn(scale: float, causal: bool):
+    """A custom-VJP attention for one (scale, causal) pair; the mask, if an array, is an input."""
+
+    @mx.custom_function
+    def attention(q, k, v, mask):
+        return _attention_probs(q, k, scale, "causal" if causal else mask) @ v
+
+    @attention.vjp
+    def attention_vjp(primals, cotangent, output):
+        # Flash-attention's backward: recompute the probabilities instead of storing them.
+        q, k, v, mask = primals
+        p = _attention_probs(q, k, scale, "causal" if causal else mask)  # (B, K, G, L, S)
+        dv = (p.swapaxes(-1, -2) @ cotangent).sum(axis=2, keepdims=True)
+        dp = cotangent @ v.swapaxes(-1, -2)
+        ds = p * (dp - (dp * p).sum(axis=-1, keepdims=True))
+        dq = (ds @ k) * scale
+        dk = (ds.swapaxes(-1, -2) @ q).sum(axis=2, keepdims=True) * scale
+        return dq, dk, dv, mx.zeros_like(mask)
+
+    return attention
+
+
+def scaled_dot_product_attention(
+    q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | str | None = None
+) -> mx.array:
+    """Drop-in for `mx.fast.scaled_dot_product_attention` on the CPU backend (fast exp, and a
+    backward that recomputes the probabilities). q (B, H, L, hd); k, v (B, K, S, hd), H % K == 0;
+    mask None, "causal" or boolean broadcastable to (B, H, L, S) with True = attend."""
+    B, H, L, hd = q.shape
+    K = k.shape[1]
+    key = (float(scale), mask == "causal" if isinstance(mask, str) else False)
+    if key not in _ATTENTION:
+        _ATTENTION[key] = _attention_fn(*key)
+    qg = q.reshape(B, K, H // K, L, hd)  # query heads grouped by the key/value head they share
+    kg, vg = k[:, :, None], v[:, :, None]  # (B, K, 1, S, hd)
+    m = mask if isinstance(mask, mx.array) else mx.array(True)
+    out = _ATTENTION[key](qg, kg, vg, m)  # (B, K, G, L, hd)
+    return out.reshape(B, H, L, -1)

@@ -32,10 +32,13 @@ CONFIGS = {
 }
 
 
-def mlx_runner(c: dict, seed: int = 0):
+def mlx_runner(c: dict, seed: int = 0, fast_attention: bool = False):
+    """fast_attention: measure the proposed model change (Attention calling
+    fastmath.scaled_dot_product_attention on the CPU backend), patched in for this runner only."""
     import mlx.core as mx
     import numpy as np
 
+    from mlx_transformer import fastmath
     from mlx_transformer.config import ModelConfig
     from mlx_transformer.model import Transformer
     from mlx_transformer.train_args import TrainingArgs
@@ -60,9 +63,15 @@ def mlx_runner(c: dict, seed: int = 0):
     batches = [(mx.array(d[:, :-1]), mx.array(d[:, 1:]), None, None) for d in data]
 
     def run(steps: int, offset: int = 0) -> float:
-        for i in range(steps):
-            loss, _ = stepper.step(batches[(offset + i) % len(batches)])
-            mx.eval(stepper.state, loss)
+        builtin = mx.fast.scaled_dot_product_attention
+        if fast_attention:
+            mx.fast.scaled_dot_product_attention = fastmath.scaled_dot_product_attention
+        try:
+            for i in range(steps):
+                loss, _ = stepper.step(batches[(offset + i) % len(batches)])
+                mx.eval(stepper.state, loss)
+        finally:
+            mx.fast.scaled_dot_product_attention = builtin
         return loss.item()
 
     return run
@@ -115,6 +124,7 @@ def bench(name: str, c: dict, trials: int, impls: list[str]) -> dict:
         tic = time.perf_counter()
         runner = {
             "mlx": lambda: mlx_runner(c),
+            "mlx_fast_attention": lambda: mlx_runner(c, fast_attention=True),
             "torch_eager": lambda: torch_runner(c, compiled=False),
             "torch_compile": lambda: torch_runner(c, compiled=True),
         }[impl]()
@@ -140,12 +150,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--configs", default="small,medium")
     parser.add_argument("--trials", type=int, default=5)
-    parser.add_argument("--impls", default="mlx,torch_eager,torch_compile")
+    parser.add_argument(
+        "--impls",
+        default="mlx,torch_eager,torch_compile",
+        help="comma-separated: mlx, mlx_fast_attention (proposed model.py change), torch_eager, "
+        "torch_compile",
+    )
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--torch-threads", type=int, help="torch.set_num_threads")
     args = parser.parse_args()
 
     import mlx.core as mx
     import torch
+
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
 
     from mlx_transformer.blas import blas_summary
 
@@ -157,6 +176,7 @@ def main() -> None:
             "mlx": mx.__version__,
             "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(),
+            "load_average": os.getloadavg(),
             "blas": blas_summary(),
         },
         "configs": {},

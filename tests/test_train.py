@@ -394,3 +394,36 @@ def test_fast_math_matches_mlx():
     np.testing.assert_allclose(
         np.array(fastmath.logsumexp(logits)), np.array(mx.logsumexp(logits, axis=-1)), rtol=1e-6
     )
+
+
+@pytest.mark.parametrize(
+    "heads, kv_heads, mask", [(4, 4, "causal"), (4, 2, "padded"), (2, 1, None)]
+)
+def test_fast_attention_matches_mlx(heads, kv_heads, mask):
+    from mlx_transformer import fastmath
+    from mlx_transformer.model import attention_mask_4d
+
+    rng = np.random.default_rng(0)
+    B, L, hd = 2, 7, 8
+
+    def arr(*shape):
+        return mx.array(rng.normal(0, 1, shape).astype(np.float32))
+
+    q, k, v, w = (
+        arr(B, heads, L, hd),
+        arr(B, kv_heads, L, hd),
+        arr(B, kv_heads, L, hd),
+        arr(B, heads, L, hd),
+    )
+    if mask == "padded":
+        mask = attention_mask_4d(mx.array([[0, 0, 1, 1, 1, 1, 1], [1] * 7]), L, L)
+
+    def loss(f):
+        return lambda q, k, v: (f(q, k, v, scale=hd**-0.5, mask=mask) * w).sum()
+
+    for got, want in zip(
+        mx.value_and_grad(loss(fastmath.scaled_dot_product_attention), argnums=(0, 1, 2))(q, k, v),
+        mx.value_and_grad(loss(mx.fast.scaled_dot_product_attention), argnums=(0, 1, 2))(q, k, v),
+    ):
+        for g, r in zip(*((got, want) if isinstance(got, tuple) else ([got], [want]))):
+            np.testing.assert_allclose(np.array(g), np.array(r), atol=2e-5)
