@@ -25,6 +25,11 @@ from mlx_transformer.errors import UserError
 from .providers import DEVICE_TYPES, create_session, full_name
 from .sampling import apply_repetition_penalty, make_sampler
 
+# Context overflow, as in mlx_transformer.generate: refuse up front, or slide the window keeping
+# this fraction of the context (prefilled again, positions from 0).
+OVERFLOW_POLICIES = ("error", "slide")
+SLIDE_KEEP_FRACTION = 0.5
+
 IO_FILE = "io.json"
 MODEL_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.model"
@@ -212,33 +217,52 @@ class OnnxGenerator:
         repetition_penalty: float = 1.0,
         repetition_context_size: int = 64,
         seed: int | None = None,
+        overflow: str = "error",
     ) -> Iterator[np.ndarray]:
-        """Yield the next token of every row, (B,), until the context is full.
+        """Yield the next token of every row, (B,).
 
-        Prompts are left-padded into one batch; each row's positions start at 0.
+        Prompts are left-padded into one batch; each row's positions start at 0. A window of
+        L tokens yields at most context - L tokens; then generation ends ("error": the caller
+        checked prompt + max_tokens fits) or, with "slide", the last half of the context is
+        prefilled again with positions from 0 — the same policy as the MLX generator, so greedy
+        text matches it token for token.
         """
         if not prompts or any(len(p) == 0 for p in prompts):
             raise UserError("every prompt needs at least one token")
+        if overflow not in OVERFLOW_POLICIES:
+            raise UserError(f"overflow must be one of {', '.join(OVERFLOW_POLICIES)}")
         sampler = make_sampler(temp, top_p, min_p, top_k, seed)
-        B, T = len(prompts), max(len(p) for p in prompts)
-        ids = np.full((B, T), self.pad_id, np.int64)
-        mask = np.zeros((B, T), np.int64)
-        for i, p in enumerate(prompts):
-            ids[i, T - len(p) :], mask[i, T - len(p) :] = p, 1
-        history = np.where(mask == 1, ids, -1)
-        logits, past = self.model(ids, mask)
+        context = self.model.context_length
+        keep = max(1, int(context * SLIDE_KEEP_FRACTION))
+        rows = [[int(t) for t in p] for p in prompts]
+        window = rows if max(map(len, rows)) < context else [r[-keep:] for r in rows]
         while True:
-            last = logits[:, -1].astype(np.float64)
-            if repetition_penalty != 1.0:
-                window = history[:, -repetition_context_size:]
-                last = apply_repetition_penalty(last, window, repetition_penalty)
-            token = sampler(last).astype(np.int64)
-            yield token
-            if mask.shape[1] >= self.model.context_length:
+            ids, mask = self._left_pad(window)
+            history = np.where(mask == 1, ids, -1)
+            logits, past = self.model(ids, mask)
+            for _ in range(context - ids.shape[1]):
+                last = logits[:, -1].astype(np.float64)
+                if repetition_penalty != 1.0:
+                    recent = history[:, -repetition_context_size:]
+                    last = apply_repetition_penalty(last, recent, repetition_penalty)
+                token = sampler(last).astype(np.int64)
+                yield token
+                for row, t in zip(rows, token):
+                    row.append(int(t))
+                mask = np.concatenate([mask, np.ones((len(rows), 1), np.int64)], axis=1)
+                history = np.concatenate([history, token[:, None]], axis=1)
+                logits, past = self.model(token[:, None], mask, past)
+            if overflow != "slide":
                 return
-            mask = np.concatenate([mask, np.ones((B, 1), np.int64)], axis=1)
-            history = np.concatenate([history, token[:, None]], axis=1)
-            logits, past = self.model(token[:, None], mask, past)
+            window = [r[-keep:] for r in rows]
+
+    def _left_pad(self, rows: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+        T = max(len(r) for r in rows)
+        ids = np.full((len(rows), T), self.pad_id, np.int64)
+        mask = np.zeros((len(rows), T), np.int64)
+        for i, r in enumerate(rows):
+            ids[i, T - len(r) :], mask[i, T - len(r) :] = r, 1
+        return ids, mask
 
     def generate_tokens(
         self,
@@ -262,6 +286,13 @@ class OnnxGenerator:
         if max_tokens <= 0:
             yield results, segments
             return
+        longest, context = max(len(p) for p in prompts), self.model.context_length
+        if sampling.get("overflow", "error") == "error" and longest + max_tokens > context:
+            raise UserError(
+                f"prompt ({longest} tokens) + max_tokens ({max_tokens}) = {longest + max_tokens} "
+                f"exceeds the model's context of {context} tokens; shorten the prompt, lower "
+                "--max-tokens, or pass --overflow slide"
+            )
         hold = max((len(s) for s in stop), default=1) - 1  # text that may start a stop string
         steps = self.generate_step(prompts, **sampling)
         for n, token in enumerate(steps, start=1):
@@ -349,6 +380,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--provider", default="cpu", help="cpu, cuda, webgpu, openvino, ...")
+    parser.add_argument(
+        "--overflow",
+        choices=OVERFLOW_POLICIES,
+        default="error",
+        help="prompt + max tokens beyond the context: error, or slide the window",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -361,6 +398,7 @@ def run(args: argparse.Namespace) -> int:
         min_p=args.min_p,
         repetition_penalty=args.repetition_penalty,
         seed=args.seed,
+        overflow=args.overflow,
     )
     try:
         make_sampler(args.temp, args.top_p, args.min_p, args.top_k)

@@ -142,11 +142,21 @@ def test_stop_strings_eos_and_streaming(text_model):
     assert eos.finish_reason == "eos" and eos.tokens == full.tokens[:3]
 
 
-def test_context_limit_ends_generation(text_model):
-    gen = OnnxGenerator(text_model[2])
-    prompt = [5] * 120  # context is 128
-    result = gen.generate_tokens([prompt], max_tokens=50)[0]
-    assert result.finish_reason == "context" and len(result.tokens) == 9
+def test_context_overflow_errors_or_slides_like_mlx(text_model):
+    from mlx_transformer.errors import UserError
+    from mlx_transformer.generate import generate_step
+
+    model, _, out = text_model
+    gen = OnnxGenerator(out)
+    prompt = list(range(5, 125))  # 120 tokens; the context is 128
+    with pytest.raises(UserError, match="exceeds the model's context of 128"):
+        gen.generate_tokens([prompt], max_tokens=50)
+    assert len(gen.generate_tokens([prompt], max_tokens=8, stop_at_eos=False)[0].tokens) == 8
+    # Sliding re-prefills the last half of the context: the same windows as MLX, so the same
+    # greedy tokens, across two slides.
+    got = gen.generate_tokens([prompt], max_tokens=150, overflow="slide", stop_at_eos=False)[0]
+    want = list(generate_step(prompt, model, max_tokens=150, overflow="slide"))
+    assert got.tokens == want and got.finish_reason == "length"
 
 
 def test_cli_export_and_onnx_generate(text_model, tmp_path, capsys):
