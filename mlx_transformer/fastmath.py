@@ -81,6 +81,11 @@ def _gelu_tanh_vjp(x: mx.array, cotangent: mx.array, output: mx.array) -> mx.arr
     return cotangent * slope
 
 
+def silu(x: mx.array) -> mx.array:
+    """x * sigmoid(x) with the fast exp (SwiGLU's gate)."""
+    return x / (1.0 + exp(-x))
+
+
 def logsumexp(x: mx.array, axis: int = -1) -> mx.array:
     """log(sum(exp(x))) over `axis`, stable (max subtracted), with the fast exp."""
     m = mx.stop_gradient(x.max(axis=axis, keepdims=True))

@@ -47,7 +47,7 @@ from .train_io import (
     restore_optimizer,
     write_checkpoint,
 )
-from .train_step import Stepper, cast_params, loss_sum, make_optimizer, use_fast_activations
+from .train_step import Stepper, cast_params, loss_sum, make_optimizer
 
 DROPOUT_FIELDS = ("embedding_dropout", "attention_dropout", "residual_dropout")
 EXIT_CODES = {"completed": 0, "SIGINT": 130, "SIGTERM": 143}
@@ -146,7 +146,6 @@ def build_model(
             f"{model.config.vocab_size}; prepare the data with the model's tokenizer "
             "(`mlx-transformer prepare --tokenizer CKPT/tokenizer.model`)"
         )
-    use_fast_activations(model)
     if args.precision == "bfloat16-pure":
         cast_params(model, mx.bfloat16, trainable_too=True)
     elif args.precision == "bfloat16":
@@ -231,7 +230,6 @@ def evaluate_checkpoint(
     """Loss, perplexity and bits per byte of a checkpoint on a dataset's val split (0 batches
     = every val token once, in windows of the model's context)."""
     model = load_checkpoint(ckpt)
-    use_fast_activations(model)
     dataset = load_dataset(data)
     context = model.config.max_position_embeddings
     batches = validation_batches(dataset, batch_size, context, num_batches)

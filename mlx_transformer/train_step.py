@@ -103,14 +103,6 @@ def cast_params(model: nn.Module, dtype: mx.Dtype, trainable_too: bool) -> None:
 # -- the step -------------------------------------------------------------------------------------
 
 
-def use_fast_activations(model: Transformer) -> None:
-    """On the CPU backend, give each MLP the polynomial GELU-tanh (fastmath): same function to
-    float32 rounding, several times faster there. Other activations are left as they are."""
-    if fastmath.use_fast_math() and model.config.hidden_act == "gelu_tanh":
-        for layer in model.layers:
-            layer.mlp.act = fastmath.gelu_tanh
-
-
 class Stepper:
     """Compiled micro-step and update functions sharing [model.state, optimizer.state, RNG].
 

@@ -42,7 +42,7 @@ def mlx_runner(c: dict, seed: int = 0, fast_attention: bool = False):
     from mlx_transformer.config import ModelConfig
     from mlx_transformer.model import Transformer
     from mlx_transformer.train_args import TrainingArgs
-    from mlx_transformer.train_step import Stepper, make_optimizer, use_fast_activations
+    from mlx_transformer.train_step import Stepper, make_optimizer
 
     config = ModelConfig(
         vocab_size=c["vocab"],
@@ -55,7 +55,6 @@ def mlx_runner(c: dict, seed: int = 0, fast_attention: bool = False):
     mx.random.seed(seed)
     model = Transformer(config)
     model.train()
-    use_fast_activations(model)
     args = TrainingArgs(learning_rate=1e-3, warmup_steps=10)
     stepper = Stepper(model, make_optimizer(args, model.trainable_parameters()), grad_clip=1.0)
     rng = np.random.default_rng(seed)
