@@ -31,7 +31,7 @@ class ConfigError(UserError, ValueError):
 class ModelConfig:
     """Architecture of a decoder-only Transformer.
 
-    The defaults are a small GPT-2-style model (learned positions, pre-norm LayerNorm, GELU, tied
+    The defaults are a small GPT-2-style model (learned positions, pre-norm LayerNorm, GELU-tanh, tied
     embeddings). The original paper's decoder is `position_encoding="sinusoidal"`,
     `norm_position="post"`, `hidden_act="relu"`, `scale_embeddings=True`; a Llama-style model is
     `position_encoding="rope"`, `norm_type="rmsnorm"`, `hidden_act="swiglu"`, no biases.
@@ -55,7 +55,7 @@ class ModelConfig:
     norm_type: str = "layernorm"
     norm_position: str = "pre"
     norm_eps: float = 1e-5
-    hidden_act: str = "gelu"
+    hidden_act: str = "gelu_tanh"
     attention_bias: bool = True
     mlp_bias: bool = True
     tie_word_embeddings: bool = True
