@@ -350,6 +350,15 @@ def readme_block(results: dict) -> str:
             f"onnxruntime {v['onnxruntime']}, transformers {v['transformers']}"
         )
     lines += ["", f"MLX's BLAS: {blas_line(results)}.", ""]
+    busy = [n for n, s in results["sections"].items() if max(s["machine"]["load_average"][0],
+            s["load_average_end"][0]) >= 1.0]  # fmt: skip
+    if busy:
+        lines += [
+            f"Shared machine: {', '.join(busy)} ran while other jobs held about one core (load",
+            "average >= 1 above); PyTorch's OpenMP threads and onnxruntime's spinning threads",
+            "suffer most from that. Rerun on an idle machine for clean numbers.",
+            "",
+        ]
     lines += [
         "Medians over trials; ratio = ours / peer (above 1: ours is faster); peak MiB = peak",
         "resident memory of a process running that implementation alone.",
