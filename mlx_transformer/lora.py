@@ -198,7 +198,7 @@ def fuse(model_path: str | Path | None, adapters: str | Path, out: str | Path, d
     """
     from .checkpoint import save_checkpoint
     from .checkpoint_format import TOKENIZER_FILE
-    from .train import load_init_model
+    from .train_model import load_init_model
 
     config = read_adapter_config(adapters)
     base = model_path or config.get("base_model")

@@ -8,6 +8,7 @@ The loop: a compiled step (train_step.Stepper) per optimizer step, evaluation ev
 OUT/metrics.jsonl and OUT/loss.png, checkpoints every `save_every` steps and at the end
 (train_io.RunFolder). Ctrl-C or SIGTERM finish the current step, save, and exit with 130 / 143.
 A NaN or infinite loss stops the run before anything is saved over the last good checkpoint.
+The model is built in train_model, evaluated in train_eval.
 
 Randomness is a pure function of (seed, rank, step): batch k comes from data.PretrainBatches,
 and the MLX key (dropout, LoRA init) is reseeded from (seed, rank, step) before each step, so
@@ -17,8 +18,6 @@ and the MLX key (dropout, LoRA init) is reseeded from (seed, rank, step) before 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import math
 import signal
 import sys
@@ -31,14 +30,16 @@ import mlx.core as mx
 import numpy as np
 
 from . import train_args
-from .checkpoint import load_checkpoint
-from .checkpoint_format import TOKENIZER_FILE
-from .config import MODEL_TYPE, ModelConfig
-from .data import Batch, Dataset, FinetuneBatches, PretrainBatches, load_dataset, val_windows
+from .data import Dataset, FinetuneBatches, PretrainBatches, load_dataset
 from .errors import UserError
-from .lora import apply_lora, load_adapters, read_adapter_config
-from .model import Transformer
 from .train_args import TrainingArgs
+from .train_eval import (
+    evaluate,
+    evaluate_checkpoint,  # noqa: F401  re-exported: demo and scripts import it from here
+    to_mx,
+    val_bytes_per_token,
+    validation_batches,
+)
 from .train_io import (
     MetricsLog,
     Plotter,
@@ -47,9 +48,9 @@ from .train_io import (
     restore_optimizer,
     write_checkpoint,
 )
-from .train_step import Stepper, cast_params, loss_sum, make_optimizer
+from .train_model import build_model
+from .train_step import Stepper, make_optimizer
 
-DROPOUT_FIELDS = ("embedding_dropout", "attention_dropout", "residual_dropout")
 EXIT_CODES = {"completed": 0, "SIGINT": 130, "SIGTERM": 143}
 
 
@@ -72,175 +73,12 @@ class TrainResult:
         return EXIT_CODES[self.stopped_by]
 
 
-# -- models -------------------------------------------------------------------------------------
-
-
-def load_init_model(path: str | Path) -> tuple[Transformer, Path | None]:
-    """A model to start from: our checkpoint folder, or a Hugging Face GPT-2/Llama folder
-    (told apart by config.json's model_type). Returns (model, its tokenizer.model or None)."""
-    path = Path(path)
-    try:
-        kind = json.loads((path / "config.json").read_text()).get("model_type", MODEL_TYPE)
-    except (OSError, json.JSONDecodeError, AttributeError):
-        kind = MODEL_TYPE  # load_checkpoint names the problem
-    if kind == MODEL_TYPE:
-        model = load_checkpoint(path)
-    else:
-        from .hf import import_hf
-
-        model = import_hf(path)
-    tokenizer = path / TOKENIZER_FILE
-    return model, tokenizer if tokenizer.is_file() else None
-
-
-def with_dropout(model: Transformer, overrides: dict[str, Any]) -> Transformer:
-    """The same weights in a model whose dropout rates are `overrides` (fine-tuning only)."""
-    other = sorted(set(overrides) - set(DROPOUT_FIELDS))
-    if other:
-        raise UserError(
-            f"--{other[0].replace('_', '-')} changes the architecture of the --init-from model; "
-            "only the dropout rates can be set when fine-tuning"
-        )
-    if not overrides:
-        return model
-    config = dataclasses.replace(model.config, **overrides)
-    config.validate()
-    new = Transformer(config)
-    new.update(model.parameters())
-    return new
-
-
-def build_model(
-    args: TrainingArgs, dataset: Dataset, resume_from: Path | None
-) -> tuple[Transformer, dict | None, Path]:
-    """(model, LoRA config or None, tokenizer to save with checkpoints)."""
-    lora_config = None
-    if resume_from is not None and args.lora:
-        lora_config = read_adapter_config(resume_from)
-        model, _ = load_init_model(lora_config["base_model"])
-        load_adapters(model, resume_from)
-    elif resume_from is not None:
-        model = load_checkpoint(resume_from)
-    elif args.init_from is not None:
-        model, _ = load_init_model(args.init_from)
-        model = with_dropout(model, args.model)
-        if args.lora:
-            lora_config = apply_lora(
-                model,
-                args.lora_rank,
-                args.lora_alpha,
-                args.lora_dropout,
-                args.lora_targets,
-                args.lora_layers,
-            )
-            lora_config["base_model"] = str(Path(args.init_from).resolve())
-    else:
-        try:
-            config = ModelConfig(**{"vocab_size": dataset.vocab_size, **args.model})
-        except TypeError as e:
-            raise UserError(f"model settings: {e}") from None
-        model = Transformer(config)
-    if dataset.vocab_size > model.config.vocab_size:
-        raise UserError(
-            f"the dataset's tokenizer has {dataset.vocab_size} tokens, the model only "
-            f"{model.config.vocab_size}; prepare the data with the model's tokenizer "
-            "(`mlx-transformer prepare --tokenizer CKPT/tokenizer.model`)"
-        )
-    if args.precision == "bfloat16-pure":
-        cast_params(model, mx.bfloat16, trainable_too=True)
-    elif args.precision == "bfloat16":
-        cast_params(model, mx.bfloat16, trainable_too=False)  # frozen LoRA base only
-    mx.eval(model.parameters())
-    return model, lora_config, dataset.tokenizer_path
-
-
 # -- data ---------------------------------------------------------------------------------------
-
-
-def to_mx(batch: Batch) -> tuple:
-    """A data.Batch as the Stepper's tuple of arrays."""
-
-    def arr(x: np.ndarray | None) -> mx.array | None:
-        return None if x is None else mx.array(x)
-
-    return (arr(batch.inputs), arr(batch.targets), arr(batch.loss_mask), arr(batch.attention_mask))
 
 
 def make_batches(args: TrainingArgs, dataset: Dataset, context: int, rank: int, world: int):
     cls = PretrainBatches if dataset.kind == "pretrain" else FinetuneBatches
     return cls(dataset, args.batch_size, context, seed=args.seed, rank=rank, world_size=world)
-
-
-def validation_batches(
-    dataset: Dataset, batch_size: int, context: int, num_batches: int
-) -> list[Batch]:
-    """The fixed validation sample: `num_batches` batches of windows spread evenly over the
-    val split (0 = every token of it, via data.val_windows)."""
-    if "val" not in dataset.splits or dataset.splits["val"].tokens < 2:
-        return []
-    if dataset.kind == "finetune":
-        val = FinetuneBatches(dataset, batch_size, context, split="val", shuffle=False)
-        return [val.batch(k) for k in range(num_batches or val.steps_per_epoch)]
-    if num_batches == 0:
-        return list(val_windows(dataset, batch_size, context))
-    shards = dataset.splits["val"].shards
-    starts = [(k, s) for k, sh in enumerate(shards) for s in range(0, len(sh) - context, context)]
-    if len(starts) <= num_batches * batch_size:
-        return list(val_windows(dataset, batch_size, context))
-    picks = np.linspace(0, len(starts) - 1, num_batches * batch_size).round().astype(int)
-    windows = np.stack([shards[k][s : s + context + 1] for k, s in (starts[i] for i in picks)])
-    windows = windows.astype(np.int32)
-    return [
-        Batch(inputs=w[:, :-1], targets=w[:, 1:])
-        for w in np.split(windows, num_batches)  # (B, context + 1) each
-    ]
-
-
-def evaluate(
-    model: Transformer,
-    batches: list[Batch],
-    bytes_per_token: float,
-    group: mx.distributed.Group | None = None,
-) -> dict[str, float]:
-    """Mean loss (nats/token), perplexity and bits per byte over `batches` (shared out across
-    the processes of `group`, then summed)."""
-    rank, world = (group.rank(), group.size()) if group is not None else (0, 1)
-    was_training = model.training
-    model.eval()
-    total, count = mx.array(0.0), mx.array(0.0)
-    for batch in batches[rank::world]:
-        s, n = loss_sum(model, to_mx(batch))
-        total, count = total + s, count + n
-        mx.eval(total, count)
-    if world > 1:
-        total = mx.distributed.all_sum(total, group=group)
-        count = mx.distributed.all_sum(count, group=group)
-    model.train(was_training)
-    loss = (total / mx.maximum(count, 1)).item()
-    return {
-        "val_loss": loss,
-        "val_ppl": math.exp(min(loss, 700)),
-        "val_bpb": loss / math.log(2) / bytes_per_token,
-    }
-
-
-def evaluate_checkpoint(
-    ckpt: str | Path, data: str | Path, batch_size: int = 12, num_batches: int = 0
-) -> dict[str, float]:
-    """Loss, perplexity and bits per byte of a checkpoint on a dataset's val split (0 batches
-    = every val token once, in windows of the model's context)."""
-    model = load_checkpoint(ckpt)
-    dataset = load_dataset(data)
-    context = model.config.max_position_embeddings
-    batches = validation_batches(dataset, batch_size, context, num_batches)
-    return evaluate(model, batches, val_bytes_per_token(dataset))
-
-
-def val_bytes_per_token(dataset: Dataset) -> float:
-    info = dataset.splits["val"].info if "val" in dataset.splits else {}
-    if dataset.kind == "finetune" and info.get("completion_tokens"):
-        return info["completion_bytes"] / info["completion_tokens"]
-    return dataset.bytes_per_token("val") if "val" in dataset.splits else float("nan")
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:

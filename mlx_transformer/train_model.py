@@ -1,0 +1,104 @@
+"""Models for training: the run's model, whether fresh, fine-tuned from --init-from (our
+checkpoint or a Hugging Face folder), wrapped with LoRA adapters, or resumed; cast to the run's
+precision. `train.Trainer` builds its model here; `lora.fuse` loads its base model here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+
+from .checkpoint import load_checkpoint
+from .checkpoint_format import TOKENIZER_FILE
+from .config import MODEL_TYPE, ModelConfig
+from .data import Dataset
+from .errors import UserError
+from .lora import apply_lora, load_adapters, read_adapter_config
+from .model import Transformer
+from .train_args import TrainingArgs
+from .train_step import cast_params
+
+DROPOUT_FIELDS = ("embedding_dropout", "attention_dropout", "residual_dropout")
+
+
+def load_init_model(path: str | Path) -> tuple[Transformer, Path | None]:
+    """A model to start from: our checkpoint folder, or a Hugging Face GPT-2/Llama folder
+    (told apart by config.json's model_type). Returns (model, its tokenizer.model or None)."""
+    path = Path(path)
+    try:
+        kind = json.loads((path / "config.json").read_text()).get("model_type", MODEL_TYPE)
+    except (OSError, json.JSONDecodeError, AttributeError):
+        kind = MODEL_TYPE  # load_checkpoint names the problem
+    if kind == MODEL_TYPE:
+        model = load_checkpoint(path)
+    else:
+        from .hf import import_hf
+
+        model = import_hf(path)
+    tokenizer = path / TOKENIZER_FILE
+    return model, tokenizer if tokenizer.is_file() else None
+
+
+def with_dropout(model: Transformer, overrides: dict[str, Any]) -> Transformer:
+    """The same weights in a model whose dropout rates are `overrides` (fine-tuning only)."""
+    other = sorted(set(overrides) - set(DROPOUT_FIELDS))
+    if other:
+        raise UserError(
+            f"--{other[0].replace('_', '-')} changes the architecture of the --init-from model; "
+            "only the dropout rates can be set when fine-tuning"
+        )
+    if not overrides:
+        return model
+    config = dataclasses.replace(model.config, **overrides)
+    config.validate()
+    new = Transformer(config)
+    new.update(model.parameters())
+    return new
+
+
+def build_model(
+    args: TrainingArgs, dataset: Dataset, resume_from: Path | None
+) -> tuple[Transformer, dict | None, Path]:
+    """(model, LoRA config or None, tokenizer to save with checkpoints)."""
+    lora_config = None
+    if resume_from is not None and args.lora:
+        lora_config = read_adapter_config(resume_from)
+        model, _ = load_init_model(lora_config["base_model"])
+        load_adapters(model, resume_from)
+    elif resume_from is not None:
+        model = load_checkpoint(resume_from)
+    elif args.init_from is not None:
+        model, _ = load_init_model(args.init_from)
+        model = with_dropout(model, args.model)
+        if args.lora:
+            lora_config = apply_lora(
+                model,
+                args.lora_rank,
+                args.lora_alpha,
+                args.lora_dropout,
+                args.lora_targets,
+                args.lora_layers,
+            )
+            lora_config["base_model"] = str(Path(args.init_from).resolve())
+    else:
+        try:
+            config = ModelConfig(**{"vocab_size": dataset.vocab_size, **args.model})
+        except TypeError as e:
+            raise UserError(f"model settings: {e}") from None
+        model = Transformer(config)
+    if dataset.vocab_size > model.config.vocab_size:
+        raise UserError(
+            f"the dataset's tokenizer has {dataset.vocab_size} tokens, the model only "
+            f"{model.config.vocab_size}; prepare the data with the model's tokenizer "
+            "(`mlx-transformer prepare --tokenizer CKPT/tokenizer.model`)"
+        )
+    if args.precision == "bfloat16-pure":
+        cast_params(model, mx.bfloat16, trainable_too=True)
+    elif args.precision == "bfloat16":
+        cast_params(model, mx.bfloat16, trainable_too=False)  # frozen LoRA base only
+    mx.eval(model.parameters())
+    return model, lora_config, dataset.tokenizer_path
