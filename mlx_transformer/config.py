@@ -31,8 +31,8 @@ class ConfigError(UserError, ValueError):
 class ModelConfig:
     """Architecture of a decoder-only Transformer.
 
-    The defaults are a small GPT-2-style model (learned positions, pre-norm LayerNorm, GELU-tanh, tied
-    embeddings). The original paper's decoder is `position_encoding="sinusoidal"`,
+    The defaults are a small GPT-2-style model (learned positions, pre-norm LayerNorm, GELU-tanh,
+    tied embeddings). The original paper's decoder is `position_encoding="sinusoidal"`,
     `norm_position="post"`, `hidden_act="relu"`, `scale_embeddings=True`; a Llama-style model is
     `position_encoding="rope"`, `norm_type="rmsnorm"`, `hidden_act="swiglu"`, no biases.
     """
