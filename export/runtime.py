@@ -21,14 +21,10 @@ from pathlib import Path
 import numpy as np
 
 from mlx_transformer.errors import UserError
+from mlx_transformer.generation_rules import OVERFLOW_POLICIES, overflow_message, slide_keep
 
 from .providers import DEVICE_TYPES, create_session, full_name
 from .sampling import apply_repetition_penalty, make_sampler
-
-# Context overflow, as in mlx_transformer.generate: refuse up front, or slide the window keeping
-# this fraction of the context (prefilled again, positions from 0).
-OVERFLOW_POLICIES = ("error", "slide")
-SLIDE_KEEP_FRACTION = 0.5
 
 IO_FILE = "io.json"
 MODEL_FILE = "model.onnx"
@@ -233,7 +229,7 @@ class OnnxGenerator:
             raise UserError(f"overflow must be one of {', '.join(OVERFLOW_POLICIES)}")
         sampler = make_sampler(temp, top_p, min_p, top_k, seed)
         context = self.model.context_length
-        keep = max(1, int(context * SLIDE_KEEP_FRACTION))
+        keep = slide_keep(context)
         rows = [[int(t) for t in p] for p in prompts]
         window = rows if max(map(len, rows)) < context else [r[-keep:] for r in rows]
         while True:
@@ -288,11 +284,7 @@ class OnnxGenerator:
             return
         longest, context = max(len(p) for p in prompts), self.model.context_length
         if sampling.get("overflow", "error") == "error" and longest + max_tokens > context:
-            raise UserError(
-                f"prompt ({longest} tokens) + max_tokens ({max_tokens}) = {longest + max_tokens} "
-                f"exceeds the model's context of {context} tokens; shorten the prompt, lower "
-                "--max-tokens, or pass --overflow slide"
-            )
+            raise UserError(overflow_message(longest, max_tokens, context))
         hold = max((len(s) for s in stop), default=1) - 1  # text that may start a stop string
         steps = self.generate_step(prompts, **sampling)
         for n, token in enumerate(steps, start=1):

@@ -13,6 +13,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from mlx_transformer.generation_rules import validate_sampling
+
 Sampler = Callable[[np.ndarray], np.ndarray]
 NEG_INF = -np.inf
 
@@ -67,17 +69,6 @@ def softmax(x: np.ndarray) -> np.ndarray:
 
 def greedy(logits: np.ndarray) -> np.ndarray:
     return logits.argmax(axis=-1)
-
-
-def validate_sampling(temp: float, top_p: float, min_p: float, top_k: int) -> None:
-    if not temp >= 0:
-        raise ValueError(f"temperature must be >= 0, got {temp}")
-    if not 0 <= top_p <= 1:
-        raise ValueError(f"top-p must be in [0, 1], got {top_p}")
-    if not 0 <= min_p <= 1:
-        raise ValueError(f"min-p must be in [0, 1], got {min_p}")
-    if not (isinstance(top_k, int) and top_k >= 0):
-        raise ValueError(f"top-k must be a non-negative integer, got {top_k}")
 
 
 def make_sampler(

@@ -28,11 +28,9 @@ import mlx.core as mx
 
 from .decode import DynamicCacheDecoder, StaticCacheDecoder, left_pad, prefill
 from .errors import UserError
+from .generation_rules import OVERFLOW_POLICIES, overflow_message, slide_keep
 from .model import Transformer
 from .sample import LogitsProcessor, Sampler, greedy, make_logits_processors, make_sampler
-
-OVERFLOW_POLICIES = ("error", "slide")
-SLIDE_KEEP_FRACTION = 0.5  # of the context, kept (and prefilled again) when sliding
 
 
 class ContextOverflowError(UserError, ValueError):
@@ -84,18 +82,14 @@ def batch_generate_step(
         )
     longest = max(len(r) for r in rows)
     if overflow == "error" and longest + max_tokens > context:
-        raise ContextOverflowError(
-            f"prompt ({longest} tokens) + max_tokens ({max_tokens}) = {longest + max_tokens} "
-            f"exceeds the model's context of {context} tokens; shorten the prompt, lower "
-            "--max-tokens, or pass --overflow slide"
-        )
+        raise ContextOverflowError(overflow_message(longest, max_tokens, context))
     options = (sampler or greedy, list(logits_processors), prefill_step_size, compiled)
     return _steps(model, rows, max_tokens, context, options)
 
 
 def _steps(model, rows, max_tokens, context, options) -> Iterator[list[int]]:
     """Decode window after window; each window starts with a prefill of its prompt."""
-    keep = max(1, int(context * SLIDE_KEEP_FRACTION))
+    keep = slide_keep(context)
     produced = 0
     window = rows if max(len(r) for r in rows) < context else [r[-keep:] for r in rows]
     while produced < max_tokens:

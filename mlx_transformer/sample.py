@@ -16,6 +16,8 @@ from collections.abc import Callable, Mapping, Sequence
 
 import mlx.core as mx
 
+from .generation_rules import validate_sampling
+
 Sampler = Callable[[mx.array], mx.array]
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 
@@ -129,18 +131,6 @@ def make_logits_processors(
 
 
 # -- sampler factory ---------------------------------------------------------------------------
-
-
-def validate_sampling(temp: float, top_p: float, min_p: float, top_k: int) -> None:
-    """Raise ValueError naming the first out-of-range setting."""
-    if not temp >= 0:
-        raise ValueError(f"temperature must be >= 0, got {temp}")
-    if not 0 <= top_p <= 1:
-        raise ValueError(f"top-p must be in [0, 1], got {top_p}")
-    if not 0 <= min_p <= 1:
-        raise ValueError(f"min-p must be in [0, 1], got {min_p}")
-    if not (isinstance(top_k, int) and top_k >= 0):
-        raise ValueError(f"top-k must be a non-negative integer, got {top_k}")
 
 
 def make_sampler(
