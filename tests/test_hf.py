@@ -125,3 +125,13 @@ def test_pickle_only_folder_is_refused(tmp_path):
     (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04")
     with pytest.raises(UserError, match="missing field|pickle"):
         import_hf(tmp_path)
+
+
+def test_our_llama_loads_in_mlx_lm(tmp_path):
+    """mlx-lm (the peer users already run) loads our Llama-layout export with the same logits."""
+    mlx_lm_utils = pytest.importorskip("mlx_lm.utils")
+    model = random_model(tiny_config(**CONFIGS["llama-gqa"]))
+    save_hf(model, tmp_path)
+    theirs, _ = mlx_lm_utils.load_model(tmp_path)
+    ids = mx.array(np.random.default_rng(4).integers(0, 61, (2, 25)))
+    assert np.abs(np.array(theirs(ids)) - np.array(model(ids))).max() <= 1e-5
