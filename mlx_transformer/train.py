@@ -30,6 +30,7 @@ import mlx.core as mx
 import numpy as np
 
 from . import train_args
+from .blas import gemm_bound
 from .data import Dataset, FinetuneBatches, PretrainBatches, load_dataset
 from .errors import UserError
 from .train_args import TrainingArgs
@@ -370,7 +371,8 @@ def train(args: TrainingArgs, on_step=None) -> TrainResult:
         TrainingDiverged: the loss became NaN or infinite (nothing saved after the last good
             checkpoint); UserError for bad settings or data.
     """
-    return Trainer(args).fit(on_step)
+    with gemm_bound():  # training's GEMMs gain from every core; decoding's do not
+        return Trainer(args).fit(on_step)
 
 
 # -- CLI ----------------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ def mlx_runner(c: dict, seed: int = 0, fast_attention: bool = False):
     import numpy as np
 
     from mlx_transformer import fastmath
+    from mlx_transformer.blas import gemm_bound
     from mlx_transformer.config import ModelConfig
     from mlx_transformer.model import Transformer
     from mlx_transformer.train_args import TrainingArgs
@@ -66,9 +67,10 @@ def mlx_runner(c: dict, seed: int = 0, fast_attention: bool = False):
         if fast_attention:
             mx.fast.scaled_dot_product_attention = fastmath.scaled_dot_product_attention
         try:
-            for i in range(steps):
-                loss, _ = stepper.step(batches[(offset + i) % len(batches)])
-                mx.eval(stepper.state, loss)
+            with gemm_bound():  # as `mlx-transformer train` does
+                for i in range(steps):
+                    loss, _ = stepper.step(batches[(offset + i) % len(batches)])
+                    mx.eval(stepper.state, loss)
         finally:
             mx.fast.scaled_dot_product_attention = builtin
         return loss.item()

@@ -273,3 +273,22 @@ def test_reexec_from_a_conftest_keeps_pytest_output(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "1 passed" in proc.stdout
+
+
+def test_gemm_bound_uses_every_core_then_restores():
+    """Training's threads: all cores inside the block, the decode default after it."""
+    import ctypes
+
+    from mlx_transformer import blas as blas_mod
+
+    try:
+        lib = ctypes.CDLL(None)
+        get = lib.openblas_get_num_threads
+    except AttributeError:
+        pytest.skip("no OpenBLAS preloaded in this test session")
+    before = get()
+    with blas_mod.gemm_bound(env={blas_mod.THREADS_MARKER: "1"}):
+        assert get() == blas_mod._cores()
+    assert get() == before
+    with blas_mod.gemm_bound(env={}):  # the user chose OPENBLAS_NUM_THREADS: left alone
+        assert get() == before
