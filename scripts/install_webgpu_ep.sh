@@ -12,7 +12,7 @@
 #   env.sh       for shells: `. ~/.cache/mlx-transformer/webgpu/env.sh`
 #
 # Why: Debian 12's Mesa 22.3 is rejected by Dawn ("No supported adapters"); Mesa 25 from
-# bookworm-backports works. See /work/shared/notes/onnx.md.
+# bookworm-backports works (measured on Debian 12, Nov 2026).
 #
 # Usage: scripts/install_webgpu_ep.sh [PYTHON]   (default: .venv/bin/python, else python3)
 set -euo pipefail
