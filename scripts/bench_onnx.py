@@ -17,6 +17,8 @@ Each runner runs in its own process so its peak RSS is its own. Greedy decoding,
 prompt tok/s = batch * prompt tokens / time to the first token; generation tok/s =
 batch * (new tokens - 1) / time from the first token to the last. Medians over trials.
 `--profile` adds onnxruntime's per-op profile of one batch-1 generation per ONNX runner.
+The torch export is in scripts/bench_torch_onnx.py, the worker (one runner, one process) in
+scripts/bench_onnx_worker.py; this file prepares the models, runs the workers and compares.
 
     python scripts/bench_onnx.py [--families gpt2,llama] [--sizes small] [--trials 5]
         [--json runs/bench/onnx.json] [--profile] [--quick]
@@ -29,24 +31,21 @@ import itertools
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_common import (  # noqa: E402
-    current_rss_mb,
-    emit,
     fmt,
     fmt_ratio,
     machine_info,
     markdown_table,
-    peak_rss_mb,
     ratio,
     run_worker,
-    summarize,
 )
+from bench_onnx_worker import worker  # noqa: E402
+from bench_torch_onnx import export_torch_onnx, torch_export_parity  # noqa: E402
 
 RUNNERS = ("mlx", "onnx-portable", "onnx-ort", "torch-onnx")
 ONNX_RUNNERS = ("onnx-portable", "onnx-ort", "torch-onnx")
@@ -80,148 +79,6 @@ GOAL_ONNX_VS_MLX = 1.0
 def model_config(family: str, size: str) -> dict:
     extra = LLAMA_EXTRA[size] if family == "llama" else {}
     return {**BASE, **FAMILIES[family], **SIZES[size], **extra}
-
-
-# -- torch.onnx.export of the Hugging Face model ---------------------------------------------------
-
-
-def past_key_values_wrapper(model):
-    """A torch module with our flat IO around a transformers causal LM.
-
-    The padding mask (B, S) becomes a 4D additive mask here, in traced tensor ops: transformers'
-    own mask code branches on Python ints (sizes, "is the mask all ones"), which the TorchScript
-    tracer freezes at the example's shapes. Same rule as ours: causal, no padded keys, and each
-    query sees itself (so a padded row is never fully masked).
-    """
-    import torch
-    from transformers import DynamicCache
-
-    class PastKeyValues(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.model = model
-
-        def forward(self, input_ids, attention_mask, position_ids, *past):
-            S, L = attention_mask.shape[1], input_ids.shape[1]
-            k = torch.arange(S)[None, :]  # (1, S)
-            q = k[:, S - L :].transpose(0, 1)  # (L, 1): positions of the queries
-            keep = ((k <= q)[None] & attention_mask[:, None, :].bool()) | (k == q)[None]
-            bias = torch.where(keep, 0.0, torch.finfo(torch.float32).min)[:, None]  # (B,1,L,S)
-            cache = DynamicCache(list(zip(past[0::2], past[1::2])))
-            out = self.model(
-                input_ids=input_ids,
-                attention_mask=bias,
-                position_ids=position_ids,
-                past_key_values=cache,
-                use_cache=True,
-            )
-            present = [
-                t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)
-            ]
-            return (out.logits, *present)
-
-    return PastKeyValues().eval()  # eval: export restores the wrapper's mode on the model
-
-
-def hf_dims(hf_config) -> tuple[int, int, int, int]:
-    """(layers, key/value heads, head size, context) of a transformers GPT-2 or Llama config."""
-    heads = hf_config.num_attention_heads
-    kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
-    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
-    return hf_config.num_hidden_layers, kv_heads, head_dim, hf_config.max_position_embeddings
-
-
-def export_torch_onnx(hf_dir: str | Path, out_dir: str | Path, opset: int = 17) -> dict:
-    """transformers model in `hf_dir` → `out_dir`/model.onnx + io.json (OnnxGenerator loads it).
-
-    Returns:
-        The io.json written, with the export time.
-    """
-    import warnings
-
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    n_layers, kv_heads, head_dim, context = hf_dims(model.config)
-    past_names = [f"past_key_values.{i}.{k}" for i in range(n_layers) for k in ("key", "value")]
-    present_names = [f"present.{i}.{k}" for i in range(n_layers) for k in ("key", "value")]
-    dynamic = {
-        "input_ids": {0: "batch", 1: "seq"},
-        "attention_mask": {0: "batch", 1: "total_seq"},
-        "position_ids": {0: "batch", 1: "seq"},
-        "logits": {0: "batch", 1: "seq"},
-        **{n: {0: "batch", 2: "past_seq"} for n in past_names},
-        **{n: {0: "batch", 2: "total_seq"} for n in present_names},
-    }
-    B, L, P = 2, 3, 4  # example shapes: all different, so no dynamic axis is confused with another
-    example = (
-        torch.randint(0, model.config.vocab_size, (B, L)),
-        torch.ones(B, P + L, dtype=torch.long),
-        torch.arange(P, P + L)[None].repeat(B, 1),
-        *[torch.zeros(B, kv_heads, P, head_dim) for _ in past_names],
-    )
-    tic = time.perf_counter()
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # TracerWarnings about the frozen branches we bypass
-        torch.onnx.export(
-            past_key_values_wrapper(model),
-            example,
-            str(out_dir / "model.onnx"),
-            input_names=["input_ids", "attention_mask", "position_ids", *past_names],
-            output_names=["logits", *present_names],
-            dynamic_axes=dynamic,
-            opset_version=opset,
-            dynamo=False,  # the dynamo exporter needs onnxscript, which is not installed
-        )
-    io = {
-        "format": "torch.onnx.export",
-        "model": "model.onnx",
-        "flavour": "torch",
-        "exporter": f"torch {torch.__version__} TorchScript, opset {opset}",
-        "attn_implementation": model.config._attn_implementation,
-        "num_hidden_layers": n_layers,
-        "num_key_value_heads": kv_heads,
-        "head_dim": head_dim,
-        "context_length": context,
-        "vocab_size": model.config.vocab_size,
-        "special_tokens": None,
-        "export_seconds": round(time.perf_counter() - tic, 2),
-    }
-    (out_dir / "io.json").write_text(json.dumps(io, indent=2) + "\n")
-    return io
-
-
-def torch_export_parity(hf_dir: str | Path, onnx_dir: str | Path, seed: int = 0) -> float:
-    """Max |logit difference| of the torch-exported graph vs transformers itself.
-
-    A left-padded batch of two: a prefill, then one decode step fed the graph's own cache.
-    """
-    import numpy as np
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from export.runtime import OnnxModel, positions_from_mask
-
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    onnx_model = OnnxModel(onnx_dir)
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(0, model.config.vocab_size, (2, 9))
-    mask = np.ones((2, 9), np.int64)
-    mask[1, :3] = 0  # row 1 is left-padded
-    logits, past = onnx_model(ids[:, :-1], mask[:, :-1])
-    step, _ = onnx_model(ids[:, -1:], mask, past)
-    ours = np.concatenate([logits, step], axis=1)
-    with torch.no_grad():
-        ref = model(
-            input_ids=torch.from_numpy(ids),
-            attention_mask=torch.from_numpy(mask),
-            position_ids=torch.from_numpy(positions_from_mask(mask, 9)),
-        ).logits.numpy()
-    real = mask.astype(bool)  # padded positions' logits mean nothing
-    return float(np.abs(ours - ref)[real].max())
 
 
 # -- preparing the artifacts (parent process) ------------------------------------------------------
@@ -272,142 +129,6 @@ def prepare(family: str, size: str, workdir: Path, seed: int = 0) -> dict:
         "paths": {k: str(v) for k, v in paths.items()},
         "parity": parity,
     }
-
-
-# -- the worker: one runner, one process -----------------------------------------------------------
-
-
-def onnx_generator(onnx_dir: str):
-    """(generate(prompts, n) → iterator of (B,) tokens, the generator object)."""
-    from export.runtime import OnnxGenerator
-
-    gen = OnnxGenerator(onnx_dir, provider="cpu")
-
-    def generate(prompts, n):
-        return itertools.islice(gen.generate_step(prompts), n)
-
-    return generate, gen
-
-
-def mlx_generator(ckpt: str):
-    from mlx_transformer.checkpoint import load_checkpoint
-    from mlx_transformer.generate import batch_generate_step
-
-    model = load_checkpoint(ckpt)
-    model.eval()
-
-    def generate(prompts, n):
-        return batch_generate_step(prompts, model, max_tokens=n)
-
-    return generate, model
-
-
-def time_steps(steps) -> tuple[float, float, list]:
-    """(seconds to the first step, seconds from the first step to the last, the steps)."""
-    tic = time.perf_counter()
-    out, first = [], None
-    for step in steps:
-        if first is None:
-            first = time.perf_counter()
-        out.append([int(t) for t in step])
-    return first - tic, time.perf_counter() - first, out
-
-
-def rates(generate, prompts, new_tokens) -> tuple[dict, list]:
-    ttft, rest, steps = time_steps(generate(prompts, new_tokens))
-    B, P = len(prompts), len(prompts[0])
-    rate = {"prompt_tps": B * P / ttft, "generation_tps": B * (new_tokens - 1) / max(rest, 1e-9)}
-    return rate, steps
-
-
-def measure(generate, prompts, new_tokens: int, trials: int, batch_trials: int) -> dict:
-    """Warm up once per batch size, then time batch 1 and batch 8 (all prompts)."""
-    rates(generate, prompts[:1], new_tokens)  # warm-up: allocator, kernels, compiled steps
-    rates(generate, prompts, new_tokens)
-    one = [rates(generate, prompts[:1], new_tokens) for _ in range(trials)]
-    many = [rates(generate, prompts, new_tokens) for _ in range(batch_trials)]
-    return {
-        "batch1": summarize([r for r, _ in one]),
-        "batch8": summarize([r for r, _ in many]),
-        "trials": {"batch1": [r for r, _ in one], "batch8": [r for r, _ in many]},
-        "tokens_batch1": [s[0] for s in one[0][1]],
-    }
-
-
-def profile_onnx(gen, prompt: list[int], new_tokens: int, out_dir: Path) -> dict:
-    """onnxruntime's profile of one generation: time per op type, and time outside kernels."""
-    from export.providers import create_session, session_options
-
-    so = session_options()
-    so.enable_profiling = True
-    so.profile_file_prefix = str(out_dir / "ort_profile")
-    model = gen.model
-    model.session, _ = create_session(model.dir / model.io["model"], "cpu", options=so)
-    list(itertools.islice(gen.generate_step([prompt]), new_tokens))
-    path = model.session.end_profiling()
-    return summarize_profile(json.loads(Path(path).read_text()))
-
-
-def summarize_profile(events: list[dict]) -> dict:
-    """Per-op-type kernel time (ms, share) and run time vs kernel time over all model runs."""
-    by_op: dict[str, float] = {}
-    runs, kernel_us, run_us = 0, 0.0, 0.0
-    for e in events:
-        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
-            op = e.get("args", {}).get("op_name", "?")
-            by_op[op] = by_op.get(op, 0.0) + e["dur"]
-            kernel_us += e["dur"]
-        elif e.get("cat") == "Session" and e.get("name") == "model_run":
-            runs += 1
-            run_us += e["dur"]
-    top = sorted(by_op.items(), key=lambda kv: -kv[1])
-    return {
-        "runs": runs,
-        "run_ms": run_us / 1e3,
-        "kernel_ms": kernel_us / 1e3,
-        "outside_kernels_share": 1 - kernel_us / run_us if run_us else None,
-        "ops": {op: {"ms": us / 1e3, "share": us / kernel_us} for op, us in top[:12]},
-    }
-
-
-def worker(args: argparse.Namespace) -> None:
-    import numpy as np
-
-    if args.worker == "mlx":
-        from mlx_transformer import blas
-
-        blas.ensure_fast_blas()  # re-executes this worker with OpenBLAS preloaded, where found
-    paths = json.loads(args.paths)
-    rng = np.random.default_rng(args.seed)
-    prompts = rng.integers(4, args.vocab, (8, args.prompt_tokens)).tolist()
-    rss_start = current_rss_mb()
-    tic = time.perf_counter()
-    if args.worker == "mlx":
-        generate, handle = mlx_generator(paths["ckpt"])
-    else:
-        generate, handle = onnx_generator(paths[args.worker])
-    result = {"runner": args.worker, "load_s": time.perf_counter() - tic}
-    result["rss_loaded_mb"] = current_rss_mb()
-    result.update(measure(generate, prompts, args.new_tokens, args.trials, args.batch_trials))
-    result["rss_start_mb"], result["peak_rss_mb"] = rss_start, peak_rss_mb()
-    if args.worker == "mlx":
-        import mlx.core as mx
-
-        from mlx_transformer.blas import blas_info
-
-        result["mlx_peak_memory_mb"] = mx.get_peak_memory() / 2**20
-        result["blas"] = blas_info()
-    else:
-        so = handle.model.session.get_session_options()
-        result["ort"] = {
-            "intra_op_num_threads": so.intra_op_num_threads,  # 0 = one per physical core
-            "graph_optimization_level": str(so.graph_optimization_level),
-        }
-        if args.profile:
-            out = Path(paths["ckpt"]).parent / f"profile-{args.worker}"
-            out.mkdir(exist_ok=True)
-            result["profile"] = profile_onnx(handle, prompts[0], args.new_tokens, out)
-    emit(result)
 
 
 # -- the parent: prepare, run the workers, compare -----------------------------------------------

@@ -11,10 +11,12 @@ import pytest
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 
-import bench  # noqa: E402
 import bench_common  # noqa: E402
 import bench_onnx  # noqa: E402
+import bench_onnx_worker  # noqa: E402
+import bench_readme  # noqa: E402
 import bench_scaling  # noqa: E402
+import bench_torch_onnx  # noqa: E402
 
 # -- helpers on fake numbers -----------------------------------------------------------------------
 
@@ -68,7 +70,7 @@ def test_onnx_ratios_goals_and_tables():
     assert not bench_onnx.goals(slow)["m.batch8"]["ort_vs_torch_onnx_met"]  # 1.125 < 1.3
     text = bench_onnx.table({"models": models})
     assert "| gpt2-small | 1 | onnx-ort | 3,000.0 | 2.00x | 3.00x | 120.0 | 1.50x | 1.20x |" in text
-    rows = bench.rows_onnx({"models": models})
+    rows = bench_readme.rows_onnx({"models": models})
     assert {r["peer"] for r in rows} == {"torch-onnx", "mlx"} and all(r["ratio"] for r in rows)
 
 
@@ -79,7 +81,7 @@ def test_summarize_profile():
         {"cat": "Node", "name": "b_kernel_time", "dur": 200, "args": {"op_name": "Add"}},
         {"cat": "Node", "name": "b_fence_before", "dur": 5, "args": {"op_name": "Add"}},
     ]
-    p = bench_onnx.summarize_profile(events)
+    p = bench_onnx_worker.summarize_profile(events)
     assert p["runs"] == 1 and p["kernel_ms"] == pytest.approx(0.8)
     assert p["outside_kernels_share"] == pytest.approx(0.2)
     assert list(p["ops"]) == ["MatMul", "Add"] and p["ops"]["MatMul"]["share"] == 0.75
@@ -122,22 +124,24 @@ def fake_results() -> dict:
 
 def test_bench_table_and_readme_block(tmp_path):
     results = fake_results()
-    rows = bench.all_rows(results)
+    rows = bench_readme.all_rows(results)
     assert [(r["peer"], r["ratio"]) for r in rows] == [
         ("PyTorch eager", 1.5),
         ("torch.compile", 0.75),
     ]
     readme = tmp_path / "README.md"
-    readme.write_text(f"# x\n\n## Benchmarks\n\n{bench.START}\nold\n{bench.END}\n\n## Next\n")
-    assert bench.update_readme(results, readme)
+    readme.write_text(
+        f"# x\n\n## Benchmarks\n\n{bench_readme.START}\nold\n{bench_readme.END}\n\n## Next\n"
+    )
+    assert bench_readme.update_readme(results, readme)
     text = readme.read_text()
-    assert "old" not in text and text.endswith(f"{bench.END}\n\n## Next\n")
+    assert "old" not in text and text.endswith(f"{bench_readme.END}\n\n## Next\n")
     assert "| train | train 4L/128w/ctx 64/b 12 tok/s | MLX | 3,000.0 |" in text
     assert "`python scripts/bench.py`" in text and "Test CPU, 2 cores" in text
     assert "blas: openblas Test" in text
     bare = tmp_path / "bare.md"
     bare.write_text("# no markers\n")
-    assert not bench.update_readme(results, bare)
+    assert not bench_readme.update_readme(results, bare)
 
 
 # -- the torch-exported peer computes what transformers computes ---------------------------------
@@ -158,10 +162,10 @@ def test_torch_export_matches_transformers(family, tmp_path):
     config["vocab_size"] = 300
     model = Transformer(ModelConfig(**config))
     save_hf(model, tmp_path / "hf")
-    io = bench_onnx.export_torch_onnx(tmp_path / "hf", tmp_path / "onnx")
+    io = bench_torch_onnx.export_torch_onnx(tmp_path / "hf", tmp_path / "onnx")
     assert io["num_hidden_layers"] == 2 and (tmp_path / "onnx/model.onnx").is_file()
     # a left-padded batch, prefill and one cached decode step, against transformers itself
-    assert bench_onnx.torch_export_parity(tmp_path / "hf", tmp_path / "onnx") <= 1e-4
+    assert bench_torch_onnx.torch_export_parity(tmp_path / "hf", tmp_path / "onnx") <= 1e-4
 
 
 # -- one tiny end-to-end run ---------------------------------------------------------------------
