@@ -193,13 +193,45 @@ class Batch:
     loss_mask: np.ndarray | None = None  # (B, T) float32: 1 where the target counts
 
 
-class PretrainBatches:
+class _Position:
+    """A batch stream's resumable position: batch k is a pure function of (seed, rank, k)."""
+
+    kind = ""  # "pretrain" or "finetune": a saved position fits only its own kind of stream
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serialisable position; with it, the next batches repeat exactly.
+
+        The random state is derived from (seed, rank, step), so these few numbers are all of it.
+        """
+        return {
+            "kind": self.kind,
+            "split": self.split.name,
+            "split_tokens": self.split.tokens,
+            "seed": self.seed,
+            "step": self.step,
+            "rank": self.rank,
+            "world_size": self.world_size,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("kind") != self.kind or state.get("split_tokens") != self.split.tokens:
+            raise UserError(
+                f"the saved data position is for another dataset ({state.get('kind')}, "
+                f"{state.get('split_tokens')} tokens; this {self.split.name} split has "
+                f"{self.split.tokens}); resume with the dataset the run started with"
+            )
+        self.seed, self.step = int(state["seed"]), int(state["step"])
+
+
+class PretrainBatches(_Position):
     """Random windows of `context + 1` contiguous tokens from one split, forever.
 
     A window never crosses shards (it may cross documents: they are joined by eos). Batch k is a
     pure function of (seed, rank, k): ranks of a data-parallel run draw different windows, and a
     run resumed from `state_dict()` draws exactly the batches it would have drawn.
     """
+
+    kind = "pretrain"
 
     def __init__(
         self,
@@ -247,25 +279,6 @@ class PretrainBatches:
         w = w.astype(np.int32)  # (B, T + 1)
         return Batch(inputs=w[:, :-1], targets=w[:, 1:])
 
-    def state_dict(self) -> dict[str, Any]:
-        """JSON-serialisable position; with it, the next batches repeat exactly.
-
-        The random state is derived from (seed, rank, step), so these few numbers are all of it.
-        """
-        return {
-            "kind": "pretrain",
-            "split": self.split.name,
-            "split_tokens": self.split.tokens,
-            "seed": self.seed,
-            "step": self.step,
-            "rank": self.rank,
-            "world_size": self.world_size,
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        _check_state(state, "pretrain", self.split)
-        self.seed, self.step = int(state["seed"]), int(state["step"])
-
 
 def val_windows(
     dataset: Dataset, batch_size: int, context: int, split: str = "val"
@@ -299,7 +312,7 @@ def _padded(rows: list[tuple[np.ndarray, int]], context: int, pad: int) -> Batch
     return Batch(inputs=w[:, :-1], targets=w[:, 1:], attention_mask=None, loss_mask=loss)
 
 
-class FinetuneBatches:
+class FinetuneBatches(_Position):
     """Prompt/completion examples in right-padded batches, shuffled each epoch, forever.
 
     Each example is prompt ids + completion ids + eos. The loss covers the completion and the
@@ -310,6 +323,8 @@ class FinetuneBatches:
 
     Like `PretrainBatches`, batch k is a pure function of (seed, rank, k).
     """
+
+    kind = "finetune"
 
     def __init__(
         self,
@@ -381,28 +396,3 @@ class FinetuneBatches:
                 order = np.random.default_rng([self.seed, epoch]).permutation(n)
             self._order = (epoch, order)
         return self._order[1]
-
-    def state_dict(self) -> dict[str, Any]:
-        """JSON-serialisable position; with it, the next batches repeat exactly."""
-        return {
-            "kind": "finetune",
-            "split": self.split.name,
-            "split_tokens": self.split.tokens,
-            "seed": self.seed,
-            "step": self.step,
-            "rank": self.rank,
-            "world_size": self.world_size,
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        _check_state(state, "finetune", self.split)
-        self.seed, self.step = int(state["seed"]), int(state["step"])
-
-
-def _check_state(state: dict[str, Any], kind: str, split: Split) -> None:
-    if state.get("kind") != kind or state.get("split_tokens") != split.tokens:
-        raise UserError(
-            f"the saved data position is for another dataset ({state.get('kind')}, "
-            f"{state.get('split_tokens')} tokens; this {split.name} split has {split.tokens}); "
-            "resume with the dataset the run started with"
-        )
