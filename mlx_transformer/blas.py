@@ -88,7 +88,7 @@ def slow_notice(setting: str = "") -> str:
 # --------------------------------------------------------------------------- the machine
 
 
-def _cores() -> int:
+def cores() -> int:
     try:
         return len(os.sched_getaffinity(0))  # what this process may use (containers, taskset)
     except (AttributeError, OSError):
@@ -96,13 +96,14 @@ def _cores() -> int:
 
 
 @contextlib.contextmanager
-def gemm_bound(env: Mapping[str, str] | None = None) -> Iterator[None]:
-    """Within the block, OpenBLAS uses every core: for training, whose GEMMs are big enough.
+def gemm_bound(env: Mapping[str, str] | None = None, callers: int = 1) -> Iterator[None]:
+    """Within the block, OpenBLAS uses every core, shared among `callers` threads that call it
+    at once (training's MLX streams): for training, whose GEMMs are big enough.
 
     The default (`default_threads`) serves decoding, which is dispatch-bound and slower with
     more threads. Measured on 2 idle cores (scripts/bench_train.py, separate processes): 2 threads
-    trained 1.2x (4 layers, width 128) and 1.5x (6 layers, width 384) faster than 1. A thread count
-    the user set (OPENBLAS_NUM_THREADS) is left alone.
+    trained 1.2x (4 layers, width 128) and 1.5x (6 layers, width 384) faster than 1 from one
+    stream. A thread count the user set (OPENBLAS_NUM_THREADS) is left alone.
     """
     env = os.environ if env is None else env
     try:
@@ -114,7 +115,7 @@ def gemm_bound(env: Mapping[str, str] | None = None) -> Iterator[None]:
         yield
         return
     before = get()
-    set_(_cores())
+    set_(max(1, cores() // max(1, callers)))
     try:
         yield
     finally:
@@ -196,7 +197,7 @@ def ensure_fast_blas(
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     argv = [sys.executable, *sys.orig_argv[1:]]
-    execve(sys.executable, argv, reexec_env(env, probe.path, coretype, _cores()))
+    execve(sys.executable, argv, reexec_env(env, probe.path, coretype, cores()))
     return "reexec"  # only reached when a test passes a fake execve
 
 

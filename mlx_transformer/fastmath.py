@@ -30,10 +30,11 @@ def exp(x: mx.array) -> mx.array:
     """e**x for float32: 2**n * p(f), x*log2(e) = n + f, |f| <= 1/2, p a Cephes polynomial.
 
     Differentiable (the rounding and the bit cast are constants to autodiff; d/dx p(f) 2**n
-    is p'(f) 2**n log2(e) ~ exp(x)). Inputs below -87 give ~0, above 88 give ~inf-free 2**126.
+    is p'(f) 2**n log2(e) ~ exp(x)). Inputs below -87.7 give exactly 0 (2**-127's bit pattern is
+    0, flushing what would be denormal), above 88 give the inf-free 2**126.
     """
     dtype = x.dtype
-    y = mx.clip(x.astype(mx.float32) * LOG2E, -126.0, 126.0)
+    y = mx.clip(x.astype(mx.float32) * LOG2E, -127.0, 126.0)
     t = mx.stop_gradient(y + _ROUND)
     f = y - (t - _ROUND)  # y - round(y), in [-1/2, 1/2]
     p = 1.535336188319500e-4
@@ -96,10 +97,12 @@ def logsumexp(x: mx.array, axis: int = -1) -> mx.array:
 
 
 def _attention_probs(q: mx.array, k: mx.array, scale: float, mask) -> mx.array:
-    """softmax(q kᵀ * scale), masked keys exactly 0. q (B, K, G, L, hd), k (B, K, 1, S, hd)."""
-    s = (q * scale) @ k.swapaxes(-1, -2)  # (B, K, G, L, S)
+    """softmax(q kᵀ * scale), masked keys exactly 0. q (B, K, G, L, hd), k (B, K, 1, S, hd).
+
+    Masked scores are replaced before the row maximum is taken, so a query's output does not
+    depend, even in its rounding, on keys it may not see (causality is bit-exact)."""
+    s = ((q * scale) @ k.swapaxes(-1, -2)).astype(mx.float32)  # (B, K, G, L, S); softmax in f32
     L, S = s.shape[-2:]
-    e = exp(s - s.max(axis=-1, keepdims=True))
     if isinstance(mask, str):  # "causal": the last query sees every key
         mask = mx.arange(S)[None] <= mx.arange(S - L, S)[:, None]
     if mask is not None:
@@ -107,8 +110,9 @@ def _attention_probs(q: mx.array, k: mx.array, scale: float, mask) -> mx.array:
             mask = mask.reshape(mask.shape[0], -1, *s.shape[2:])
         elif mask.ndim == 4:  # (B, 1, L, S) -> (B, 1, 1, L, S)
             mask = mask[:, :, None]
-        e = mx.where(mask, e, 0.0)
-    return e * (1.0 / e.sum(axis=-1, keepdims=True))
+        s = mx.where(mask, s, -1e30)  # exp() of it is exactly 0; every row keeps one real key
+    e = exp(s - s.max(axis=-1, keepdims=True))
+    return (e * (1.0 / e.sum(axis=-1, keepdims=True))).astype(q.dtype)
 
 
 _ATTENTION: dict = {}

@@ -30,7 +30,7 @@ import mlx.core as mx
 import numpy as np
 
 from . import train_args
-from .blas import gemm_bound
+from .blas import cores, gemm_bound
 from .data import Dataset, FinetuneBatches, PretrainBatches, load_dataset
 from .errors import UserError
 from .train_args import TrainingArgs
@@ -50,7 +50,7 @@ from .train_io import (
     write_checkpoint,
 )
 from .train_model import build_model
-from .train_step import Stepper, make_optimizer
+from .train_step import Stepper, default_streams, make_optimizer
 
 EXIT_CODES = {"completed": 0, "SIGINT": 130, "SIGTERM": 143}
 
@@ -123,6 +123,8 @@ class Trainer:
         self.world = self.group.size() if self.group is not None else 1
         if self.group is not None and self.world == 1:
             self.group = None
+        # More streams than rows would leave some idle (shards() never makes empty ones).
+        self.streams = min(args.streams or default_streams(cores()), args.batch_size)
         self.run = RunFolder(args.out)
         self.dataset = load_dataset(args.data)
         self._setup()
@@ -161,14 +163,21 @@ class Trainer:
         best = state.get("best_val_loss")
         self.best_val = math.inf if best is None else best
         self.stepper = Stepper(
-            self.model, self.optimizer, args.precision, args.grad_clip, args.compile, self.group
+            self.model,
+            self.optimizer,
+            args.precision,
+            args.grad_clip,
+            args.compile,
+            self.group,
+            streams=self.streams,
         )
         self.val_batches = validation_batches(
             self.dataset, args.batch_size, self.context, args.eval_batches
         )
         self.bytes_per_token = val_bytes_per_token(self.dataset)
         if self.rank == 0:
-            run.write_run_config({"training": args.to_dict(), "model": config.to_dict()})
+            resolved = {**args.to_dict(), "streams": self.streams}
+            run.write_run_config({"training": resolved, "model": config.to_dict()})
             self.metrics = MetricsLog(run.metrics, self.step if args.resume else None)
         self.plotter = Plotter(run.plot)
 
@@ -371,8 +380,10 @@ def train(args: TrainingArgs, on_step=None) -> TrainResult:
         TrainingDiverged: the loss became NaN or infinite (nothing saved after the last good
             checkpoint); UserError for bad settings or data.
     """
-    with gemm_bound():  # training's GEMMs gain from every core; decoding's do not
-        return Trainer(args).fit(on_step)
+    trainer = Trainer(args)
+    # Training's GEMMs gain from every core (decoding's do not), shared by the step's streams.
+    with gemm_bound(callers=trainer.streams):
+        return trainer.fit(on_step)
 
 
 # -- CLI ----------------------------------------------------------------------------------------

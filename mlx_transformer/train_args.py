@@ -77,6 +77,11 @@ class TrainingArgs:
     save_every: int = _f(500, "checkpoint every N steps (0 = only at the end)")
     keep_last: int = _f(3, "keep this many step checkpoints (best/ is kept apart)")
     compile: bool = _f(True, "compile the training step with mx.compile")
+    streams: int = _f(
+        0,
+        "MLX streams each micro-batch is split across, run concurrently (0 = auto: one per CPU "
+        "core, up to 4, on the CPU backend; 1 on a GPU)",
+    )
     progress: bool = _f(True, "show a progress bar")
     # -- LoRA ----------------------------------------------------------------------------------
     lora: bool = _f(False, "train low-rank adapters on a frozen --init-from model")
@@ -96,7 +101,7 @@ class TrainingArgs:
         for name in positive:
             if getattr(self, name) < 1:
                 raise UserError(f"--{_flag(name)} must be at least 1, got {getattr(self, name)}")
-        nonneg = ("warmup_steps", "eval_every", "eval_batches", "log_every", "save_every")
+        nonneg = ("warmup_steps", "eval_every", "eval_batches", "log_every", "save_every", "streams")
         for name in nonneg + ("weight_decay", "grad_clip", "min_learning_rate"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{_flag(name)} must be >= 0, got {getattr(self, name)}")

@@ -1,7 +1,9 @@
 """The optimizer step: loss → gradients (accumulated, averaged across processes) → clip → AdamW.
 
 The step is compiled with its whole state passed explicitly (model, optimizer, RNG), so one call
-is one fused graph and `mx.eval` runs once per step. Losses are summed over tokens and divided by
+is one fused graph and `mx.eval` runs once per step. On the CPU backend each micro-batch is split
+across several MLX streams (one worker thread each): MLX runs a stream's elementwise ops on one
+core, so without this a 2-core machine leaves one core idle outside the matmuls. Losses are summed over tokens and divided by
 the token count of the whole step (all micro-batches, all processes): k micro-batches of n equals
 one batch of k*n, and 2 processes of n equal 1 process of 2n, up to float rounding.
 
@@ -118,8 +120,14 @@ class Stepper:
         grad_clip: float = 0.0,
         compile: bool = True,
         group: mx.distributed.Group | None = None,
+        streams: int = 1,
     ):
         self.model, self.optimizer = model, optimizer
+        # Shard i of each micro-batch runs on stream i; the shards' graphs are independent until
+        # their loss sums and gradients are added, so the streams' threads run them concurrently.
+        self.streams = [mx.default_stream(mx.default_device())] + [
+            mx.new_stream(mx.default_device()) for _ in range(streams - 1)
+        ]
         self.grad_clip = grad_clip
         self.group = group
         self.world_size = group.size() if group is not None else 1
@@ -139,8 +147,14 @@ class Stepper:
 
     def _loss_and_grads(self, batch: Batch) -> tuple[mx.array, mx.array, dict]:
         params = self.model.trainable_parameters()
-        (total, count), grads = self._value_and_grad(params, batch)
+        parts = []
+        for stream, shard in zip(self.streams, shards(batch, len(self.streams))):
+            with mx.stream(stream):
+                parts.append(self._value_and_grad(params, shard))
         self.model.update(params)  # put the master weights back
+        (total, count), grads = parts[0]
+        for (t, c), g in parts[1:]:
+            total, count, grads = total + t, count + c, tree_map(mx.add, grads, g)
         return total, count, grads
 
     def _accumulate_impl(self, batch: Batch, acc: tuple | None) -> tuple:
@@ -175,6 +189,25 @@ class Stepper:
     def step(self, batch: Batch, acc: tuple | None = None) -> tuple[mx.array, mx.array]:
         """The last micro-batch plus the update: returns (mean loss, gradient norm), lazy."""
         return self._step(batch, acc)
+
+
+def shards(batch: Batch, n: int) -> list[Batch]:
+    """`batch` split along its rows into at most n near-equal parts (no empty ones). Losses are
+    sums over tokens, so any split adds up to the whole batch's loss and gradients."""
+    rows = batch[0].shape[0]
+    n = max(1, min(n, rows))
+    bounds = [rows * i // n for i in range(n + 1)]
+    return [
+        tuple(None if a is None else a[lo:hi] for a in batch)
+        for lo, hi in zip(bounds, bounds[1:])
+    ]
+
+
+def default_streams(cores: int, device: mx.Device | None = None) -> int:
+    """Streams to split a micro-batch across: a core each (up to 4) on the CPU backend, where
+    each stream's ops run on one thread; 1 on a GPU, whose queue is already saturated."""
+    device = device or mx.default_device()
+    return max(1, min(4, cores)) if device == mx.cpu else 1
 
 
 def global_norm(grads: dict) -> mx.array:

@@ -32,18 +32,17 @@ CONFIGS = {
 }
 
 
-def mlx_runner(c: dict, seed: int = 0, fast_attention: bool = False):
-    """fast_attention: measure the proposed model change (Attention calling
-    fastmath.scaled_dot_product_attention on the CPU backend), patched in for this runner only."""
+def mlx_runner(c: dict, seed: int = 0, streams: int | None = None):
+    """Our step as `mlx-transformer train` runs it: streams=None picks its default (one per core
+    on the CPU backend); streams=1 measures the single-stream step."""
     import mlx.core as mx
     import numpy as np
 
-    from mlx_transformer import fastmath
-    from mlx_transformer.blas import gemm_bound
+    from mlx_transformer.blas import cores, gemm_bound
     from mlx_transformer.config import ModelConfig
     from mlx_transformer.model import Transformer
     from mlx_transformer.train_args import TrainingArgs
-    from mlx_transformer.train_step import Stepper, make_optimizer
+    from mlx_transformer.train_step import Stepper, default_streams, make_optimizer
 
     config = ModelConfig(
         vocab_size=c["vocab"],
@@ -57,22 +56,18 @@ def mlx_runner(c: dict, seed: int = 0, fast_attention: bool = False):
     model = Transformer(config)
     model.train()
     args = TrainingArgs(learning_rate=1e-3, warmup_steps=10)
-    stepper = Stepper(model, make_optimizer(args, model.trainable_parameters()), grad_clip=1.0)
+    streams = min(streams or default_streams(cores()), c["batch"])
+    optimizer = make_optimizer(args, model.trainable_parameters())
+    stepper = Stepper(model, optimizer, grad_clip=1.0, streams=streams)
     rng = np.random.default_rng(seed)
     data = rng.integers(0, c["vocab"], (16, c["batch"], c["context"] + 1)).astype(np.int32)
     batches = [(mx.array(d[:, :-1]), mx.array(d[:, 1:]), None, None) for d in data]
 
     def run(steps: int, offset: int = 0) -> float:
-        builtin = mx.fast.scaled_dot_product_attention
-        if fast_attention:
-            mx.fast.scaled_dot_product_attention = fastmath.scaled_dot_product_attention
-        try:
-            with gemm_bound():  # as `mlx-transformer train` does
-                for i in range(steps):
-                    loss, _ = stepper.step(batches[(offset + i) % len(batches)])
-                    mx.eval(stepper.state, loss)
-        finally:
-            mx.fast.scaled_dot_product_attention = builtin
+        with gemm_bound(callers=streams):  # as `mlx-transformer train` does
+            for i in range(steps):
+                loss, _ = stepper.step(batches[(offset + i) % len(batches)])
+                mx.eval(stepper.state, loss)
         return loss.item()
 
     return run
@@ -125,7 +120,7 @@ def bench(name: str, c: dict, trials: int, impls: list[str]) -> dict:
         tic = time.perf_counter()
         runner = {
             "mlx": lambda: mlx_runner(c),
-            "mlx_fast_attention": lambda: mlx_runner(c, fast_attention=True),
+            "mlx_one_stream": lambda: mlx_runner(c, streams=1),
             "torch_eager": lambda: torch_runner(c, compiled=False),
             "torch_compile": lambda: torch_runner(c, compiled=True),
         }[impl]()
@@ -154,7 +149,7 @@ def main() -> None:
     parser.add_argument(
         "--impls",
         default="mlx,torch_eager,torch_compile",
-        help="comma-separated: mlx, mlx_fast_attention (proposed model.py change), torch_eager, "
+        help="comma-separated: mlx (as `train` runs), mlx_one_stream (--streams 1), torch_eager, "
         "torch_compile",
     )
     parser.add_argument("--json", help="write the results here")

@@ -248,7 +248,7 @@ def test_reexec_runs_mlx_matmuls_on_openblas_with_the_same_results():
     info = out["info"]
     assert info["blas"] == "openblas", info
     assert info["library"] == os.path.realpath(FOUND[0].path)
-    assert info["threads"] == blas.default_threads(blas._cores())
+    assert info["threads"] == blas.default_threads(blas.cores())
     assert out["err"] < 1e-3  # fp32 accumulation over 384 terms of size ~1: ~1e-5 expected
     assert proc.stderr == ""  # no notice when it worked
 
@@ -288,7 +288,13 @@ def test_gemm_bound_uses_every_core_then_restores():
         pytest.skip("no OpenBLAS preloaded in this test session")
     before = get()
     with blas_mod.gemm_bound(env={blas_mod.THREADS_MARKER: "1"}):
-        assert get() == blas_mod._cores()
+        assert get() == blas_mod.cores()
+    assert get() == before
+    # Streams calling BLAS at once share the cores (and each gets at least one thread).
+    with blas_mod.gemm_bound(env={blas_mod.THREADS_MARKER: "1"}, callers=2):
+        assert get() == max(1, blas_mod.cores() // 2)
+    with blas_mod.gemm_bound(env={blas_mod.THREADS_MARKER: "1"}, callers=64):
+        assert get() == 1
     assert get() == before
     with blas_mod.gemm_bound(env={}):  # the user chose OPENBLAS_NUM_THREADS: left alone
         assert get() == before

@@ -32,7 +32,7 @@ from mlx_transformer.model import Transformer
 from mlx_transformer.prepare import prepare
 from mlx_transformer.train import TrainingDiverged, step_seed, to_mx, train
 from mlx_transformer.train_args import TrainingArgs
-from mlx_transformer.train_step import Stepper, loss_sum, lr_schedule, make_optimizer
+from mlx_transformer.train_step import Stepper, loss_sum, lr_schedule, make_optimizer, shards
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(
@@ -132,6 +132,44 @@ def test_accumulation_equals_one_big_batch():
         tree_flatten(accumulated.parameters()), tree_flatten(big.parameters())
     ):
         np.testing.assert_allclose(np.array(a), np.array(b), atol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("streams", [2, 3])
+def test_streams_equal_one_stream(streams):
+    """A micro-batch split across concurrent streams (3 rows over 2 or 3 streams: uneven shards,
+    one row each) gives the whole batch's loss sum, token count and gradients, accumulation
+    included. (Compared before AdamW, whose m/sqrt(v) turns the summation order's float32
+    rounding into 1e-5 steps where a gradient is ~0.)"""
+    rng = np.random.default_rng(4)
+    micro = [random_batch(rng, 3) for _ in range(2)]
+    results = []
+    for n in (1, streams):
+        model = tiny_model()
+        args = TrainingArgs()
+        stepper = Stepper(model, make_optimizer(args, model.trainable_parameters()), streams=n)
+        acc = stepper.accumulate(micro[1], stepper.accumulate(micro[0]))
+        mx.eval(acc)
+        results.append(acc)
+    (total1, count1, grads1), (total, count, grads) = results
+    assert count.item() == count1.item() == 2 * 3 * 16
+    assert total.item() == pytest.approx(total1.item(), rel=1e-6)
+    # Sums over 96 tokens: float32 rounding is ~1e-6 of the largest gradient (and k_proj.bias's
+    # exact-zero gradient is pure rounding).
+    scale = max(np.abs(np.array(g)).max() for _, g in tree_flatten(grads1))
+    for (name, a), (_, b) in zip(tree_flatten(grads1), tree_flatten(grads)):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6 * scale, err_msg=name)
+
+
+def test_shards_cover_the_batch_with_masks():
+    batch = random_batch(np.random.default_rng(5), 5)
+    mask = mx.ones(batch[1].shape)
+    parts = shards(batch[:2] + (mask, None), 3)
+    assert [p[0].shape[0] for p in parts] == [1, 2, 2]
+    assert all(p[3] is None for p in parts)
+    for i in range(3):
+        joined = mx.concatenate([p[i] for p in parts])
+        assert mx.array_equal(joined, (batch[:2] + (mask,))[i]).item()
+    assert len(shards(batch, 8)) == 5  # never an empty shard
 
 
 def test_loss_mask_counts_only_masked_tokens():
@@ -251,6 +289,7 @@ def test_run_folder_layout_and_refusal_to_overwrite(data_dir, tmp_path):
     assert (out / "best" / "model.safetensors").is_file() and (out / "loss.png").is_file()
     saved = json.loads((out / "run_config.json").read_text())
     assert saved["training"]["max_steps"] == 6 and saved["model"]["hidden_size"] == 32
+    assert saved["training"]["streams"] >= 1  # the resolved count, not 0 = auto
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
     val = [r for r in records if "val_loss" in r]

@@ -1,0 +1,40 @@
+"""fastmath's polynomial exp / tanh / GELU against float64 numpy, and its attention's causality."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+
+from mlx_transformer import fastmath
+
+
+def test_exp_matches_float64():
+    x = mx.linspace(-87.3, 87.0, 200_001)
+    want = np.exp(np.array(x, dtype=np.float64))
+    rel = np.abs(np.array(fastmath.exp(x)) / want - 1)
+    assert rel.max() < 1e-5  # the float32 argument's own rounding, times |x|
+    small = np.abs(np.array(x)) < 10
+    assert rel[small].max() < 1e-6
+    # Far below the float32 range: exactly 0 (softmax's masked keys rely on it).
+    assert np.array(fastmath.exp(mx.array([-88.0, -1e4, -1e30]))).tolist() == [0.0, 0.0, 0.0]
+
+
+def test_tanh_and_gelu_match_float64():
+    x = mx.linspace(-20, 20, 200_001)
+    x64 = np.array(x, dtype=np.float64)
+    assert np.abs(np.array(fastmath.tanh(x)) - np.tanh(x64)).max() < 1e-6
+    gelu = 0.5 * x64 * (1 + np.tanh(np.sqrt(2 / np.pi) * (x64 + 0.044715 * x64**3)))
+    np.testing.assert_allclose(np.array(fastmath.gelu_tanh(x)), gelu, rtol=1e-6, atol=1e-6)
+    grad = mx.grad(lambda v: fastmath.gelu_tanh(v).sum())(x)
+    numeric = np.gradient(gelu, x64)
+    np.testing.assert_allclose(np.array(grad)[1:-1], numeric[1:-1], atol=1e-4)
+
+
+def test_attention_output_ignores_masked_keys_bitwise():
+    """A query's output may not depend on later keys, not even through the softmax's max."""
+    rng = np.random.default_rng(0)
+    q, k, v = (mx.array(rng.normal(0, 3, (1, 2, 6, 4)).astype(np.float32)) for _ in range(3))
+    k2 = k.at[:, :, 4:].add(50.0)  # later keys with much larger scores
+    a = fastmath.scaled_dot_product_attention(q, k, v, 0.5, "causal")
+    b = fastmath.scaled_dot_product_attention(q, k2, v, 0.5, "causal")
+    assert mx.array_equal(a[:, :, :4], b[:, :, :4]).item()
