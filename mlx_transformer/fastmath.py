@@ -26,26 +26,38 @@ def use_fast_math() -> bool:
     return mx.default_device() == mx.cpu
 
 
-def exp(x: mx.array) -> mx.array:
-    """e**x for float32: 2**n * p(f), x*log2(e) = n + f, |f| <= 1/2, p a Cephes polynomial.
+# 2**f on [-1/2, 1/2] (Cephes' exp2f coefficients), c0 + c1 f + ... + c6 f**6.
+_EXP2 = (
+    1.0,
+    6.931472028550421e-1,
+    2.402264791363012e-1,
+    5.550332471162809e-2,
+    9.618437357674640e-3,
+    1.339887440266574e-3,
+    1.535336188319500e-4,
+)
 
-    Differentiable (the rounding and the bit cast are constants to autodiff; d/dx p(f) 2**n
-    is p'(f) 2**n log2(e) ~ exp(x)). Inputs below -87.7 give exactly 0 (2**-127's bit pattern is
-    0, flushing what would be denormal), above 88 give the inf-free 2**126.
+
+def exp2(y: mx.array) -> mx.array:
+    """2**y for float32: 2**n * p(f), n = round(y), f = y - n in [-1/2, 1/2].
+
+    Shaped for `mx.compile`, which fuses at most 11 ops deep and materialises every array used
+    by two fused kernels: n is rounded from y + 1.5*2**23 and f recomputed from its own clip (so
+    the two share no node), and p is evaluated in Estrin's form (depth 5 instead of Horner's 12).
+    Differentiable (n is a constant to autodiff). y below -127 gives exactly 0 (2**-127's bit
+    pattern is 0, flushing what would be denormal); above 126 gives 2**126.
     """
-    dtype = x.dtype
-    y = mx.clip(x.astype(mx.float32) * LOG2E, -127.0, 126.0)
-    t = mx.stop_gradient(y + _ROUND)
-    f = y - (t - _ROUND)  # y - round(y), in [-1/2, 1/2]
-    p = 1.535336188319500e-4
-    p = p * f + 1.339887440266574e-3
-    p = p * f + 9.618437357674640e-3
-    p = p * f + 5.550332471162809e-2
-    p = p * f + 2.402264791363012e-1
-    p = p * f + 6.931472028550421e-1
-    p = p * f + 1.0
-    two_n = ((t.view(mx.int32) - _ROUND_BITS + 127) << 23).view(mx.float32)  # 2**round(y)
-    return (p * two_n).astype(dtype)
+    t = mx.stop_gradient(mx.clip(y + _ROUND, _ROUND - 127.0, _ROUND + 126.0))  # n + 1.5*2**23
+    f = mx.clip(y * 1.0, -127.0, 126.0) - (t - _ROUND)  # * 1.0: not merged with t's clip
+    c, f2 = _EXP2, f * f
+    p = (c[0] + c[1] * f) + f2 * (c[2] + c[3] * f) + (f2 * f2) * ((c[4] + c[5] * f) + f2 * c[6])
+    two_n = ((t.view(mx.int32) - (_ROUND_BITS - 127)) << 23).view(mx.float32)  # 2**n
+    return p * two_n
+
+
+def exp(x: mx.array) -> mx.array:
+    """e**x = 2**(x log2 e) (`exp2`), computed in float32; below -88 gives exactly 0."""
+    return exp2(x.astype(mx.float32) * LOG2E).astype(x.dtype)
 
 
 def tanh(x: mx.array) -> mx.array:
@@ -96,63 +108,52 @@ def logsumexp(x: mx.array, axis: int = -1) -> mx.array:
 # -- attention ----------------------------------------------------------------------------------
 
 
-def _attention_probs(q: mx.array, k: mx.array, scale: float, mask) -> mx.array:
-    """softmax(q kᵀ * scale), masked keys exactly 0. q (B, K, G, L, hd), k (B, K, 1, S, hd).
-
-    Masked scores are replaced before the row maximum is taken, so a query's output does not
-    depend, even in its rounding, on keys it may not see (causality is bit-exact)."""
-    s = ((q * scale) @ k.swapaxes(-1, -2)).astype(mx.float32)  # (B, K, G, L, S); softmax in f32
-    L, S = s.shape[-2:]
-    if isinstance(mask, str):  # "causal": the last query sees every key
-        mask = mx.arange(S)[None] <= mx.arange(S - L, S)[:, None]
-    if mask is not None:
-        if mask.ndim == 4 and mask.shape[1] > 1:  # (B, H, L, S) -> (B, K, G, L, S)
-            mask = mask.reshape(mask.shape[0], -1, *s.shape[2:])
-        elif mask.ndim == 4:  # (B, 1, L, S) -> (B, 1, 1, L, S)
-            mask = mask[:, :, None]
-        s = mx.where(mask, s, -1e30)  # exp() of it is exactly 0; every row keeps one real key
-    e = exp(s - s.max(axis=-1, keepdims=True))
-    return (e * (1.0 / e.sum(axis=-1, keepdims=True))).astype(q.dtype)
-
-
-_ATTENTION: dict = {}
-
-
-def _attention_fn(scale: float, causal: bool):
-    """A custom-VJP attention for one (scale, causal) pair; the mask, if an array, is an input."""
+def _softmax_fn(scale: float, causal: bool):
+    """softmax(s * scale) over the last axis with masked keys exactly 0, as a custom function
+    whose VJP uses the saved probabilities: ds = p * (dp - sum(dp * p)) * scale."""
 
     @mx.custom_function
-    def attention(q, k, v, mask):
-        return _attention_probs(q, k, scale, "causal" if causal else mask) @ v
+    def softmax(s: mx.array, mask: mx.array) -> mx.array:
+        s = s.astype(mx.float32) * (scale * LOG2E)  # base 2: exp2 needs no further multiply
+        L, S = s.shape[-2:]
+        if causal:  # the last query sees every key
+            mask = mx.arange(S)[None] <= mx.arange(S - L, S)[:, None]
+        # Masked scores are replaced before the row maximum is taken, so a query's output does
+        # not depend, even in its rounding, on keys it may not see (causality is bit-exact).
+        s = mx.where(mask, s, -1e30)  # exp2 of it is exactly 0; every row keeps one real key
+        e = exp2(s - s.max(axis=-1, keepdims=True))
+        return e * (1.0 / e.sum(axis=-1, keepdims=True))
 
-    @attention.vjp
-    def attention_vjp(primals, cotangent, output):
-        # Flash-attention's backward: recompute the probabilities instead of storing them.
-        q, k, v, mask = primals
-        p = _attention_probs(q, k, scale, "causal" if causal else mask)  # (B, K, G, L, S)
-        dv = (p.swapaxes(-1, -2) @ cotangent).sum(axis=2, keepdims=True)
-        dp = cotangent @ v.swapaxes(-1, -2)
-        ds = p * (dp - (dp * p).sum(axis=-1, keepdims=True))
-        dq = (ds @ k) * scale
-        dk = (ds.swapaxes(-1, -2) @ q).sum(axis=2, keepdims=True) * scale
-        return dq, dk, dv, mx.zeros_like(mask)
+    @softmax.vjp
+    def softmax_vjp(primals, cotangent, p):
+        s, mask = primals
+        ds = p * (cotangent - (cotangent * p).sum(axis=-1, keepdims=True)) * scale
+        return ds.astype(s.dtype), mx.zeros_like(mask)
 
-    return attention
+    return softmax
+
+
+_SOFTMAX: dict = {}
 
 
 def scaled_dot_product_attention(
     q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | str | None = None
 ) -> mx.array:
-    """Drop-in for `mx.fast.scaled_dot_product_attention` on the CPU backend (fast exp, and a
-    backward that recomputes the probabilities). q (B, H, L, hd); k, v (B, K, S, hd), H % K == 0;
-    mask None, "causal" or boolean broadcastable to (B, H, L, S) with True = attend."""
+    """Drop-in for `mx.fast.scaled_dot_product_attention` on the CPU backend: the softmax runs in
+    float32 with the fast exp2 and a backward from the saved probabilities (autodiff does the
+    matmuls). q (B, H, L, hd); k, v (B, K, S, hd), H % K == 0; mask None, "causal" or boolean
+    broadcastable to (B, H, L, S) with True = attend."""
     B, H, L, hd = q.shape
     K = k.shape[1]
-    key = (float(scale), mask == "causal" if isinstance(mask, str) else False)
-    if key not in _ATTENTION:
-        _ATTENTION[key] = _attention_fn(*key)
-    qg = q.reshape(B, K, H // K, L, hd)  # query heads grouped by the key/value head they share
-    kg, vg = k[:, :, None], v[:, :, None]  # (B, K, 1, S, hd)
+    key = (float(scale), isinstance(mask, str) and mask == "causal")
+    if key not in _SOFTMAX:
+        _SOFTMAX[key] = _softmax_fn(*key)
+    if K != H:  # group query heads by the key/value head they share: (B, K, G, L, hd)
+        G = H // K
+        q, k, v = q.reshape(B, K, G, L, hd), k[:, :, None], v[:, :, None]
+        if isinstance(mask, mx.array) and mask.ndim == 4:  # (B, H|1, L, S) -> (B, K|1, G|1, L, S)
+            grouped = mask.shape[1] > 1
+            mask = mask.reshape(mask.shape[0], K, G, *mask.shape[2:]) if grouped else mask[:, :, None]
     m = mask if isinstance(mask, mx.array) else mx.array(True)
-    out = _ATTENTION[key](qg, kg, vg, m)  # (B, K, G, L, hd)
-    return out.reshape(B, H, L, -1)
+    p = _SOFTMAX[key](q @ k.swapaxes(-1, -2), m).astype(q.dtype)
+    return (p @ v).reshape(B, H, L, -1)

@@ -106,7 +106,13 @@ def cast_params(model: nn.Module, dtype: mx.Dtype, trainable_too: bool) -> None:
 
 
 class Stepper:
-    """Compiled micro-step and update functions sharing [model.state, optimizer.state, RNG].
+    """Compiled gradient and update functions sharing [model.state, optimizer.state, RNG].
+
+    A micro-batch is split into one shard per stream; each shard's loss sum, token count and
+    gradients come from one compiled function, which MLX compiles once per stream (its cache is
+    keyed by the default stream), so each stream's graph is fused on its own: one graph over
+    all streams would share its constants across streams and fuse less. The sums are added, and
+    a second compiled function averages, clips and applies AdamW. `mx.eval` runs once per step.
 
     Build it after loading or restoring the model and optimizer: the compiled functions hold on
     to those state trees, so they must not be replaced afterwards (update them in place).
@@ -136,8 +142,9 @@ class Stepper:
         self._value_and_grad = mx.value_and_grad(self._loss_of_params)
         self.state = [model.state, optimizer.state, mx.random.state]
         wrap = partial(mx.compile, inputs=self.state, outputs=self.state) if compile else _same
-        self._accumulate = wrap(self._accumulate_impl)
-        self._step = wrap(self._step_impl)
+        self._shard = wrap(self._shard_impl)
+        self._update = wrap(self._update_impl)
+        self._add = mx.compile(_add_sums) if compile else _add_sums
 
     def _loss_of_params(self, params: dict, batch: Batch) -> tuple[mx.array, mx.array]:
         if self.compute_dtype is not None:
@@ -145,27 +152,15 @@ class Stepper:
         self.model.update(params)
         return loss_sum(self.model, batch)
 
-    def _loss_and_grads(self, batch: Batch) -> tuple[mx.array, mx.array, dict]:
+    def _shard_impl(self, batch: Batch) -> tuple[mx.array, mx.array, dict]:
         params = self.model.trainable_parameters()
-        parts = []
-        for stream, shard in zip(self.streams, shards(batch, len(self.streams))):
-            with mx.stream(stream):
-                parts.append(self._value_and_grad(params, shard))
+        (total, count), grads = self._value_and_grad(params, batch)
         self.model.update(params)  # put the master weights back
-        (total, count), grads = parts[0]
-        for (t, c), g in parts[1:]:
-            total, count, grads = total + t, count + c, tree_map(mx.add, grads, g)
         return total, count, grads
 
-    def _accumulate_impl(self, batch: Batch, acc: tuple | None) -> tuple:
-        total, count, grads = self._loss_and_grads(batch)
-        if acc is not None:
-            total, count = total + acc[0], count + acc[1]
-            grads = tree_map(mx.add, grads, acc[2])
-        return total, count, grads
-
-    def _step_impl(self, batch: Batch, acc: tuple | None) -> tuple[mx.array, mx.array]:
-        total, count, grads = self._accumulate_impl(batch, acc)
+    def _update_impl(
+        self, total: mx.array, count: mx.array, grads: dict
+    ) -> tuple[mx.array, mx.array]:
         if self.world_size > 1:
             # average_gradients packs small arrays into few all-reduces; it divides by N, so
             # divide by the mean token count to get the gradient of the global mean loss.
@@ -184,11 +179,20 @@ class Stepper:
 
     def accumulate(self, batch: Batch, acc: tuple | None = None) -> tuple:
         """Add one micro-batch's loss sum, token count and gradients to `acc` (not evaluated)."""
-        return self._accumulate(batch, acc)
+        for stream, shard in zip(self.streams, shards(batch, len(self.streams))):
+            with mx.stream(stream):
+                part = self._shard(shard)
+            acc = part if acc is None else self._add(acc, part)
+        return acc
 
     def step(self, batch: Batch, acc: tuple | None = None) -> tuple[mx.array, mx.array]:
         """The last micro-batch plus the update: returns (mean loss, gradient norm), lazy."""
-        return self._step(batch, acc)
+        return self._update(*self.accumulate(batch, acc))
+
+
+def _add_sums(a: tuple, b: tuple) -> tuple:
+    """(loss sum, token count, gradients) of two batches -> those of both."""
+    return tree_map(mx.add, a, b)
 
 
 def shards(batch: Batch, n: int) -> list[Batch]:
