@@ -79,19 +79,44 @@ def tanh(x: mx.array) -> mx.array:
 _GELU_C = math.sqrt(2.0 / math.pi)
 
 
+_TANH_CLIP = 7.90531110763549805  # Eigen's: beyond it the rational function rounds to +-1
+
+
 @mx.custom_function
-def gelu_tanh(x: mx.array) -> mx.array:
-    """GPT-2's GELU (tanh approximation), as model.gelu_tanh but with the fast tanh, and a
-    hand-written derivative (one fused loop instead of autodiff through the rational tanh)."""
-    return 0.5 * x * (1.0 + tanh(_GELU_C * x * (1.0 + 0.044715 * (x * x))))
+def _gelu_tanh_parts(x: mx.array) -> tuple[mx.array, ...]:
+    """GELU-tanh and the arrays its backward needs, as `tanh` computes them (same rounding).
+
+    mx.compile fuses at most 11 ops deep and turns whatever lies deeper into kernel inputs; a
+    scalar constant cut off that way becomes a stride-0 input and the whole kernel a slow
+    strided loop. Returning z and the numerator's inner Horner steps u makes them kernel
+    boundaries chosen here (each output is materialised), and every kernel stays contiguous.
+    """
+    z = mx.clip(_GELU_C * x * (1.0 + 0.044715 * (x * x)), -_TANH_CLIP, _TANH_CLIP)
+    z2 = z * z
+    u = z2 * -2.76076847742355e-16 + 2.00018790482477e-13
+    u = z2 * u + -8.60467152213735e-11
+    u = z2 * u + 5.12229709037114e-08
+    p = z2 * u + 1.48572235717979e-05
+    p = z2 * p + 6.37261928875436e-04
+    p = z2 * p + 4.89352455891786e-03
+    q = z2 * 1.19825839466702e-06 + 1.18534705686654e-04
+    q = z2 * q + 2.26843463243900e-03
+    q = z2 * q + 4.89352518554385e-03
+    t = z * p / q
+    return 0.5 * x * (1.0 + t), t, z, u
 
 
-@gelu_tanh.vjp
-def _gelu_tanh_vjp(x: mx.array, cotangent: mx.array, output: mx.array) -> mx.array:
-    x2 = x * x
-    t = tanh(_GELU_C * x * (1.0 + 0.044715 * x2))
+@_gelu_tanh_parts.vjp
+def _gelu_tanh_vjp(x: mx.array, cotangents: tuple, outputs: tuple) -> mx.array:
+    t, x2 = outputs[1], x * x  # the forward's tanh, kept as autodiff would keep it
     slope = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * (_GELU_C * (1.0 + 3 * 0.044715 * x2))
-    return cotangent * slope
+    return cotangents[0] * slope
+
+
+def gelu_tanh(x: mx.array) -> mx.array:
+    """GPT-2's GELU (tanh approximation): model.gelu_tanh with `tanh`'s rational function (equal
+    bit for bit to composing the two) and a hand-written derivative reusing the forward's tanh."""
+    return _gelu_tanh_parts(x)[0]
 
 
 def silu(x: mx.array) -> mx.array:

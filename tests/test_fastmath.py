@@ -25,6 +25,12 @@ def test_tanh_and_gelu_match_float64():
     assert np.abs(np.array(fastmath.tanh(x)) - np.tanh(x64)).max() < 1e-6
     gelu = 0.5 * x64 * (1 + np.tanh(np.sqrt(2 / np.pi) * (x64 + 0.044715 * x64**3)))
     np.testing.assert_allclose(np.array(fastmath.gelu_tanh(x)), gelu, rtol=1e-6, atol=1e-6)
+    # The split-up GELU rounds exactly as composing fastmath.tanh does (saturating to +-1).
+    c = float(np.sqrt(2 / np.pi))
+    composed = 0.5 * x * (1.0 + fastmath.tanh(c * x * (1.0 + 0.044715 * (x * x))))
+    assert mx.array_equal(fastmath.gelu_tanh(x), composed).item()
+    huge = mx.array([1e20, -1e20, float("inf")])
+    assert np.array(fastmath.gelu_tanh(huge)).tolist() == np.array(huge * mx.array([1, 0, 1])).tolist()
     grad = mx.grad(lambda v: fastmath.gelu_tanh(v).sum())(x)
     numeric = np.gradient(gelu, x64)
     np.testing.assert_allclose(np.array(grad)[1:-1], numeric[1:-1], atol=1e-4)
