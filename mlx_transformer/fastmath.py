@@ -130,6 +130,43 @@ def logsumexp(x: mx.array, axis: int = -1) -> mx.array:
     return mx.log(exp(x - m).sum(axis=axis)) + m.squeeze(axis)
 
 
+# -- linear layers -------------------------------------------------------------------------------
+
+
+def _linear_grads(x: mx.array, weight: mx.array, cotangent: mx.array) -> tuple[mx.array, mx.array]:
+    """dx and dW of x @ Wᵀ. dW is computed as cotᵀ x, (out, in) and contiguous: autodiff's
+    transpose of xᵀ cot is a strided view, and every optimizer kernel reading it a strided loop."""
+    flat = cotangent.reshape(-1, cotangent.shape[-1])
+    return cotangent @ weight, flat.T @ x.reshape(-1, x.shape[-1])
+
+
+@mx.custom_function
+def _linear_bias(x: mx.array, weight: mx.array, bias: mx.array) -> mx.array:
+    return mx.addmm(bias, x, weight.T)
+
+
+@_linear_bias.vjp
+def _linear_bias_vjp(primals, cotangent, output):
+    x, weight, _ = primals
+    dx, dw = _linear_grads(x, weight, cotangent)
+    return dx, dw, cotangent.reshape(-1, cotangent.shape[-1]).sum(axis=0)
+
+
+@mx.custom_function
+def _linear_no_bias(x: mx.array, weight: mx.array) -> mx.array:
+    return x @ weight.T
+
+
+@_linear_no_bias.vjp
+def _linear_no_bias_vjp(primals, cotangent, output):
+    return _linear_grads(*primals, cotangent)
+
+
+def linear(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.array:
+    """x @ weightᵀ (+ bias), as `nn.Linear`, with a backward that writes dW contiguous."""
+    return _linear_no_bias(x, weight) if bias is None else _linear_bias(x, weight, bias)
+
+
 # -- attention ----------------------------------------------------------------------------------
 
 

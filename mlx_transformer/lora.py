@@ -23,7 +23,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from .checkpoint_format import CheckpointError, read_safetensors_header
 from .config import atomic_write_text
 from .errors import UserError
-from .model import Transformer
+from .model import Linear, Transformer
 
 ADAPTERS_FILE = "adapters.safetensors"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
@@ -54,7 +54,7 @@ class LoRALinear(nn.Module):
         delta = self.scale * (self.lora_a.astype(mx.float32) @ self.lora_b.astype(mx.float32)).T
         out_dims, in_dims = weight.shape
         has_bias = "bias" in self.linear
-        linear = nn.Linear(in_dims, out_dims, bias=has_bias)
+        linear = Linear(in_dims, out_dims, bias=has_bias)
         linear.weight = (weight.astype(mx.float32) + delta).astype(weight.dtype)
         if has_bias:
             linear.bias = self.linear.bias

@@ -44,3 +44,24 @@ def test_attention_output_ignores_masked_keys_bitwise():
     a = fastmath.scaled_dot_product_attention(q, k, v, 0.5, "causal")
     b = fastmath.scaled_dot_product_attention(q, k2, v, 0.5, "causal")
     assert mx.array_equal(a[:, :, :4], b[:, :, :4]).item()
+
+
+def test_linear_matches_autodiff_with_contiguous_weight_gradient():
+    rng = np.random.default_rng(1)
+    x, w, b, c = (
+        mx.array(rng.normal(0, 1, s).astype(np.float32)) for s in [(2, 5, 3), (4, 3), (4,), (2, 5, 4)]
+    )
+    for bias in (b, None):
+        args = (x, w) if bias is None else (x, w, bias)
+
+        def ref(*a):
+            return (mx.addmm(a[2], a[0], a[1].T) if len(a) == 3 else a[0] @ a[1].T) * c
+
+        def fast(*a):
+            return fastmath.linear(*a) * c
+
+        want = mx.grad(lambda *a: ref(*a).sum(), argnums=tuple(range(len(args))))(*args)
+        got = mx.grad(lambda *a: fast(*a).sum(), argnums=tuple(range(len(args))))(*args)
+        np.testing.assert_allclose(np.array(fastmath.linear(*args)), np.array(ref(*args) / c), rtol=1e-6)
+        for g, r in zip(got, want):
+            np.testing.assert_allclose(np.array(g), np.array(r), rtol=1e-5, atol=1e-6)
