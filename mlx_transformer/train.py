@@ -50,7 +50,7 @@ from .train_io import (
     write_checkpoint,
 )
 from .train_model import build_model
-from .train_step import Stepper, default_streams, make_optimizer
+from .train_step import Stepper, buffer_cache, default_streams, make_optimizer
 
 EXIT_CODES = {"completed": 0, "SIGINT": 130, "SIGTERM": 143}
 
@@ -382,7 +382,7 @@ def train(args: TrainingArgs, on_step=None) -> TrainResult:
     """
     trainer = Trainer(args)
     # Training's GEMMs gain from every core (decoding's do not), shared by the step's streams.
-    with gemm_bound(callers=trainer.streams):
+    with gemm_bound(callers=trainer.streams), buffer_cache():
         return trainer.fit(on_step)
 
 

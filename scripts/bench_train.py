@@ -42,7 +42,7 @@ def mlx_runner(c: dict, seed: int = 0, streams: int | None = None):
     from mlx_transformer.config import ModelConfig
     from mlx_transformer.model import Transformer
     from mlx_transformer.train_args import TrainingArgs
-    from mlx_transformer.train_step import Stepper, default_streams, make_optimizer
+    from mlx_transformer.train_step import Stepper, buffer_cache, default_streams, make_optimizer
 
     config = ModelConfig(
         vocab_size=c["vocab"],
@@ -64,7 +64,7 @@ def mlx_runner(c: dict, seed: int = 0, streams: int | None = None):
     batches = [(mx.array(d[:, :-1]), mx.array(d[:, 1:]), None, None) for d in data]
 
     def run(steps: int, offset: int = 0) -> float:
-        with gemm_bound(callers=streams):  # as `mlx-transformer train` does
+        with gemm_bound(callers=streams), buffer_cache():  # as `mlx-transformer train` does
             for i in range(steps):
                 loss, _ = stepper.step(batches[(offset + i) % len(batches)])
                 mx.eval(stepper.state, loss)

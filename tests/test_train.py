@@ -466,3 +466,15 @@ def test_fast_attention_matches_mlx(heads, kv_heads, mask):
     ):
         for g, r in zip(*((got, want) if isinstance(got, tuple) else ([got], [want]))):
             np.testing.assert_allclose(np.array(g), np.array(r), atol=2e-5)
+
+
+def test_buffer_cache_raises_the_cpu_limit_then_restores_it():
+    from mlx_transformer.train_step import buffer_cache
+
+    before = mx.set_cache_limit(32 << 20)
+    try:
+        with buffer_cache(256 << 20):
+            assert mx.set_cache_limit(256 << 20) == 256 << 20  # (returns the limit in force)
+        assert mx.set_cache_limit(32 << 20) == 32 << 20
+    finally:
+        mx.set_cache_limit(before)
