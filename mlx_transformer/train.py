@@ -159,6 +159,7 @@ class Trainer:
         if state:
             self.batches.load_state_dict(state["data"])
         self.step = state.get("step", 0)
+        self._dispatched, self._inflight, self.last_lr = self.step, None, math.nan
         self.tokens_seen = state.get("tokens_seen", 0)
         best = state.get("best_val_loss")
         self.best_val = math.inf if best is None else best
@@ -183,19 +184,37 @@ class Trainer:
 
     # -- one step ---------------------------------------------------------------------------
 
-    def train_step(self) -> tuple[float, float]:
-        """One optimizer step over grad_accumulation micro-batches: (loss, grad norm)."""
-        mx.random.seed(step_seed(self.args.seed, self.rank, self.step))
+    def _dispatch(self) -> tuple[mx.array, mx.array, mx.array]:
+        """Build the next step's graph and start computing it: (loss, norm, lr), all lazy."""
+        mx.random.seed(step_seed(self.args.seed, self.rank, self._dispatched))
         acc = None
         for _ in range(self.args.grad_accumulation - 1):
             acc = self.stepper.accumulate(to_mx(next(self.batches)), acc)
             mx.eval(acc)  # bounds memory to one micro-batch's activations
         loss, norm = self.stepper.step(to_mx(next(self.batches)), acc)
-        mx.eval(self.stepper.state, loss, norm)
+        lr = self.optimizer.learning_rate  # this step's rate; the next step replaces the entry
+        mx.async_eval(self.stepper.state, loss, norm)
+        self._dispatched += 1
+        return loss, norm, lr
+
+    def train_step(self, prefetch: bool = False) -> tuple[float, float]:
+        """One optimizer step over grad_accumulation micro-batches: (loss, grad norm).
+
+        prefetch: before waiting for this step, build and start the next one, so that its graph
+        is built while this one computes (~6% of a small model's step). The caller must not read
+        the model or optimizer before the next call (no evaluation, saving or hooks in between).
+        """
+        current = self._inflight or self._dispatch()
+        self._inflight = None
+        if prefetch and self._dispatched < self.args.max_steps:
+            self._inflight = self._dispatch()
+        loss, norm, lr = current
+        mx.eval(loss, norm)
         self.step += 1
         self.tokens_seen += (
             self.args.batch_size * self.context * self.world * (self.args.grad_accumulation)
         )
+        self.last_lr = lr.item()
         loss_value, norm_value = loss.item(), norm.item()
         if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
             last = self.run.latest.resolve() if self.run.latest.exists() else None
@@ -205,6 +224,15 @@ class Trainer:
                 "--learning-rate, raise --warmup-steps or use float32)"
             )
         return loss_value, norm_value
+
+    def _reads_state_after(self, step: int) -> bool:
+        """Whether the loop evaluates or saves after `step`: the next step must wait until then."""
+        a = self.args
+        return (
+            step >= a.max_steps
+            or bool(a.eval_every and step % a.eval_every == 0)
+            or bool(a.save_every and step % a.save_every == 0)
+        )
 
     # -- saving -----------------------------------------------------------------------------
 
@@ -254,9 +282,13 @@ class Trainer:
         self.last_val, loss, window = None, None, _Window()
         try:
             with StopRequest() as stop, bar:
+                # Hooks and gradient accumulation (which evaluates between micro-batches) run
+                # one step at a time; otherwise the next step is built while this one computes.
+                pipelined = on_step is None and self.args.grad_accumulation == 1
                 while self.step < self.args.max_steps:
                     tic = time.perf_counter()
-                    loss, norm = self.train_step()
+                    prefetch = pipelined and not self._reads_state_after(self.step + 1)
+                    loss, norm = self.train_step(prefetch)
                     window.add(loss, norm, time.perf_counter() - tic)
                     if on_step is not None:
                         on_step(self, loss)
@@ -265,12 +297,18 @@ class Trainer:
         finally:
             self.plotter.close()
         checkpoint = self.run.latest.resolve() if self.rank == 0 else None
+        loss = window.last_loss if loss is not None else None  # a stop may finish one more step
         return TrainResult(self.step, stop.signal or "completed", loss, self.last_val, checkpoint)
 
     def _after_step(self, stop: StopRequest, bar, window: _Window) -> bool:
         """Log, evaluate, save as the schedule says; True when a signal asks to stop."""
         args = self.args
         stopping = self.should_stop(stop)
+        if stopping and self._inflight is not None:  # save a whole step: finish the one started
+            self._log(bar, window)
+            tic = time.perf_counter()
+            loss, norm = self.train_step()
+            window.add(loss, norm, time.perf_counter() - tic)
         final = self.step == args.max_steps
         self._log(bar, window)
         as_best = False
@@ -288,7 +326,7 @@ class Trainer:
         return stopping
 
     def _log(self, bar, window: _Window) -> None:
-        lr = self.optimizer.learning_rate.item()  # the rate of the step just taken
+        lr = self.last_lr  # the rate of the step just taken
         tok_s = window.tokens_per_sec(self.tokens_per_step)
         peak = mx.get_peak_memory() / 1e9
         bar.set_postfix_str(

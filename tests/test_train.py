@@ -304,6 +304,28 @@ def test_run_folder_layout_and_refusal_to_overwrite(data_dir, tmp_path):
 # -- never lose work --------------------------------------------------------------------------
 
 
+def test_pipelined_loop_equals_one_step_at_a_time(data_dir, tmp_path):
+    """The loop builds the next step while one computes (not across saves, evaluations or
+    hooks); with dropout (per-step seeds) the weights and losses are bit-identical to running
+    one step at a time (what a hook forces)."""
+    kw = dict(model=dict(TINY, residual_dropout=0.1), max_steps=9, save_every=4, eval_every=3)
+    seen = []
+    piped = train(targs(data_dir, tmp_path / "a", **kw))
+    single = train(targs(data_dir, tmp_path / "b", **kw), on_step=lambda t, loss: seen.append(loss))
+    assert piped.step == single.step == 9 and piped.train_loss == single.train_loss == seen[-1]
+    a, b = weights(tmp_path / "a" / "latest"), weights(tmp_path / "b" / "latest")
+    assert all(np.array_equal(a[name], b[name]) for name in a)
+    keep = ("step", "loss", "lr", "grad_norm", "tokens_seen", "val_loss")  # not timings
+    logs = [
+        [
+            {k: v for k, v in json.loads(line).items() if k in keep}
+            for line in (p / "metrics.jsonl").read_text().splitlines()
+        ]
+        for p in (tmp_path / "a", tmp_path / "b")
+    ]
+    assert logs[0] == logs[1] and any("lr" in r for r in logs[0])
+
+
 def test_resume_is_exact(data_dir, tmp_path):
     dropout = dict(TINY, residual_dropout=0.1, embedding_dropout=0.1)
     kw = dict(model=dropout, max_steps=8, save_every=4, decay_steps=8)  # same schedule
