@@ -73,26 +73,35 @@ def exp(x: mx.array) -> mx.array:
     return (p * two_n).astype(dtype)
 
 
+_TANH_CLIP = 7.90531110763549805  # Eigen's: beyond it the rational function rounds to +-1
+
+
+def _tanh_inner(z2: mx.array) -> mx.array:
+    """The first Horner steps of tanh's numerator in z2 = z*z (split off: see gelu_tanh)."""
+    u = z2 * -2.76076847742355e-16 + 2.00018790482477e-13
+    u = z2 * u + -8.60467152213735e-11
+    return z2 * u + 5.12229709037114e-08
+
+
+def _tanh_outer(z: mx.array, z2: mx.array, u: mx.array) -> mx.array:
+    """tanh(z) = z p(z2) / q(z2) from the numerator's inner steps u."""
+    p = z2 * u + 1.48572235717979e-05
+    p = z2 * p + 6.37261928875436e-04
+    p = z2 * p + 4.89352455891786e-03
+    q = z2 * 1.19825839466702e-06 + 1.18534705686654e-04
+    q = z2 * q + 2.26843463243900e-03
+    q = z2 * q + 4.89352518554385e-03
+    return z * p / q
+
+
 def tanh(x: mx.array) -> mx.array:
     """tanh as a 13/6-degree rational function (Eigen's fast tanh), exact to float32 rounding."""
-    x = mx.clip(x, -7.90531110763549805, 7.90531110763549805)
-    x2 = x * x
-    p = x2 * -2.76076847742355e-16 + 2.00018790482477e-13
-    p = x2 * p + -8.60467152213735e-11
-    p = x2 * p + 5.12229709037114e-08
-    p = x2 * p + 1.48572235717979e-05
-    p = x2 * p + 6.37261928875436e-04
-    p = x2 * p + 4.89352455891786e-03
-    q = x2 * 1.19825839466702e-06 + 1.18534705686654e-04
-    q = x2 * q + 2.26843463243900e-03
-    q = x2 * q + 4.89352518554385e-03
-    return x * p / q
+    z = mx.clip(x, -_TANH_CLIP, _TANH_CLIP)
+    z2 = z * z
+    return _tanh_outer(z, z2, _tanh_inner(z2))
 
 
 _GELU_C = math.sqrt(2.0 / math.pi)
-
-
-_TANH_CLIP = 7.90531110763549805  # Eigen's: beyond it the rational function rounds to +-1
 
 
 @mx.custom_function
@@ -106,16 +115,8 @@ def _gelu_tanh_parts(x: mx.array) -> tuple[mx.array, ...]:
     """
     z = mx.clip(_GELU_C * x * (1.0 + 0.044715 * (x * x)), -_TANH_CLIP, _TANH_CLIP)
     z2 = z * z
-    u = z2 * -2.76076847742355e-16 + 2.00018790482477e-13
-    u = z2 * u + -8.60467152213735e-11
-    u = z2 * u + 5.12229709037114e-08
-    p = z2 * u + 1.48572235717979e-05
-    p = z2 * p + 6.37261928875436e-04
-    p = z2 * p + 4.89352455891786e-03
-    q = z2 * 1.19825839466702e-06 + 1.18534705686654e-04
-    q = z2 * q + 2.26843463243900e-03
-    q = z2 * q + 4.89352518554385e-03
-    t = z * p / q
+    u = _tanh_inner(z2)
+    t = _tanh_outer(z, z2, u)
     return 0.5 * x * (1.0 + t), t, z, u
 
 
@@ -228,7 +229,9 @@ def scaled_dot_product_attention(
         q, k, v = q.reshape(B, K, G, L, hd), k[:, :, None], v[:, :, None]
         if isinstance(mask, mx.array) and mask.ndim == 4:  # (B, H|1, L, S) -> (B, K|1, G|1, L, S)
             grouped = mask.shape[1] > 1
-            mask = mask.reshape(mask.shape[0], K, G, *mask.shape[2:]) if grouped else mask[:, :, None]
+            mask = (
+                mask.reshape(mask.shape[0], K, G, *mask.shape[2:]) if grouped else mask[:, :, None]
+            )
     m = mask if isinstance(mask, mx.array) else mx.array(True)
     p = _SOFTMAX[key](q @ k.swapaxes(-1, -2), m).astype(q.dtype)
     return (p @ v).reshape(B, H, L, -1)

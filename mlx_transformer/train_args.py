@@ -101,7 +101,8 @@ class TrainingArgs:
         for name in positive:
             if getattr(self, name) < 1:
                 raise UserError(f"--{_flag(name)} must be at least 1, got {getattr(self, name)}")
-        nonneg = ("warmup_steps", "eval_every", "eval_batches", "log_every", "save_every", "streams")
+        nonneg = ("warmup_steps", "eval_every", "eval_batches", "log_every", "save_every")
+        nonneg += ("streams",)
         for name in nonneg + ("weight_decay", "grad_clip", "min_learning_rate"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{_flag(name)} must be >= 0, got {getattr(self, name)}")

@@ -1,11 +1,12 @@
 """The optimizer step: loss → gradients (accumulated, averaged across processes) → clip → AdamW.
 
-The step is compiled with its whole state passed explicitly (model, optimizer, RNG), so one call
-is one fused graph and `mx.eval` runs once per step. On the CPU backend each micro-batch is split
-across several MLX streams (one worker thread each): MLX runs a stream's elementwise ops on one
-core, so without this a 2-core machine leaves one core idle outside the matmuls. Losses are summed over tokens and divided by
-the token count of the whole step (all micro-batches, all processes): k micro-batches of n equals
-one batch of k*n, and 2 processes of n equal 1 process of 2n, up to float rounding.
+The step's functions are compiled with their state passed explicitly (model, optimizer, RNG)
+and `mx.eval` runs once per step (see `Stepper`). On the CPU backend each micro-batch is split
+across MLX streams, one worker thread each: MLX runs a stream's ops on one core, so one stream
+leaves a 2-core machine's second core idle outside the matmuls. Losses are summed over tokens
+and divided by the token count of the whole step (all shards, micro-batches and processes): k
+micro-batches of n equal one batch of k*n, and 2 processes of n equal 1 process of 2n, up to
+float rounding.
 
 Precision ("float32" | "bfloat16" | "bfloat16-pure"):
   bfloat16       float32 master weights and optimizer state; the trainable weights are cast to
@@ -203,8 +204,7 @@ def shards(batch: Batch, n: int) -> list[Batch]:
     n = max(1, min(n, rows))
     bounds = [rows * i // n for i in range(n + 1)]
     return [
-        tuple(None if a is None else a[lo:hi] for a in batch)
-        for lo, hi in zip(bounds, bounds[1:])
+        tuple(None if a is None else a[lo:hi] for a in batch) for lo, hi in zip(bounds, bounds[1:])
     ]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 import numpy as np
+import pytest
 
 from mlx_transformer import fastmath
 
@@ -30,7 +31,9 @@ def test_tanh_and_gelu_match_float64():
     composed = 0.5 * x * (1.0 + fastmath.tanh(c * x * (1.0 + 0.044715 * (x * x))))
     assert mx.array_equal(fastmath.gelu_tanh(x), composed).item()
     huge = mx.array([1e20, -1e20, float("inf")])
-    assert np.array(fastmath.gelu_tanh(huge)).tolist() == np.array(huge * mx.array([1, 0, 1])).tolist()
+    assert (
+        np.array(fastmath.gelu_tanh(huge)).tolist() == np.array(huge * mx.array([1, 0, 1])).tolist()
+    )
     grad = mx.grad(lambda v: fastmath.gelu_tanh(v).sum())(x)
     numeric = np.gradient(gelu, x64)
     np.testing.assert_allclose(np.array(grad)[1:-1], numeric[1:-1], atol=1e-4)
@@ -49,7 +52,8 @@ def test_attention_output_ignores_masked_keys_bitwise():
 def test_linear_matches_autodiff_with_contiguous_weight_gradient():
     rng = np.random.default_rng(1)
     x, w, b, c = (
-        mx.array(rng.normal(0, 1, s).astype(np.float32)) for s in [(2, 5, 3), (4, 3), (4,), (2, 5, 4)]
+        mx.array(rng.normal(0, 1, s).astype(np.float32))
+        for s in [(2, 5, 3), (4, 3), (4,), (2, 5, 4)]
     )
     for bias in (b, None):
         args = (x, w) if bias is None else (x, w, bias)
@@ -62,6 +66,58 @@ def test_linear_matches_autodiff_with_contiguous_weight_gradient():
 
         want = mx.grad(lambda *a: ref(*a).sum(), argnums=tuple(range(len(args))))(*args)
         got = mx.grad(lambda *a: fast(*a).sum(), argnums=tuple(range(len(args))))(*args)
-        np.testing.assert_allclose(np.array(fastmath.linear(*args)), np.array(ref(*args) / c), rtol=1e-6)
+        np.testing.assert_allclose(
+            np.array(fastmath.linear(*args)), np.array(ref(*args) / c), rtol=1e-6
+        )
         for g, r in zip(got, want):
             np.testing.assert_allclose(np.array(g), np.array(r), rtol=1e-5, atol=1e-6)
+
+
+def test_fast_math_matches_mlx():
+    from mlx_transformer.model import gelu_tanh
+
+    x = mx.array(np.linspace(-30, 30, 20001, dtype=np.float32))
+    np.testing.assert_allclose(np.array(fastmath.exp(x)), np.array(mx.exp(x)), rtol=2e-7)
+    np.testing.assert_allclose(np.array(fastmath.tanh(x)), np.array(mx.tanh(x)), atol=3e-7)
+    np.testing.assert_allclose(np.array(fastmath.gelu_tanh(x)), np.array(gelu_tanh(x)), atol=2e-6)
+    for fast, ref in ((fastmath.gelu_tanh, gelu_tanh), (fastmath.exp, mx.exp)):
+        y = x / 10  # keep exp's gradient in a comparable range
+        got = mx.grad(lambda v, f=fast: f(v).sum())(y)
+        want = mx.grad(lambda v, f=ref: f(v).sum())(y)
+        np.testing.assert_allclose(np.array(got), np.array(want), rtol=2e-5, atol=2e-6)
+    logits = mx.array(np.random.default_rng(0).normal(0, 5, (3, 7, 50)).astype(np.float32))
+    np.testing.assert_allclose(
+        np.array(fastmath.logsumexp(logits)), np.array(mx.logsumexp(logits, axis=-1)), rtol=1e-6
+    )
+
+
+@pytest.mark.parametrize(
+    "heads, kv_heads, mask", [(4, 4, "causal"), (4, 2, "padded"), (2, 1, None)]
+)
+def test_fast_attention_matches_mlx(heads, kv_heads, mask):
+    from mlx_transformer.model import attention_mask_4d
+
+    rng = np.random.default_rng(0)
+    B, L, hd = 2, 7, 8
+
+    def arr(*shape):
+        return mx.array(rng.normal(0, 1, shape).astype(np.float32))
+
+    q, k, v, w = (
+        arr(B, heads, L, hd),
+        arr(B, kv_heads, L, hd),
+        arr(B, kv_heads, L, hd),
+        arr(B, heads, L, hd),
+    )
+    if mask == "padded":
+        mask = attention_mask_4d(mx.array([[0, 0, 1, 1, 1, 1, 1], [1] * 7]), L, L)
+
+    def loss(f):
+        return lambda q, k, v: (f(q, k, v, scale=hd**-0.5, mask=mask) * w).sum()
+
+    for got, want in zip(
+        mx.value_and_grad(loss(fastmath.scaled_dot_product_attention), argnums=(0, 1, 2))(q, k, v),
+        mx.value_and_grad(loss(mx.fast.scaled_dot_product_attention), argnums=(0, 1, 2))(q, k, v),
+    ):
+        for g, r in zip(*((got, want) if isinstance(got, tuple) else ([got], [want]))):
+            np.testing.assert_allclose(np.array(g), np.array(r), atol=2e-5)

@@ -115,7 +115,9 @@ def test_training_mode_matches_reference_and_eval_gradients(model):
     mask[0, :5] = 0  # left padding
     mask[1, 12:] = 0  # right padding
     expected, _ = reference.forward(model.config, params_np(model), ids, mask)
-    weights = mx.array(rng.normal(0, 1, expected.shape).astype(np.float32)) * mx.array(mask)[..., None]
+    weights = (
+        mx.array(rng.normal(0, 1, expected.shape).astype(np.float32)) * mx.array(mask)[..., None]
+    )
 
     def loss(m):
         return (m(mx.array(ids), attention_mask=mx.array(mask)) * weights).sum()
@@ -131,7 +133,9 @@ def test_training_mode_matches_reference_and_eval_gradients(model):
     np.testing.assert_allclose(got[real], expected[real], atol=2e-4, rtol=1e-4)
     scale = max(np.abs(np.array(g)).max() for _, g in tree_flatten(eval_grads))
     for (name, a), (_, b) in zip(tree_flatten(train_grads), tree_flatten(eval_grads)):
-        np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-4, atol=1e-5 * scale, err_msg=name)
+        np.testing.assert_allclose(
+            np.array(a), np.array(b), rtol=1e-4, atol=1e-5 * scale, err_msg=name
+        )
 
 
 def test_causality(model):
