@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from mlx_transformer.checkpoint_format import (
+from mlx_transformer.checkpoint.format import (
     CONFIG_FILE,
     TOKENIZER_FILE,
     write_folder_atomically,

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from mlx_transformer.errors import UserError
-from mlx_transformer.generation_rules import OVERFLOW_POLICIES, overflow_message, slide_keep
+from mlx_transformer.generate.rules import OVERFLOW_POLICIES, overflow_message, slide_keep
 
 from .providers import DEVICE_TYPES, create_session, full_name
 from .sampling import apply_repetition_penalty, make_sampler

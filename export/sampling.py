@@ -1,5 +1,5 @@
 """Samplers for the ONNX runtime, in numpy: the same small pure functions as
-`mlx_transformer/sample.py` (which is MLX), with the same order and conventions.
+`mlx_transformer/generate/sample.py` (which is MLX), with the same order and conventions.
 
 Logits processors map (history (B, T), logits (B, V)) to logits; history is padded with -1.
 Filters set excluded tokens to -inf. A sampler maps logits (B, V) to ids (B,): HF's order,
@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from mlx_transformer.generation_rules import validate_sampling
+from mlx_transformer.generate.rules import validate_sampling
 
 Sampler = Callable[[np.ndarray], np.ndarray]
 NEG_INF = -np.inf

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mlx_transformer.checkpoint_format import WEIGHTS_FILE, CheckpointError, validate_checkpoint
+from mlx_transformer.checkpoint.format import WEIGHTS_FILE, CheckpointError, validate_checkpoint
 from mlx_transformer.config import ModelConfig
 
 _NUMPY_DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}

@@ -15,20 +15,29 @@ from .errors import UserError
 
 # name -> (module, one-line help). Modules are imported only when their subcommand runs.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "prepare": ("mlx_transformer.prepare", "train a tokenizer and encode text into token shards"),
-    "generate": ("mlx_transformer.generate", "generate text from a checkpoint, streaming it"),
-    "train": ("mlx_transformer.train", "train or fine-tune (full or LoRA) on a prepared dataset"),
-    "fuse": ("mlx_transformer.lora", "fuse LoRA adapters into a plain checkpoint"),
+    "prepare": (
+        "mlx_transformer.data.prepare",
+        "train a tokenizer and encode text into token shards",
+    ),
+    "generate": ("mlx_transformer.generate.api", "generate text from a checkpoint, streaming it"),
+    "train": (
+        "mlx_transformer.train.trainer",
+        "train or fine-tune (full or LoRA) on a prepared dataset",
+    ),
+    "fuse": ("mlx_transformer.train.lora", "fuse LoRA adapters into a plain checkpoint"),
     "demo": ("mlx_transformer.demo", "the whole journey on the embedded default corpus"),
     "convert": (
-        "mlx_transformer.hf",
+        "mlx_transformer.checkpoint.hf",
         "import a Hugging Face GPT-2/Llama checkpoint, or export one",
     ),
     "inspect": (
-        "mlx_transformer.inspect_cmd",
+        "mlx_transformer.interpret.report",
         "attention maps, logit lens, ablations, head scores",
     ),
-    "info": ("mlx_transformer.info", "describe a checkpoint (config, size), checking it"),
+    "info": (
+        "mlx_transformer.checkpoint.info",
+        "describe a checkpoint (config, size), checking it",
+    ),
     "export": ("export.exporter", "export a checkpoint to ONNX (portable or onnxruntime ops)"),
     "onnx-generate": ("export.runtime", "generate text from an exported ONNX folder (no MLX)"),
     "verify": ("mlx_transformer.verify", "check an ONNX export against MLX on every provider"),
@@ -51,7 +60,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .blas import ensure_fast_blas
+    from .cpu.blas import ensure_fast_blas
 
     ensure_fast_blas()  # Linux CPU: may re-exec once with an optimized OpenBLAS preloaded
     argv = sys.argv[1:] if argv is None else argv

@@ -85,14 +85,14 @@ def run_demo(out: str | Path, quick: bool = False, steps: int | None = None) -> 
     """Run every stage into `out`; returns the figures written to report.json / report.md."""
     from export import export_onnx
 
-    from .checkpoint import load_checkpoint
-    from .generate import generate
-    from .inspect_cmd import inspect_model
-    from .prepare import prepare
-    from .sample import make_sampler
+    from .checkpoint.mlx_io import load_checkpoint
+    from .data.prepare import prepare
+    from .generate.api import generate
+    from .generate.sample import make_sampler
+    from .interpret.report import inspect_model
     from .tokenizer import Tokenizer
-    from .train import evaluate_checkpoint, train
-    from .train_args import TrainingArgs
+    from .train.args import TrainingArgs
+    from .train.trainer import evaluate_checkpoint, train
     from .verify import verify
 
     out, figures, total = Path(out), {}, 8

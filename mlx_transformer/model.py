@@ -16,8 +16,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from . import fastmath
 from .config import ModelConfig
+from .cpu import fastmath
 
 # -- positions -----------------------------------------------------------------------------------
 

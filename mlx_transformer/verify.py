@@ -30,7 +30,7 @@ from export.builder import io_table
 from export.runtime import MODEL_FILE, OnnxGenerator, OnnxModel, positions_from_mask, read_io
 from export.weights import read_checkpoint
 
-from .checkpoint import load_checkpoint
+from .checkpoint.mlx_io import load_checkpoint
 from .model import make_cache
 
 # precision -> (atol, rtol, greedy must be exact). int8/int4 have no logit budget here: their

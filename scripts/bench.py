@@ -66,7 +66,7 @@ def script_json(script: str, argv: list[str], timeout: float = 3600) -> dict:
 
 def train_memory_worker(impl: str, config: str) -> None:
     if impl == "mlx":
-        from mlx_transformer.blas import ensure_fast_blas
+        from mlx_transformer.cpu.blas import ensure_fast_blas
 
         ensure_fast_blas()
     from bench_train import CONFIGS, mlx_runner, torch_runner
@@ -89,7 +89,7 @@ def train_memory_worker(impl: str, config: str) -> None:
 
 def generate_memory_worker(peer: str, hf_dir: str, prompt_tokens: int, new_tokens: int) -> None:
     """Batch-8 greedy generation from the HF folder, by our generator or by mlx-lm."""
-    from mlx_transformer.blas import ensure_fast_blas
+    from mlx_transformer.cpu.blas import ensure_fast_blas
 
     ensure_fast_blas()
     import mlx.core as mx
@@ -97,8 +97,8 @@ def generate_memory_worker(peer: str, hf_dir: str, prompt_tokens: int, new_token
 
     prompts = np.random.default_rng(1).integers(4, 8000, (8, prompt_tokens)).tolist()
     if peer == "ours":
-        from mlx_transformer.generate import batch_generate_step
-        from mlx_transformer.hf import import_hf
+        from mlx_transformer.checkpoint.hf import import_hf
+        from mlx_transformer.generate.api import batch_generate_step
 
         model = import_hf(hf_dir)
         for _ in batch_generate_step(prompts, model, max_tokens=new_tokens):
@@ -161,8 +161,8 @@ def write_generate_model(size: str, out: Path) -> Path:
     import mlx.core as mx
     from bench_generate import LLAMA, SIZES
 
+    from mlx_transformer.checkpoint.hf import save_hf
     from mlx_transformer.config import ModelConfig
-    from mlx_transformer.hf import save_hf
     from mlx_transformer.model import Transformer
 
     mx.random.seed(0)

@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from mlx_transformer import blas
+from mlx_transformer.cpu import blas
 
 MATMUL_SIZES = (256, 512, 1024)
 LAYERS, WIDTH, VOCAB, HEADS = 4, 128, 512, 4

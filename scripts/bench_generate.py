@@ -1,8 +1,9 @@
 """Generation speed of this project against mlx-lm on the same Llama-style weights, in one run.
 
 For each model size, random weights in our Transformer are written in the Hugging Face Llama
-layout (`mlx_transformer.hf.save_hf`) and loaded by mlx-lm (`mlx_lm.utils.load_model`); the
-logits of both are compared first. Then, interleaving the two peers trial by trial:
+layout (`mlx_transformer.checkpoint.hf.save_hf`) and loaded by mlx-lm
+(`mlx_lm.utils.load_model`); the logits of both are compared first. Then, interleaving the two
+peers trial by trial:
 
   batch 1   our `generate_step` vs mlx-lm's `generate_step` (greedy): prompt tok/s = prompt
             tokens / time to the first token; generation tok/s = (new tokens - 1) / time from the
@@ -25,7 +26,7 @@ import sys
 import tempfile
 import time
 
-from mlx_transformer import blas
+from mlx_transformer.cpu import blas
 
 SIZES = {
     "small": dict(
@@ -75,8 +76,8 @@ def build_peers(size: str, tmp: str):
     import mlx.core as mx
     from mlx_lm.utils import load_model
 
+    from mlx_transformer.checkpoint.hf import save_hf
     from mlx_transformer.config import ModelConfig
-    from mlx_transformer.hf import save_hf
     from mlx_transformer.model import Transformer
 
     mx.random.seed(0)
@@ -108,7 +109,7 @@ def batch1(ours, theirs, prompt, new_tokens):
     import mlx.core as mx
     from mlx_lm.generate import generate_step as lm_step
 
-    from mlx_transformer.generate import generate_step
+    from mlx_transformer.generate.api import generate_step
 
     a = time_stream(generate_step(prompt, ours, max_tokens=new_tokens))
     b = time_stream(t for t, _ in lm_step(mx.array(prompt), theirs, max_tokens=new_tokens))
@@ -122,7 +123,7 @@ def batch1(ours, theirs, prompt, new_tokens):
 def batch8(ours, theirs, prompts, new_tokens):
     from mlx_lm.generate import batch_generate as lm_batch
 
-    from mlx_transformer.generate import batch_generate
+    from mlx_transformer.generate.api import batch_generate
 
     tok, rates = TokenShim(), {}
     t0 = time.perf_counter()

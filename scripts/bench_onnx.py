@@ -96,9 +96,9 @@ def prepare(family: str, size: str, workdir: Path, seed: int = 0) -> dict:
 
     from export.exporter import export_onnx
     from export.runtime import OnnxModel
-    from mlx_transformer.checkpoint import save_checkpoint
+    from mlx_transformer.checkpoint.hf import save_hf
+    from mlx_transformer.checkpoint.mlx_io import save_checkpoint
     from mlx_transformer.config import ModelConfig
-    from mlx_transformer.hf import save_hf
     from mlx_transformer.model import Transformer
 
     hf_logging.set_verbosity_error()  # GPT-2's default bos/eos ids lie outside a small vocab

@@ -28,8 +28,8 @@ def onnx_generator(onnx_dir: str):
 
 
 def mlx_generator(ckpt: str):
-    from mlx_transformer.checkpoint import load_checkpoint
-    from mlx_transformer.generate import batch_generate_step
+    from mlx_transformer.checkpoint.mlx_io import load_checkpoint
+    from mlx_transformer.generate.api import batch_generate_step
 
     model = load_checkpoint(ckpt)
     model.eval()
@@ -112,7 +112,7 @@ def worker(args: argparse.Namespace) -> None:
     import numpy as np
 
     if args.worker == "mlx":
-        from mlx_transformer import blas
+        from mlx_transformer.cpu import blas
 
         blas.ensure_fast_blas()  # re-executes this worker with OpenBLAS preloaded, where found
     paths = json.loads(args.paths)
@@ -131,7 +131,7 @@ def worker(args: argparse.Namespace) -> None:
     if args.worker == "mlx":
         import mlx.core as mx
 
-        from mlx_transformer.blas import blas_info
+        from mlx_transformer.cpu.blas import blas_info
 
         result["mlx_peak_memory_mb"] = mx.get_peak_memory() / 2**20
         result["blas"] = blas_info()

@@ -25,14 +25,14 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from mlx_transformer.data import default_corpus_path
+from mlx_transformer.data.dataset import default_corpus_path
 
 # Runs prepare in a child process: getrusage(RUSAGE_SELF) there is prepare's own peak RSS. The
 # encoding workers' peaks are sampled from /proc: getrusage(RUSAGE_CHILDREN) would report the
 # parent's RSS for them (Linux keeps the high-water mark of the forked image across exec).
 CHILD = """
 import json, os, resource, sys, threading, time
-from mlx_transformer.prepare import prepare
+from mlx_transformer.data.prepare import prepare
 
 def rss_mb(pid):
     with open(f"/proc/{pid}/status") as f:

@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mlx_transformer.blas import ensure_fast_blas  # noqa: E402  (before mlx loads)
+from mlx_transformer.cpu.blas import ensure_fast_blas  # noqa: E402  (before mlx loads)
 
 CONTEXTS = (64, 128, 256, 512, 1024, 2048)
 WIDTHS = (128, 256, 384, 512)

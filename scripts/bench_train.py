@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mlx_transformer.blas import ensure_fast_blas  # noqa: E402  (must run before mlx loads)
+from mlx_transformer.cpu.blas import ensure_fast_blas  # noqa: E402  (must run before mlx loads)
 
 CONFIGS = {
     # nanoGPT's CPU Shakespeare-char config.
@@ -38,11 +38,11 @@ def mlx_runner(c: dict, seed: int = 0, streams: int | None = None):
     import mlx.core as mx
     import numpy as np
 
-    from mlx_transformer.blas import cores, gemm_bound
     from mlx_transformer.config import ModelConfig
+    from mlx_transformer.cpu.blas import cores, gemm_bound
     from mlx_transformer.model import Transformer
-    from mlx_transformer.train_args import TrainingArgs
-    from mlx_transformer.train_step import Stepper, buffer_cache, default_streams, make_optimizer
+    from mlx_transformer.train.args import TrainingArgs
+    from mlx_transformer.train.step import Stepper, buffer_cache, default_streams, make_optimizer
 
     config = ModelConfig(
         vocab_size=c["vocab"],
@@ -168,7 +168,7 @@ def main() -> None:
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
 
-    from mlx_transformer.blas import blas_summary
+    from mlx_transformer.cpu.blas import blas_summary
 
     impls = args.impls.split(",")
     results = {

@@ -9,7 +9,7 @@
 #   transformers are big: --no-test-deps installs only `-e .`). Pip runs again only when
 #   pyproject.toml, the options or the Python changed (a stamp in the environment), so a second
 #   run takes about a second.
-# - Linux: MLX's CPU wheel ships the slow reference BLAS; mlx_transformer.blas swaps in an
+# - Linux: MLX's CPU wheel ships the slow reference BLAS; mlx_transformer.cpu.blas swaps in an
 #   optimized OpenBLAS when one is installed. When none is, installs Debian/Ubuntu's
 #   libopenblas0-pthread with apt-get if we are root or have passwordless sudo, else prints the
 #   command to run. --no-blas skips this step. macOS needs nothing (Accelerate).
@@ -69,7 +69,7 @@ fi
 
 # 3. A fast BLAS for MLX's CPU backend (Linux only).
 has_fast_blas() {
-  "$py" -c 'import sys; from mlx_transformer.blas import find_optimized_blas as f; sys.exit(f() is None)'
+  "$py" -c 'import sys; from mlx_transformer.cpu.blas import find_optimized_blas as f; sys.exit(f() is None)'
 }
 if [[ "$(uname -s)" != "Linux" ]]; then
   say "not Linux: MLX uses Apple's Accelerate, no BLAS to install"
@@ -91,4 +91,4 @@ else
 fi
 
 say "done. BLAS for MLX's CPU matmuls:"
-"$py" -c 'from mlx_transformer.blas import ensure_fast_blas as e, blas_summary as s; e(); print("  " + s())'
+"$py" -c 'from mlx_transformer.cpu.blas import ensure_fast_blas as e, blas_summary as s; e(); print("  " + s())'

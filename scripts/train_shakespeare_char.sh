@@ -15,9 +15,9 @@ $PY -m mlx_transformer train --config scripts/shakespeare_char.json --data "$DAT
 # Whole-val loss of the final checkpoint (python -c: ensure_fast_blas re-executes the command).
 $PY -c '
 import json, math, sys
-from mlx_transformer.blas import ensure_fast_blas
+from mlx_transformer.cpu.blas import ensure_fast_blas
 ensure_fast_blas()
-from mlx_transformer.train import evaluate_checkpoint
+from mlx_transformer.train.trainer import evaluate_checkpoint
 run, data = sys.argv[1:3]
 val = evaluate_checkpoint(f"{run}/latest", data, batch_size=12, num_batches=0)
 val["val_nats_per_byte"] = val["val_bpb"] * math.log(2)

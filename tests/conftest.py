@@ -4,7 +4,7 @@ import os
 import sys
 from pathlib import Path
 
-from mlx_transformer.blas import blas_summary, ensure_fast_blas
+from mlx_transformer.cpu.blas import blas_summary, ensure_fast_blas
 
 ensure_fast_blas()  # before anything imports mlx: may re-run pytest with OpenBLAS preloaded
 
@@ -30,7 +30,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def tiny_corpus_text() -> str:
     """The first ~50 KB of the embedded Tiny Shakespeare (cut at a line end)."""
-    from mlx_transformer.data import default_corpus_path
+    from mlx_transformer.data.dataset import default_corpus_path
 
     text = default_corpus_path().read_text(encoding="utf-8")[:50_000]
     return text[: text.rfind("\n") + 1]

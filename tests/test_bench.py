@@ -153,8 +153,8 @@ def test_torch_export_matches_transformers(family, tmp_path):
     pytest.importorskip("transformers")
     import mlx.core as mx
 
+    from mlx_transformer.checkpoint.hf import save_hf
     from mlx_transformer.config import ModelConfig
-    from mlx_transformer.hf import save_hf
     from mlx_transformer.model import Transformer
 
     mx.random.seed(0)

@@ -1,4 +1,4 @@
-"""mlx_transformer.blas, blas_probe: finding an optimized BLAS, re-executing with it preloaded.
+"""mlx_transformer.cpu.blas, blas_probe: finding an optimized BLAS, re-executing with it preloaded.
 
 Pure helpers are tested with fake paths and environments; `ensure_fast_blas` with a fake execve;
 and, when OpenBLAS is installed here, one real re-executed subprocess and one pytest run.
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from mlx_transformer import blas, blas_probe
+from mlx_transformer.cpu import blas, blas_probe
 
 ROOT = Path(__file__).resolve().parents[1]
 AVX512 = {"avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd"}
@@ -226,7 +226,7 @@ def clean_env() -> dict[str, str]:
 
 CHILD = """
 import json, sys
-from mlx_transformer.blas import ensure_fast_blas, blas_info
+from mlx_transformer.cpu.blas import ensure_fast_blas, blas_info
 ensure_fast_blas()
 import mlx.core as mx
 import numpy as np
@@ -258,7 +258,7 @@ def test_reexec_from_a_conftest_keeps_pytest_output(tmp_path):
     """Pytest captures fds 1-2 while it imports conftest.py; the re-executed run must still
     print its report to the real terminal."""
     (tmp_path / "conftest.py").write_text(
-        "from mlx_transformer.blas import ensure_fast_blas\nensure_fast_blas()\n"
+        "from mlx_transformer.cpu.blas import ensure_fast_blas\nensure_fast_blas()\n"
     )
     (tmp_path / "test_x.py").write_text(
         "import os\ndef test_x():\n    assert 'openblas' in os.environ['LD_PRELOAD']\n"
@@ -279,7 +279,7 @@ def test_gemm_bound_uses_every_core_then_restores():
     """Training's threads: all cores inside the block, the decode default after it."""
     import ctypes
 
-    from mlx_transformer import blas as blas_mod
+    from mlx_transformer.cpu import blas as blas_mod
 
     try:
         lib = ctypes.CDLL(None)

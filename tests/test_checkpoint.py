@@ -12,8 +12,8 @@ import pytest
 from mlx.utils import tree_flatten
 from test_model import CONFIGS, random_model, tiny_config
 
-from mlx_transformer.checkpoint import load_checkpoint, save_checkpoint
-from mlx_transformer.checkpoint_format import CheckpointError
+from mlx_transformer.checkpoint.format import CheckpointError
+from mlx_transformer.checkpoint.mlx_io import load_checkpoint, save_checkpoint
 from mlx_transformer.cli import main as cli_main
 
 

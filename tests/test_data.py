@@ -5,17 +5,18 @@ import json
 import numpy as np
 import pytest
 
-from mlx_transformer import prepare as prepare_module
-from mlx_transformer import prepare_encode, prepare_sources
 from mlx_transformer.cli import main
-from mlx_transformer.data import (
+from mlx_transformer.data import encode as prepare_encode
+from mlx_transformer.data import prepare as prepare_module
+from mlx_transformer.data import sources as prepare_sources
+from mlx_transformer.data.dataset import (
     FinetuneBatches,
     PretrainBatches,
     load_dataset,
     val_windows,
 )
+from mlx_transformer.data.prepare import prepare
 from mlx_transformer.errors import UserError
-from mlx_transformer.prepare import prepare
 from mlx_transformer.tokenizer import Tokenizer
 
 

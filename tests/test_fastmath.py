@@ -6,7 +6,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_transformer import fastmath
+from mlx_transformer.cpu import fastmath
 
 
 def test_exp_matches_float64():

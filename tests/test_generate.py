@@ -9,17 +9,10 @@ import numpy as np
 import pytest
 from test_model import CONFIGS, random_model, tiny_config
 
-from mlx_transformer import decode
-from mlx_transformer.checkpoint import save_checkpoint
+from mlx_transformer.checkpoint.mlx_io import save_checkpoint
 from mlx_transformer.cli import main
-from mlx_transformer.decode import (
-    DynamicCacheDecoder,
-    StaticCacheDecoder,
-    compiled_step,
-    left_pad,
-    prefill,
-)
-from mlx_transformer.generate import (
+from mlx_transformer.generate import decode
+from mlx_transformer.generate.api import (
     ContextOverflowError,
     StopStrings,
     batch_generate,
@@ -29,7 +22,14 @@ from mlx_transformer.generate import (
     partial_stop_length,
     stream_generate,
 )
-from mlx_transformer.sample import make_logits_processors, make_sampler
+from mlx_transformer.generate.decode import (
+    DynamicCacheDecoder,
+    StaticCacheDecoder,
+    compiled_step,
+    left_pad,
+    prefill,
+)
+from mlx_transformer.generate.sample import make_logits_processors, make_sampler
 from mlx_transformer.tokenizer import Tokenizer
 
 LLAMA = CONFIGS["llama-gqa"]

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from test_model import CONFIGS, random_model, tiny_config
 
-from mlx_transformer.checkpoint import load_checkpoint
+from mlx_transformer.checkpoint.hf import import_hf, save_hf
+from mlx_transformer.checkpoint.mlx_io import load_checkpoint
 from mlx_transformer.cli import main as cli_main
 from mlx_transformer.errors import UserError
-from mlx_transformer.hf import import_hf, save_hf
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

@@ -11,10 +11,10 @@ import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 from test_model import CONFIGS, random_model, tiny_config
 
-from mlx_transformer import interpret
-from mlx_transformer.checkpoint import save_checkpoint
+from mlx_transformer.checkpoint.mlx_io import save_checkpoint
 from mlx_transformer.cli import main as cli_main
 from mlx_transformer.config import ModelConfig
+from mlx_transformer.interpret import analysis as interpret
 from mlx_transformer.model import Transformer
 
 IDS = mx.array([[7, 3, 19, 3, 7, 44, 2, 19, 3, 60, 11, 5]])

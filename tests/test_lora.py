@@ -11,11 +11,14 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_transformer.checkpoint import load_checkpoint, save_checkpoint
+from mlx_transformer.checkpoint.mlx_io import load_checkpoint, save_checkpoint
 from mlx_transformer.cli import main
 from mlx_transformer.config import ModelConfig
+from mlx_transformer.data.prepare import prepare
 from mlx_transformer.errors import UserError
-from mlx_transformer.lora import (
+from mlx_transformer.model import Transformer
+from mlx_transformer.train.args import TrainingArgs
+from mlx_transformer.train.lora import (
     ADAPTERS_FILE,
     LoRALinear,
     apply_lora,
@@ -23,11 +26,8 @@ from mlx_transformer.lora import (
     load_adapters,
     save_adapters,
 )
-from mlx_transformer.model import Transformer
-from mlx_transformer.prepare import prepare
-from mlx_transformer.train import train
-from mlx_transformer.train_args import TrainingArgs
-from mlx_transformer.train_step import Stepper, make_optimizer
+from mlx_transformer.train.step import Stepper, make_optimizer
+from mlx_transformer.train.trainer import train
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=32)
 

@@ -16,8 +16,8 @@ from export import export_onnx
 from export.builder import build_model
 from export.runtime import OnnxModel, positions_from_mask
 from export.weights import read_checkpoint
-from mlx_transformer.checkpoint import save_checkpoint
-from mlx_transformer.checkpoint_format import CheckpointError
+from mlx_transformer.checkpoint.format import CheckpointError
+from mlx_transformer.checkpoint.mlx_io import save_checkpoint
 from mlx_transformer.errors import UserError
 from mlx_transformer.model import make_cache
 

@@ -23,7 +23,7 @@ torch = pytest.importorskip("torch")
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN_FILES = ["mlx_transformer/model.py", "mlx_transformer/config.py"]
-HELD_OUT_FILE = "mlx_transformer/checkpoint_format.py"
+HELD_OUT_FILE = "mlx_transformer/checkpoint/format.py"
 
 # precision -> (max |logit error|, min next-token agreement, max relative perplexity increase,
 #               max size as a fraction of fp32). Measured (ort flavour, 512 held-out tokens,

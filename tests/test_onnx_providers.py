@@ -10,7 +10,7 @@ from test_model import CONFIGS, random_model, tiny_config
 
 from export import export_onnx, providers
 from export.runtime import OnnxGenerator, OnnxModel
-from mlx_transformer.checkpoint import save_checkpoint
+from mlx_transformer.checkpoint.mlx_io import save_checkpoint
 
 WEBGPU = "WebGpuExecutionProvider"
 HAS_WEBGPU = WEBGPU in providers.available()

@@ -16,9 +16,9 @@ from test_model import CONFIGS, random_model, tiny_config
 
 from export import export_onnx, sampling
 from export.runtime import OnnxGenerator
-from mlx_transformer import sample as mlx_sample
-from mlx_transformer.checkpoint import save_checkpoint
+from mlx_transformer.checkpoint.mlx_io import save_checkpoint
 from mlx_transformer.cli import main
+from mlx_transformer.generate import sample as mlx_sample
 from mlx_transformer.model import make_cache
 from mlx_transformer.tokenizer import train_tokenizer
 
@@ -149,7 +149,7 @@ def test_stop_strings_eos_and_streaming(text_model):
 
 def test_context_overflow_errors_or_slides_like_mlx(text_model):
     from mlx_transformer.errors import UserError
-    from mlx_transformer.generate import generate_step
+    from mlx_transformer.generate.api import generate_step
 
     model, _, out = text_model
     gen = OnnxGenerator(out)
@@ -215,7 +215,7 @@ def test_export_and_runtime_work_without_mlx(text_model, tmp_path):
 
 def test_empty_and_whitespace_prompts_match_mlx(text_model):
     """An empty prompt starts from EOS (the document separator) on both sides."""
-    from mlx_transformer.generate import generate as mlx_generate
+    from mlx_transformer.generate.api import generate as mlx_generate
     from mlx_transformer.tokenizer import Tokenizer
 
     model, ckpt, out = text_model
@@ -230,7 +230,7 @@ def test_empty_and_whitespace_prompts_match_mlx(text_model):
 def test_every_export_module_and_shared_module_imports_without_mlx():
     """export/ may import only the framework-free part of mlx_transformer (DESIGN.md): every
     module, not just those on one code path, imports where `import mlx` fails."""
-    shared = ["config", "checkpoint_format", "errors", "tokenizer", "generation_rules"]
+    shared = ["config", "checkpoint.format", "errors", "tokenizer", "generate.rules"]
     modules = [f"export.{p.stem}" for p in sorted((ROOT / "export").glob("*.py"))]
     modules += [f"mlx_transformer.{m}" for m in shared]
     code = NO_MLX.split("from export import")[0] + textwrap.dedent(

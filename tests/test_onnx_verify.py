@@ -10,7 +10,7 @@ import pytest
 from test_model import CONFIGS, random_model, tiny_config
 
 from export import export_onnx
-from mlx_transformer.checkpoint import save_checkpoint
+from mlx_transformer.checkpoint.mlx_io import save_checkpoint
 from mlx_transformer.cli import main
 from mlx_transformer.verify import verify
 

@@ -48,7 +48,7 @@ def commands(block: str) -> list[list[str]]:
 def workdir(tmp_path_factory):
     """The user's folder: some text files of their own and a prompt/completion JSONL."""
     work = tmp_path_factory.mktemp("readme")
-    corpus = (ROOT / "mlx_transformer/data/tinyshakespeare.txt").read_text()
+    corpus = (ROOT / "mlx_transformer/data/corpus/tinyshakespeare.txt").read_text()
     (work / "my_texts").mkdir()
     (work / "my_texts/plays.txt").write_text(corpus[:60_000])
     (work / "my_texts/more.md").write_text(corpus[60_000:120_000])

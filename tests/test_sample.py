@@ -8,7 +8,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_transformer.sample import (
+from mlx_transformer.generate.sample import (
     apply_min_p,
     apply_repetition_penalty,
     apply_temperature,

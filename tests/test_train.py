@@ -23,16 +23,16 @@ import pytest
 from mlx.utils import tree_flatten
 from test_train_step import TINY, concat
 
-from mlx_transformer import train_args
-from mlx_transformer.checkpoint import load_checkpoint
+from mlx_transformer.checkpoint.mlx_io import load_checkpoint
 from mlx_transformer.config import ModelConfig
-from mlx_transformer.data import PretrainBatches, load_dataset
+from mlx_transformer.data.dataset import PretrainBatches, load_dataset
+from mlx_transformer.data.prepare import prepare
 from mlx_transformer.errors import UserError
 from mlx_transformer.model import Transformer
-from mlx_transformer.prepare import prepare
-from mlx_transformer.train import TrainingDiverged, step_seed, to_mx, train
-from mlx_transformer.train_args import TrainingArgs
-from mlx_transformer.train_step import Stepper, make_optimizer
+from mlx_transformer.train import args as train_args
+from mlx_transformer.train.args import TrainingArgs
+from mlx_transformer.train.step import Stepper, make_optimizer
+from mlx_transformer.train.trainer import TrainingDiverged, step_seed, to_mx, train
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -14,8 +14,8 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_transformer.config import ModelConfig
 from mlx_transformer.model import Transformer
-from mlx_transformer.train_args import TrainingArgs
-from mlx_transformer.train_step import (
+from mlx_transformer.train.args import TrainingArgs
+from mlx_transformer.train.step import (
     Stepper,
     buffer_cache,
     loss_sum,

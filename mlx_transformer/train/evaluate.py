@@ -11,10 +11,10 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from .checkpoint import load_checkpoint
-from .data import Batch, Dataset, FinetuneBatches, load_dataset, val_windows
-from .model import Transformer
-from .train_step import loss_sum
+from ..checkpoint.mlx_io import load_checkpoint
+from ..data.dataset import Batch, Dataset, FinetuneBatches, load_dataset, val_windows
+from ..model import Transformer
+from .step import loss_sum
 
 
 def to_mx(batch: Batch) -> tuple:

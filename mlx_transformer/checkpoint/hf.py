@@ -16,17 +16,17 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .checkpoint import load_checkpoint, save_checkpoint
-from .checkpoint_format import (
+from ..config import ConfigError, ModelConfig
+from ..errors import UserError
+from ..model import Transformer
+from .format import (
     TOKENIZER_FILE,
     CheckpointError,
     check_tensor_shapes,
     read_safetensors_header,
     write_folder_atomically,
 )
-from .config import ConfigError, ModelConfig
-from .errors import UserError
-from .model import Transformer
+from .mlx_io import load_checkpoint, save_checkpoint
 
 GPT2_ACTIVATIONS = {
     "gelu_new": "gelu_tanh",

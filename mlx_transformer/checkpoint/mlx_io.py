@@ -12,7 +12,9 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .checkpoint_format import (
+from ..config import ModelConfig
+from ..model import Transformer
+from .format import (
     CONFIG_FILE,
     TOKENIZER_FILE,
     WEIGHTS_FILE,
@@ -21,8 +23,6 @@ from .checkpoint_format import (
     validate_checkpoint,
     write_folder_atomically,
 )
-from .config import ModelConfig
-from .model import Transformer
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 

@@ -20,10 +20,10 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .checkpoint_format import CheckpointError, read_safetensors_header
-from .config import atomic_write_text
-from .errors import UserError
-from .model import Linear, Transformer
+from ..checkpoint.format import CheckpointError, read_safetensors_header
+from ..config import atomic_write_text
+from ..errors import UserError
+from ..model import Linear, Transformer
 
 ADAPTERS_FILE = "adapters.safetensors"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
@@ -196,9 +196,9 @@ def fuse(model_path: str | Path | None, adapters: str | Path, out: str | Path, d
     Returns:
         The written folder.
     """
-    from .checkpoint import save_checkpoint
-    from .checkpoint_format import TOKENIZER_FILE
-    from .train_model import load_init_model
+    from ..checkpoint.format import TOKENIZER_FILE
+    from ..checkpoint.mlx_io import save_checkpoint
+    from .model_setup import load_init_model
 
     config = read_adapter_config(adapters)
     base = model_path or config.get("base_model")

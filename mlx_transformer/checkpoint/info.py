@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .checkpoint_format import TOKENIZER_FILE, TRAINING_STATE_DIR, validate_checkpoint
+from .format import TOKENIZER_FILE, TRAINING_STATE_DIR, validate_checkpoint
 
 
 def describe(ckpt: str | Path) -> str:

@@ -12,15 +12,15 @@ from typing import Any
 
 import mlx.core as mx
 
-from .checkpoint import load_checkpoint
-from .checkpoint_format import TOKENIZER_FILE
-from .config import MODEL_TYPE, ModelConfig
-from .data import Dataset
-from .errors import UserError
+from ..checkpoint.format import TOKENIZER_FILE
+from ..checkpoint.mlx_io import load_checkpoint
+from ..config import MODEL_TYPE, ModelConfig
+from ..data.dataset import Dataset
+from ..errors import UserError
+from ..model import Transformer
+from .args import TrainingArgs
 from .lora import apply_lora, load_adapters, read_adapter_config
-from .model import Transformer
-from .train_args import TrainingArgs
-from .train_step import cast_params
+from .step import cast_params
 
 DROPOUT_FIELDS = ("embedding_dropout", "attention_dropout", "residual_dropout")
 
@@ -36,7 +36,7 @@ def load_init_model(path: str | Path) -> tuple[Transformer, Path | None]:
     if kind == MODEL_TYPE:
         model = load_checkpoint(path)
     else:
-        from .hf import import_hf
+        from ..checkpoint.hf import import_hf
 
         model = import_hf(path)
     tokenizer = path / TOKENIZER_FILE

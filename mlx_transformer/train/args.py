@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import ModelConfig
-from .errors import UserError
+from ..config import ModelConfig
+from ..errors import UserError
 
 PRECISIONS = ("float32", "bfloat16", "bfloat16-pure")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

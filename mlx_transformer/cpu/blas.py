@@ -190,7 +190,7 @@ def ensure_fast_blas(
     if "mlx" in sys.modules or not _release_pytest_capture():
         _notify(
             f"mlx-transformer: {probe.path} is available but mlx was imported first; call "
-            "mlx_transformer.blas.ensure_fast_blas() before importing mlx",
+            "mlx_transformer.cpu.blas.ensure_fast_blas() before importing mlx",
             env,
         )
         return "too-late"

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import UserError
+from ..errors import UserError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -31,7 +31,7 @@ DTYPES = ("uint16", "uint32")
 
 def default_corpus_path() -> Path:
     """The embedded corpus: Tiny Shakespeare (1,115,394 bytes), shipped as package data."""
-    return Path(__file__).with_name("data") / "tinyshakespeare.txt"
+    return Path(__file__).with_name("corpus") / "tinyshakespeare.txt"
 
 
 # --- the dataset ---------------------------------------------------------------------------
@@ -143,7 +143,7 @@ def _check_manifest(path: Path, m: dict[str, Any]) -> None:
 
 
 def _check_tokenizer(path: Path, manifest: dict[str, Any], tokenizer: Any) -> None:
-    from .tokenizer import Tokenizer  # no MLX there either
+    from ..tokenizer import Tokenizer  # no MLX there either
 
     expected = manifest["tokenizer"]["sha256"]
     own = Tokenizer.load(path / manifest["tokenizer"]["file"])

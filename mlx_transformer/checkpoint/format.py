@@ -16,8 +16,8 @@ import struct
 from collections.abc import Callable
 from pathlib import Path
 
-from .config import ConfigError, ModelConfig
-from .errors import UserError
+from ..config import ConfigError, ModelConfig
+from ..errors import UserError
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"

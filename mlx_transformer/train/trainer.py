@@ -29,19 +29,20 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from . import train_args
-from .blas import cores, gemm_bound
-from .data import Dataset, FinetuneBatches, PretrainBatches, load_dataset
-from .errors import UserError
-from .train_args import TrainingArgs
-from .train_eval import (
+from ..cpu.blas import cores, gemm_bound
+from ..data.dataset import Dataset, FinetuneBatches, PretrainBatches, load_dataset
+from ..errors import UserError
+from . import args as train_args
+from .args import TrainingArgs
+from .evaluate import (
     evaluate,
     evaluate_checkpoint,  # noqa: F401  re-exported: demo and scripts import it from here
     to_mx,
     val_bytes_per_token,
     validation_batches,
 )
-from .train_io import (
+from .model_setup import build_model
+from .run_folder import (
     MetricsLog,
     Plotter,
     RunFolder,
@@ -49,8 +50,7 @@ from .train_io import (
     restore_optimizer,
     write_checkpoint,
 )
-from .train_model import build_model
-from .train_step import Stepper, buffer_cache, default_streams, make_optimizer
+from .step import Stepper, buffer_cache, default_streams, make_optimizer
 
 EXIT_CODES = {"completed": 0, "SIGINT": 130, "SIGTERM": 143}
 

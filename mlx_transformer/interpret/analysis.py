@@ -1,6 +1,6 @@
 """Look inside a model: attention maps, the logit lens, ablations and head classifiers.
 
-Numbers come back as numpy arrays; `mlx_transformer.inspect_cmd` draws and prints them.
+Numbers come back as numpy arrays; `mlx_transformer.interpret.report` draws and prints them.
 Ablations swap modules for the duration of a `with` block, so `model.py` carries no hooks:
 
     zero a head     the head's slice of the output projection's input is set to 0 (or its mean)
@@ -16,7 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .model import Transformer
+from ..model import Transformer
 
 # -- attention maps and logit lens ---------------------------------------------------------------
 

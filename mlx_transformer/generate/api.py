@@ -26,10 +26,10 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from ..errors import UserError
+from ..model import Transformer
 from .decode import DynamicCacheDecoder, StaticCacheDecoder, left_pad, prefill
-from .errors import UserError
-from .generation_rules import OVERFLOW_POLICIES, overflow_message, slide_keep
-from .model import Transformer
+from .rules import OVERFLOW_POLICIES, overflow_message, slide_keep
 from .sample import LogitsProcessor, Sampler, greedy, make_logits_processors, make_sampler
 
 
@@ -363,8 +363,8 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from .checkpoint import load_checkpoint
-    from .tokenizer import Tokenizer
+    from ..checkpoint.mlx_io import load_checkpoint
+    from ..tokenizer import Tokenizer
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     try:

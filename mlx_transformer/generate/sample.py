@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import mlx.core as mx
 
-from .generation_rules import validate_sampling
+from .rules import validate_sampling
 
 Sampler = Callable[[mx.array], mx.array]
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]

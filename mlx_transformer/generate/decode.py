@@ -26,7 +26,7 @@ from functools import partial
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from .model import KVCache, Transformer, make_cache
+from ..model import KVCache, Transformer, make_cache
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[mx.array, mx.array | None]:

@@ -27,8 +27,8 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map
 
-from . import fastmath
-from .model import Transformer
+from ..cpu import fastmath
+from ..model import Transformer
 
 Batch = tuple  # (inputs, targets, loss_mask | None, attention_mask | None), arrays (B, L)
 

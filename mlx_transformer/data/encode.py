@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from .errors import UserError
-from .prepare_sources import BLOCK_BYTES, _char_start, _progress, _Reader, _Scan
-from .tokenizer import Tokenizer
+from ..errors import UserError
+from ..tokenizer import Tokenizer
+from .sources import BLOCK_BYTES, _char_start, _progress, _Reader, _Scan
 
 # --- pass 2: encode in parallel, in order, into shards -------------------------------------
 

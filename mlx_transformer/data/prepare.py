@@ -33,11 +33,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .data import FORMAT_VERSION, MANIFEST, default_corpus_path
-from .errors import UserError
-from .prepare_encode import _encode
-from .prepare_sources import TEXT_SUFFIXES, _Reader, _Scan, find_sources
-from .tokenizer import MODEL_TYPES, Tokenizer, train_tokenizer
+from ..errors import UserError
+from ..tokenizer import MODEL_TYPES, Tokenizer, train_tokenizer
+from .dataset import FORMAT_VERSION, MANIFEST, default_corpus_path
+from .encode import _encode
+from .sources import TEXT_SUFFIXES, _Reader, _Scan, find_sources
 
 SHARD_TOKENS = 100_000_000  # tokens per shard file (200 MB as uint16)
 

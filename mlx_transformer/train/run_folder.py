@@ -28,10 +28,10 @@ from typing import Any
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .checkpoint import save_checkpoint
-from .checkpoint_format import TOKENIZER_FILE, TRAINING_STATE_DIR, write_folder_atomically
-from .config import atomic_write_text
-from .errors import UserError
+from ..checkpoint.format import TOKENIZER_FILE, TRAINING_STATE_DIR, write_folder_atomically
+from ..checkpoint.mlx_io import save_checkpoint
+from ..config import atomic_write_text
+from ..errors import UserError
 from .lora import save_adapters
 
 OPTIMIZER_FILE = "optimizer.safetensors"

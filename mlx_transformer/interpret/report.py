@@ -14,8 +14,8 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from . import interpret
-from .errors import UserError
+from ..errors import UserError
+from . import analysis as interpret
 
 MAX_LABELLED_TOKENS = 64  # beyond this, tick labels are unreadable
 
@@ -232,9 +232,9 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from .checkpoint import load_checkpoint
-    from .checkpoint_format import TOKENIZER_FILE
-    from .tokenizer import Tokenizer
+    from ..checkpoint.format import TOKENIZER_FILE
+    from ..checkpoint.mlx_io import load_checkpoint
+    from ..tokenizer import Tokenizer
 
     model = load_checkpoint(args.model)
     tokenizer = Tokenizer.load(Path(args.model) / TOKENIZER_FILE)
