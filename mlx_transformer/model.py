@@ -1,7 +1,8 @@
 """The decoder Transformer in one file: positions → attention → MLP → block → model → KV cache.
 
 Read top to bottom. Attribute names are the safetensors keys (`ModelConfig.parameter_shapes()`
-lists them); the ONNX builder in `export/` mirrors this file op for op.
+lists them); the ONNX builder in `export/` mirrors this file op for op. The ops that a platform
+may run differently (linear layers, attention, activations) come from `ops`, which picks.
 
 Shapes: B batch, L query length, S key length (past + L), D hidden size, H query heads,
 K key/value heads, hd head size, V vocabulary.
@@ -16,8 +17,9 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from . import ops
 from .config import ModelConfig
-from .cpu import fastmath
+from .ops import Linear
 
 # -- positions -----------------------------------------------------------------------------------
 
@@ -86,17 +88,6 @@ def attention_mask_4d(attention_mask: mx.array | None, L: int, S: int) -> mx.arr
 # -- attention -------------------------------------------------------------------------------------
 
 
-class Linear(nn.Linear):
-    """`nn.Linear` (same parameters) whose backward, when training on the CPU backend, writes
-    the weight gradient contiguous (`fastmath.linear`): the optimizer's update then runs as a
-    vectorised loop (5% of a small model's step). Inference takes the plain path."""
-
-    def __call__(self, x: mx.array) -> mx.array:
-        if self.training and fastmath.use_fast_math():
-            return fastmath.linear(x, self.weight, self.get("bias"))
-        return super().__call__(x)
-
-
 class Attention(nn.Module):
     """Multi-head self-attention with grouped key/value heads (K == H: MHA, K == 1: MQA)."""
 
@@ -139,12 +130,8 @@ class Attention(nn.Module):
         weights = None
         if return_weights or (self.training and self.attention_dropout > 0):
             out, weights = self._explicit_attention(q, k, v, mask)
-        elif L > 1 and fastmath.use_fast_math() and (self.training or isinstance(mask, str)):
-            # CPU: the built-in's exp and backward cost ~2x this one in training and in causal
-            # prefill; with a padding mask at inference the built-in was faster (batch 8: 1.35x).
-            out = fastmath.scaled_dot_product_attention(q, k, v, self.scale, mask)
         else:
-            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+            out = ops.scaled_dot_product_attention(q, k, v, self.scale, mask, self.training)
         out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)  # (B, L, H*hd)
         return self.o_proj(out), weights
 
@@ -169,20 +156,9 @@ class Attention(nn.Module):
 # -- feed-forward ----------------------------------------------------------------------------------
 
 
-def gelu_tanh(x: mx.array) -> mx.array:
-    """GELU with the tanh approximation (GPT-2's "gelu_new"), written out to match it exactly."""
-    return 0.5 * x * (1.0 + mx.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
-
-
 def activation(name: str):
-    """The MLP nonlinearity (SwiGLU: its gate's SiLU). On the CPU backend, GELU-tanh and SiLU use
-    `fastmath`'s polynomial exp/tanh: equal to float32 rounding, several times faster there."""
-    fast = fastmath.use_fast_math()
-    if name == "gelu_tanh":
-        return fastmath.gelu_tanh if fast else gelu_tanh
-    if name == "swiglu":
-        return fastmath.silu if fast else nn.silu
-    return {"relu": nn.relu, "gelu": nn.gelu}[name]
+    """The MLP nonlinearity (SwiGLU: its gate's SiLU); GELU-tanh is GPT-2's "gelu_new"."""
+    return {"relu": nn.relu, "gelu": nn.gelu, "gelu_tanh": ops.gelu_tanh, "swiglu": ops.silu}[name]
 
 
 class MLP(nn.Module):
@@ -361,9 +337,7 @@ class Transformer(nn.Module):
         if self.config.final_norm:
             x = self.norm(x)
         if self.config.tie_word_embeddings:
-            if self.training and fastmath.use_fast_math():  # tied head: dE written contiguous
-                return fastmath.linear(x, self.embed_tokens.weight)
-            return self.embed_tokens.as_linear(x)
+            return ops.tied_linear(x, self.embed_tokens.weight, self.training)
         return self.lm_head(x)
 
 

@@ -74,7 +74,7 @@ def test_linear_matches_autodiff_with_contiguous_weight_gradient():
 
 
 def test_fast_math_matches_mlx():
-    from mlx_transformer.model import gelu_tanh
+    from mlx_transformer.ops import gelu_tanh_reference as gelu_tanh
 
     x = mx.array(np.linspace(-30, 30, 20001, dtype=np.float32))
     np.testing.assert_allclose(np.array(fastmath.exp(x)), np.array(mx.exp(x)), rtol=2e-7)
@@ -121,3 +121,21 @@ def test_fast_attention_matches_mlx(heads, kv_heads, mask):
     ):
         for g, r in zip(*((got, want) if isinstance(got, tuple) else ([got], [want]))):
             np.testing.assert_allclose(np.array(g), np.array(r), atol=2e-5)
+
+
+def test_ops_picks_cpu_kernels_only_where_asked():
+    """`ops` is the one switch: with the CPU kernels on (the CPU backend) it runs fastmath's
+    functions, bit for bit; turned off, MLX's own."""
+    from mlx_transformer import ops
+
+    x = mx.random.normal((4, 64), key=mx.random.key(3)) * 3
+    assert ops.cpu_kernels() == (mx.default_device() == mx.cpu)
+    with ops.use_cpu_kernels(False):
+        assert not ops.cpu_kernels()
+        assert mx.array_equal(ops.gelu_tanh(x), ops.gelu_tanh_reference(x)).item()
+        assert mx.array_equal(ops.logsumexp(x), mx.logsumexp(x, axis=-1)).item()
+    if mx.default_device() == mx.cpu:
+        with ops.use_cpu_kernels(True):
+            assert mx.array_equal(ops.gelu_tanh(x), fastmath.gelu_tanh(x)).item()
+            assert mx.array_equal(ops.silu(x), fastmath.silu(x)).item()
+            assert not mx.array_equal(ops.gelu_tanh(x), ops.gelu_tanh_reference(x)).item()

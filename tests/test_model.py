@@ -9,6 +9,7 @@ import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 
 import reference
+from mlx_transformer import ops
 from mlx_transformer.config import ModelConfig
 from mlx_transformer.model import Transformer, apply_rope, make_cache, sinusoidal_encoding
 
@@ -83,32 +84,44 @@ def model(request) -> Transformer:
     return random_model(tiny_config(**CONFIGS[request.param]))
 
 
-def test_matches_float64_reference(model):
+# Both ways `ops` can run the model on this backend: with the CPU kernels (cpu.fastmath) and with
+# MLX's own kernels only. Each must compute the reference's function.
+KERNELS = pytest.mark.parametrize("cpu_kernels", [True, False], ids=["cpu-kernels", "mlx-kernels"])
+
+
+@KERNELS
+def test_matches_float64_reference(model, cpu_kernels):
     rng = np.random.default_rng(1)
     ids = rng.integers(0, model.config.vocab_size, (2, 23))
     expected, expected_w = reference.forward(model.config, params_np(model), ids)
-    out = model.forward(mx.array(ids), output_attentions=True)
+    with ops.use_cpu_kernels(cpu_kernels):
+        logits = model(mx.array(ids))
+        out = model.forward(mx.array(ids), output_attentions=True)
+    np.testing.assert_allclose(np.array(logits), expected, atol=2e-4, rtol=1e-4)
     np.testing.assert_allclose(np.array(out.logits), expected, atol=2e-4, rtol=1e-4)
     for got, want in zip(out.attentions, expected_w):
         np.testing.assert_allclose(np.array(got), want, atol=1e-5)
 
 
-def test_padded_batch_matches_reference(model):
+@KERNELS
+def test_padded_batch_matches_reference(model, cpu_kernels):
     rng = np.random.default_rng(2)
     ids = rng.integers(0, model.config.vocab_size, (3, 17))
     mask = np.ones((3, 17), np.int64)
     mask[0, :5] = 0  # left padding
     mask[1, 12:] = 0  # right padding
     expected, _ = reference.forward(model.config, params_np(model), ids, mask)
-    got = np.array(model(mx.array(ids), attention_mask=mx.array(mask)))
+    with ops.use_cpu_kernels(cpu_kernels):
+        got = np.array(model(mx.array(ids), attention_mask=mx.array(mask)))
     real = mask.astype(bool)
     np.testing.assert_allclose(got[real], expected[real], atol=2e-4, rtol=1e-4)
 
 
-def test_training_mode_matches_reference_and_eval_gradients(model):
-    """Training on the CPU backend takes fastmath's attention, GELU/SiLU and linear layers (with
+@KERNELS
+def test_training_mode_matches_reference_and_eval_gradients(model, cpu_kernels):
+    """Training with the CPU kernels takes fastmath's attention, GELU/SiLU and linear layers (with
     hand-written backward passes): same function as the reference, same gradients as autodiff
-    through the inference path."""
+    through MLX's own kernels in inference mode."""
     rng = np.random.default_rng(5)
     ids = rng.integers(0, model.config.vocab_size, (3, 17))
     mask = np.ones((3, 17), np.int64)
@@ -124,11 +137,13 @@ def test_training_mode_matches_reference_and_eval_gradients(model):
 
     model.train()  # dropout is 0 in every test config
     try:
-        got = np.array(model(mx.array(ids), attention_mask=mx.array(mask)))
-        train_grads = nn.value_and_grad(model, loss)(model)[1]
+        with ops.use_cpu_kernels(cpu_kernels):
+            got = np.array(model(mx.array(ids), attention_mask=mx.array(mask)))
+            train_grads = nn.value_and_grad(model, loss)(model)[1]
     finally:
         model.eval()
-    eval_grads = nn.value_and_grad(model, loss)(model)[1]
+    with ops.use_cpu_kernels(False):
+        eval_grads = nn.value_and_grad(model, loss)(model)[1]
     real = mask.astype(bool)
     np.testing.assert_allclose(got[real], expected[real], atol=2e-4, rtol=1e-4)
     scale = max(np.abs(np.array(g)).max() for _, g in tree_flatten(eval_grads))

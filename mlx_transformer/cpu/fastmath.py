@@ -5,7 +5,7 @@ element (libm calls and software `fma`), against ~0.5 ns for an add: in a small 
 step the GELU's tanh alone took more time than all the matmuls. Written as a short polynomial
 of adds and multiplies, `mx.compile` fuses them into one loop that the compiler vectorises:
 5-8x faster, with a relative error of ~1e-7 (float32 rounding). On Metal and CUDA the built-in
-kernels are already fast; `use_fast_math()` says when to prefer these.
+kernels are already fast; `mlx_transformer.ops` decides where these replace them.
 """
 
 from __future__ import annotations
@@ -19,11 +19,6 @@ LOG2E = 1.4426950408889634
 # integer in the low mantissa bits, where a bit cast can read it.
 _ROUND = 12582912.0
 _ROUND_BITS = 0x4B400000
-
-
-def use_fast_math() -> bool:
-    """True on the CPU backend, where the polynomial versions beat MLX's own kernels."""
-    return mx.default_device() == mx.cpu
 
 
 # 2**f on [-1/2, 1/2] (Cephes' exp2f coefficients), c0 + c1 f + ... + c6 f**6.

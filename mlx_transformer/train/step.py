@@ -27,7 +27,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map
 
-from ..cpu import fastmath
+from .. import ops
 from ..model import Transformer
 
 Batch = tuple  # (inputs, targets, loss_mask | None, attention_mask | None), arrays (B, L)
@@ -78,8 +78,7 @@ def token_losses(
     """Cross-entropy in nats of each next-token prediction, float32, (B, L)."""
     logits = model(inputs, attention_mask=attention_mask).astype(mx.float32)  # (B, L, V)
     picked = mx.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]  # (B, L)
-    logsumexp = fastmath.logsumexp if fastmath.use_fast_math() else mx.logsumexp
-    return logsumexp(logits, axis=-1) - picked
+    return ops.logsumexp(logits, axis=-1) - picked
 
 
 def loss_sum(model: Transformer, batch: Batch) -> tuple[mx.array, mx.array]:
