@@ -42,6 +42,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "onnx-generate": ("export.runtime", "generate text from an exported ONNX folder (no MLX)"),
     "verify": ("mlx_transformer.verify", "check an ONNX export against MLX on every provider"),
 }
+# Commands that never run MLX: no BLAS to preload for them (and no re-execution).
+WITHOUT_MLX = {"prepare", "info", "export", "onnx-generate"}
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
@@ -60,12 +62,13 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .cpu.blas import ensure_fast_blas
-
-    ensure_fast_blas()  # Linux CPU: may re-exec once with an optimized OpenBLAS preloaded
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), None)
     wants_help = not argv or command is None
+    if command in SUBCOMMANDS and command not in WITHOUT_MLX:
+        from .cpu.blas import ensure_fast_blas
+
+        ensure_fast_blas()  # Linux CPU: may re-exec once with an optimized OpenBLAS preloaded
     parser = build_parser(only=command if command in SUBCOMMANDS else None)
     args = parser.parse_args(argv)
     if wants_help or args.command is None:

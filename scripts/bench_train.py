@@ -39,10 +39,11 @@ def mlx_runner(c: dict, seed: int = 0, streams: int | None = None):
     import numpy as np
 
     from mlx_transformer.config import ModelConfig
-    from mlx_transformer.cpu.blas import cores, gemm_bound
+    from mlx_transformer.cpu.blas import cores
+    from mlx_transformer.cpu.training import default_streams, training_environment
     from mlx_transformer.model import Transformer
     from mlx_transformer.train.args import TrainingArgs
-    from mlx_transformer.train.step import Stepper, buffer_cache, default_streams, make_optimizer
+    from mlx_transformer.train.step import Stepper, make_optimizer
 
     config = ModelConfig(
         vocab_size=c["vocab"],
@@ -66,7 +67,7 @@ def mlx_runner(c: dict, seed: int = 0, streams: int | None = None):
     def run(steps: int, offset: int = 0) -> float:
         # As `mlx-transformer train` runs: every core, the buffer cache, and each step built
         # and started (async_eval) before the previous one is waited for.
-        with gemm_bound(callers=streams), buffer_cache():
+        with training_environment(streams):
             previous = None
             for i in range(steps):
                 loss, _ = stepper.step(batches[(offset + i) % len(batches)])

@@ -10,4 +10,8 @@ if [[ "$(uname -s)-$(uname -m)" == Linux-x86_64 && -z "${MLX_TRANSFORMER_NO_WEBG
   scripts/install_webgpu_ep.sh "${VIRTUAL_ENV:-.venv}/bin/python" ||
     echo "test: WebGPU provider not installed; its tests will be skipped" >&2
 fi
-exec "${VIRTUAL_ENV:-.venv}/bin/python" -m pytest "$@"
+py="${VIRTUAL_ENV:-.venv}/bin/python"
+# MLX's Linux CPU matmuls on an optimized OpenBLAS: the command line re-executes itself with it
+# preloaded; pytest cannot, so the preload is set here, before pytest starts.
+eval "$("$py" -m mlx_transformer.cpu.blas --print-env)"
+exec "$py" -m pytest "$@"

@@ -4,9 +4,10 @@ import os
 import sys
 from pathlib import Path
 
-from mlx_transformer.cpu.blas import blas_summary, ensure_fast_blas
+from mlx_transformer.cpu.blas import blas_summary
 
-ensure_fast_blas()  # before anything imports mlx: may re-run pytest with OpenBLAS preloaded
+# MLX's CPU matmuls run on an optimized BLAS when scripts/test.sh preloaded one (pytest cannot
+# re-execute itself the way the command line does); the header says which BLAS this run uses.
 
 
 def pytest_report_header(config):

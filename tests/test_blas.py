@@ -131,11 +131,10 @@ def test_probe_of_a_file_that_is_not_a_library_fails_cleanly(tmp_path):
 
 @pytest.fixture
 def linux_reference(monkeypatch):
-    """A Linux process about to use the reference BLAS, mlx not imported, pytest not capturing."""
+    """A Linux process about to use the reference BLAS, mlx not imported."""
     monkeypatch.setattr(sys, "platform", "linux")
     monkeypatch.setattr(blas, "mlx_flavor", lambda: "reference")
     monkeypatch.setattr(blas, "_mapped_libraries", set)
-    monkeypatch.setattr(blas, "_release_pytest_capture", lambda: True)
     monkeypatch.delitem(sys.modules, "mlx", raising=False)
     probe = blas_probe.Probe(
         "/usr/lib/libopenblas.so.0", ok=True, config=DYNAMIC, corename="Haswell"
@@ -253,18 +252,30 @@ def test_reexec_runs_mlx_matmuls_on_openblas_with_the_same_results():
     assert proc.stderr == ""  # no notice when it worked
 
 
+def test_print_env_gives_the_reexec_environment_as_shell_exports(linux_reference):
+    """What scripts/test.sh evaluates before pytest: the re-exec's changes, shell-quoted."""
+    env = {"PATH": "/bin", "LD_PRELOAD": "/x/lib jemalloc.so"}
+    lines = blas.preload_exports(env)
+    assert "export LD_PRELOAD='/usr/lib/libopenblas.so.0 /x/lib jemalloc.so'" in lines
+    assert f"export {blas.REEXEC_MARKER}=/usr/lib/libopenblas.so.0" in lines
+    assert not any(line.startswith("export PATH=") for line in lines)  # unchanged: not exported
+
+
 @needs_openblas
-def test_reexec_from_a_conftest_keeps_pytest_output(tmp_path):
-    """Pytest captures fds 1-2 while it imports conftest.py; the re-executed run must still
-    print its report to the real terminal."""
-    (tmp_path / "conftest.py").write_text(
-        "from mlx_transformer.cpu.blas import ensure_fast_blas\nensure_fast_blas()\n"
-    )
+def test_print_env_then_pytest_runs_mlx_on_openblas(tmp_path):
+    """The test command's way: a shell evaluates `--print-env`, then starts pytest, whose MLX
+    matmuls then run on the preloaded OpenBLAS (no re-execution inside pytest)."""
     (tmp_path / "test_x.py").write_text(
-        "import os\ndef test_x():\n    assert 'openblas' in os.environ['LD_PRELOAD']\n"
+        "import mlx.core as mx\nfrom mlx_transformer.cpu.blas import blas_info\n"
+        "def test_x():\n    mx.eval(mx.ones((8, 8)) @ mx.ones((8, 8)))\n"
+        "    assert blas_info()['blas'] == 'openblas'\n"
+    )
+    script = (
+        f'eval "$({sys.executable} -m mlx_transformer.cpu.blas --print-env)" && '
+        f"{sys.executable} -m pytest -q -p no:cacheprovider {tmp_path}"
     )
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
+        ["bash", "-c", script],
         env=clean_env(),
         cwd=tmp_path,
         capture_output=True,

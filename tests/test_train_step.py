@@ -13,11 +13,11 @@ import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_transformer.config import ModelConfig
+from mlx_transformer.cpu.training import buffer_cache
 from mlx_transformer.model import Transformer
 from mlx_transformer.train.args import TrainingArgs
 from mlx_transformer.train.step import (
     Stepper,
-    buffer_cache,
     loss_sum,
     lr_schedule,
     make_optimizer,

@@ -4,8 +4,10 @@ The `mlx-cpu` wheel links the reference (Netlib) BLAS it bundles in `mlx_cpu.lib
 matmul runs at a few GFLOP/s. An optimized OpenBLAS that exports the same plain symbols
 (`cblas_sgemm`, `sgemm_`) and is put in `LD_PRELOAD` wins symbol resolution, so MLX's matmuls run
 on it unchanged. `LD_PRELOAD` is only read when a process starts, so `ensure_fast_blas()`
-re-executes the current command once with it set. This module imports no MLX: it must act before
-MLX loads. Finding and probing the library is in blas_probe.py.
+re-executes the current command once with it set; a process that cannot re-execute itself
+(pytest) gets the same environment from `python -m mlx_transformer.cpu.blas --print-env`, read by
+scripts/test.sh. This module imports no MLX: it must act before MLX loads. Finding and probing
+the library is in blas_probe.py.
 
 Environment:
   MLX_TRANSFORMER_BLAS   unset/"auto": find an OpenBLAS; "reference": keep MLX's own BLAS, no
@@ -20,8 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import gc
 import os
+import shlex
 import sys
 from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from pathlib import Path
@@ -130,25 +132,6 @@ def _notify(message: str, env: MutableMapping[str, str]) -> None:
     env[NOTICE_MARKER] = "1"
 
 
-def _release_pytest_capture() -> bool:
-    """Give fds 0-2 back before exec when pytest is capturing them (it does while importing
-    conftest.py); otherwise the re-executed run would print its report into a deleted file.
-
-    Returns:
-        False when they still point at a capture file afterwards (then do not exec).
-    """
-    capture = sys.modules.get("_pytest.capture")
-    base = getattr(capture, "FDCaptureBase", None) or getattr(capture, "FDCapture", None)
-    if base is not None:
-        for obj in gc.get_objects():
-            if isinstance(obj, base) and getattr(obj, "_state", None) == "started":
-                os.dup2(obj.targetfd_save, obj.targetfd)
-    try:
-        return not any(os.readlink(f"/proc/self/fd/{fd}").endswith("(deleted)") for fd in (1, 2))
-    except OSError:
-        return True
-
-
 def ensure_fast_blas(
     env: MutableMapping[str, str] | None = None,
     execve: Callable[[str, list[str], dict[str, str]], None] = os.execve,
@@ -187,7 +170,7 @@ def ensure_fast_blas(
         _notify(slow_notice(env.get(SETTING_VAR, "").strip()), env)
         return "notice"
     probe, coretype = found
-    if "mlx" in sys.modules or not _release_pytest_capture():
+    if "mlx" in sys.modules:
         _notify(
             f"mlx-transformer: {probe.path} is available but mlx was imported first; call "
             "mlx_transformer.cpu.blas.ensure_fast_blas() before importing mlx",
@@ -281,3 +264,20 @@ def blas_summary() -> str:
         return f"blas: {info['blas']} ({info['library'] or 'n/a'})"
     threads = info.get("threads")
     return f"blas: openblas {info.get('corename', '?')}, {threads} thread(s) ({info['library']})"
+
+
+def preload_exports(env: Mapping[str, str] | None = None) -> list[str]:
+    """Shell `export` lines giving a new process the BLAS that `ensure_fast_blas` would
+    re-execute with; none when there is nothing to do (or nothing to preload)."""
+    env = dict(os.environ if env is None else env)
+    wanted: list[dict[str, str]] = []
+    ensure_fast_blas(env, execve=lambda exe, argv, new_env: wanted.append(new_env))
+    if not wanted:
+        return []
+    return [f"export {k}={shlex.quote(v)}" for k, v in wanted[0].items() if env.get(k) != v]
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--print-env"]:
+        sys.exit("usage: python -m mlx_transformer.cpu.blas --print-env")
+    print("\n".join(preload_exports()))

@@ -17,9 +17,8 @@ Precision ("float32" | "bfloat16" | "bfloat16-pure"):
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from functools import partial
 
 import mlx.core as mx
@@ -205,31 +204,6 @@ def shards(batch: Batch, n: int) -> list[Batch]:
     return [
         tuple(None if a is None else a[lo:hi] for a in batch) for lo, hi in zip(bounds, bounds[1:])
     ]
-
-
-@contextlib.contextmanager
-def buffer_cache(limit: int = 1 << 30) -> Iterator[None]:
-    """On the CPU backend, let MLX keep up to `limit` bytes of freed buffers for reuse.
-
-    Its CPU default, 32 MB, is below a small model's training working set (79 MB cached at 4
-    layers, width 128, batch 12), and every miss is a malloc of fresh pages: 5% of the step.
-    Metal's default (the memory limit) is left alone.
-    """
-    if mx.default_device() != mx.cpu:
-        yield
-        return
-    previous = mx.set_cache_limit(limit)
-    try:
-        yield
-    finally:
-        mx.set_cache_limit(previous)
-
-
-def default_streams(cores: int, device: mx.Device | None = None) -> int:
-    """Streams to split a micro-batch across: a core each (up to 4) on the CPU backend, where
-    each stream's ops run on one thread; 1 on a GPU, whose queue is already saturated."""
-    device = device or mx.default_device()
-    return max(1, min(4, cores)) if device == mx.cpu else 1
 
 
 def global_norm(grads: dict) -> mx.array:

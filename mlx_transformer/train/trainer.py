@@ -29,7 +29,8 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from ..cpu.blas import cores, gemm_bound
+from ..cpu.blas import cores
+from ..cpu.training import default_streams, training_environment
 from ..data.dataset import Dataset, FinetuneBatches, PretrainBatches, load_dataset
 from ..errors import UserError
 from . import args as train_args
@@ -50,7 +51,7 @@ from .run_folder import (
     restore_optimizer,
     write_checkpoint,
 )
-from .step import Stepper, buffer_cache, default_streams, make_optimizer
+from .step import Stepper, make_optimizer
 
 EXIT_CODES = {"completed": 0, "SIGINT": 130, "SIGTERM": 143}
 
@@ -419,8 +420,7 @@ def train(args: TrainingArgs, on_step=None) -> TrainResult:
             checkpoint); UserError for bad settings or data.
     """
     trainer = Trainer(args)
-    # Training's GEMMs gain from every core (decoding's do not), shared by the step's streams.
-    with gemm_bound(callers=trainer.streams), buffer_cache():
+    with training_environment(trainer.streams):
         return trainer.fit(on_step)
 
 
