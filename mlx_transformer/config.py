@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import atomic
 from .errors import UserError
 
 MODEL_TYPE = "mlx-transformer"
@@ -208,7 +209,7 @@ class ModelConfig:
     def save(self, path: str | Path) -> None:
         """Write config.json atomically."""
         d = {"model_type": MODEL_TYPE, "format_version": FORMAT_VERSION, **self.to_dict()}
-        atomic_write_text(Path(path), json.dumps(d, indent=2) + "\n")
+        atomic.write_text(path, json.dumps(d, indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> ModelConfig:
@@ -241,10 +242,3 @@ class ModelConfig:
 
 def _is_pos_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temporary name in the same folder, then rename: readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)

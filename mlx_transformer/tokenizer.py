@@ -29,6 +29,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from . import atomic
 from .errors import UserError
 
 SPECIAL_IDS = {"unk": 0, "bos": 1, "eos": 2, "pad": 3}
@@ -408,11 +409,8 @@ def train_tokenizer(
         raise failure[0]
     tokenizer = Tokenizer(model.getvalue())
     if output is not None:
-        output = Path(output)
-        tmp = output.with_name(f".{output.name}.tmp")
-        tmp.write_bytes(tokenizer.model_bytes)
-        tmp.replace(output)
-        tokenizer.path = output
+        atomic.write_bytes(output, tokenizer.model_bytes)
+        tokenizer.path = Path(output)
     return tokenizer
 
 

@@ -12,6 +12,7 @@ import pytest
 from mlx.utils import tree_flatten
 from test_model import CONFIGS, random_model, tiny_config
 
+from mlx_transformer import atomic
 from mlx_transformer.checkpoint.format import CheckpointError
 from mlx_transformer.checkpoint.mlx_io import load_checkpoint, save_checkpoint
 from mlx_transformer.cli import main as cli_main
@@ -135,3 +136,32 @@ def test_failed_save_leaves_the_previous_checkpoint(saved):
     assert (folder / "model.safetensors").read_bytes() == before
     assert sorted(p.name for p in folder.parent.iterdir()) == ["ckpt"]  # no temp debris
     assert json.loads((folder / "config.json").read_text())["format_version"] == 1
+
+
+def test_atomic_writes_leave_no_temporaries(tmp_path):
+    atomic.write_text(tmp_path / "a.json", "old")
+    atomic.write_text(tmp_path / "a.json", "new")
+    atomic.write_bytes(tmp_path / "b.bin", b"\x00\x01")
+    atomic.replace_symlink(tmp_path / "latest", "a.json")
+    atomic.replace_symlink(tmp_path / "latest", "b.bin")
+    assert (tmp_path / "a.json").read_text() == "new"
+    assert (tmp_path / "latest").read_bytes() == b"\x00\x01"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.bin", "latest"]
+
+
+def test_folder_left_by_a_killed_writer_is_cleaned_up_or_restored(tmp_path):
+    exited = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    pid = int(exited.stdout)  # a process that is gone
+    # Killed between its two renames: the previous folder set aside, the new one unfinished.
+    old, tmp = tmp_path / f".out.old-{pid}", tmp_path / f".out.tmp-{pid}"
+    old.mkdir()
+    (old / "x").write_text("previous")
+    tmp.mkdir()
+    atomic.remove_stale_temporaries(tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert (tmp_path / "out" / "x").read_text() == "previous"
+    atomic.write_folder(tmp_path / "out", lambda tmp: (tmp / "y").write_text("new"))
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["y"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

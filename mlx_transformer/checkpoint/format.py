@@ -10,12 +10,10 @@ ckpt/
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import struct
-from collections.abc import Callable
 from pathlib import Path
 
+from .. import atomic
 from ..config import ConfigError, ModelConfig
 from ..errors import UserError
 
@@ -105,24 +103,5 @@ def validate_checkpoint(ckpt: str | Path) -> tuple[ModelConfig, dict[str, dict]]
     return config, header
 
 
-def write_folder_atomically(path: str | Path, fill: Callable[[Path], None]) -> Path:
-    """Create folder `path` with `fill(tmp_folder)`, then swap it in with renames.
-
-    A crash at any point leaves either the old folder or the new one, never a half-written one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    old = path.with_name(f".{path.name}.old-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        fill(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if path.exists():
-        path.rename(old)
-    tmp.rename(path)
-    shutil.rmtree(old, ignore_errors=True)
-    return path
+# How every checkpoint folder is written: `fill(tmp_folder)`, then swapped in whole.
+write_folder_atomically = atomic.write_folder

@@ -16,6 +16,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
+from .. import atomic
 from ..config import ConfigError, ModelConfig
 from ..errors import UserError
 from ..model import Transformer
@@ -24,7 +25,6 @@ from .format import (
     CheckpointError,
     check_tensor_shapes,
     read_safetensors_header,
-    write_folder_atomically,
 )
 from .mlx_io import load_checkpoint, save_checkpoint
 
@@ -345,7 +345,7 @@ def save_hf(model: Transformer, out_dir: str | Path, tokenizer_path: str | Path 
                 + "\n"
             )
 
-    return write_folder_atomically(out_dir, fill)
+    return atomic.write_folder(out_dir, fill)
 
 
 # -- CLI -------------------------------------------------------------------------------------------

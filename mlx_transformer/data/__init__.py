@@ -2,5 +2,5 @@
 read a prepared dataset back as batches (`dataset`). numpy and sentencepiece, no MLX.
 
 `corpus/` holds the embedded Tiny Shakespeare, the default text.
-May import: errors, tokenizer.
+May import: errors, atomic, tokenizer.
 """

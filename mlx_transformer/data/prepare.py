@@ -26,13 +26,12 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import os
-import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .. import atomic
 from ..errors import UserError
 from ..tokenizer import MODEL_TYPES, Tokenizer, train_tokenizer
 from .dataset import FORMAT_VERSION, MANIFEST, default_corpus_path
@@ -137,11 +136,9 @@ def prepare(
             "replace it, or choose another --out"
         )
 
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_temporaries(out)
-        tmp.mkdir()
+    manifest: dict[str, Any] = {}  # filled in by fill()
+
+    def fill(tmp: Path) -> None:
         reader = _Reader(sources, replace_invalid_utf8)
         scan = _Scan(reader, verbose)
         texts = scan.texts()  # pass 1, run by tokenizer training as it reads
@@ -160,17 +157,16 @@ def prepare(
         splits, dtype = _encode(
             reader, scan, tok, tmp, val_fraction, shard_tokens, workers, verbose
         )
-        manifest = _manifest(reader, scan, tok, splits, dtype, request)
+        manifest.update(_manifest(reader, scan, tok, splits, dtype, request))
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    atomic.write_folder(out, fill)
     train, val = manifest["splits"]["train"], manifest["splits"]["val"]
     _say(verbose, (
         f"wrote {out}: {manifest['kind']}, train {train['tokens']:,} tokens ({train['bytes']:,} "
-        f"bytes), val {val['tokens']:,} tokens ({val['bytes']:,} bytes); vocab {tok.vocab_size} "
-        f"({manifest['tokenizer']['model_type']}), {manifest['dtype']}"
+        f"bytes), val {val['tokens']:,} tokens ({val['bytes']:,} bytes); "
+        f"vocab {manifest['vocab_size']} ({manifest['tokenizer']['model_type']}), "
+        f"{manifest['dtype']}"
     ))  # fmt: skip
     return manifest
 
@@ -239,37 +235,6 @@ def _existing_manifest(out: Path) -> dict[str, Any] | None:
             f"--out {out} is a non-empty folder that holds no dataset (no readable {MANIFEST}); "
             "choose another --out (prepare replaces only datasets it wrote)"
         ) from None
-
-
-def _remove_stale_temporaries(out: Path) -> None:
-    """Remove temporary siblings of `out` left by a prepare that was killed (its pid is gone)."""
-    for path in out.parent.glob(f".{out.name}.*-*"):
-        kind, _, pid = path.name[len(out.name) + 2 :].partition("-")
-        if kind in ("tmp", "old") and pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return False  # ours, from an earlier call in this process
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished `tmp` to `out`, replacing what was there with two renames."""
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
 
 
 def _say(verbose: bool, message: str) -> None:

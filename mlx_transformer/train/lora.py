@@ -20,8 +20,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from .. import atomic
 from ..checkpoint.format import CheckpointError, read_safetensors_header
-from ..config import atomic_write_text
 from ..errors import UserError
 from ..model import Linear, Transformer
 
@@ -112,9 +112,9 @@ def adapter_weights(model: Transformer) -> dict[str, mx.array]:
 
 def save_adapters(folder: Path, model: Transformer, config: dict) -> None:
     """Write adapters.safetensors and adapter_config.json into `folder` (the caller makes it
-    atomic, e.g. inside `write_folder_atomically`)."""
+    atomic, e.g. inside `atomic.write_folder`)."""
     mx.save_safetensors(str(folder / ADAPTERS_FILE), adapter_weights(model), {"format": "mlx"})
-    atomic_write_text(folder / ADAPTER_CONFIG_FILE, json.dumps(config, indent=2) + "\n")
+    atomic.write_text(folder / ADAPTER_CONFIG_FILE, json.dumps(config, indent=2) + "\n")
 
 
 def read_adapter_config(folder: str | Path) -> dict:

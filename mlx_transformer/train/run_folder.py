@@ -17,8 +17,8 @@ A LoRA run's checkpoints hold adapters.safetensors + adapter_config.json instead
 
 from __future__ import annotations
 
+import io
 import json
-import os
 import re
 import shutil
 import threading
@@ -28,9 +28,9 @@ from typing import Any
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
-from ..checkpoint.format import TOKENIZER_FILE, TRAINING_STATE_DIR, write_folder_atomically
+from .. import atomic
+from ..checkpoint.format import TOKENIZER_FILE, TRAINING_STATE_DIR
 from ..checkpoint.mlx_io import save_checkpoint
-from ..config import atomic_write_text
 from ..errors import UserError
 from .lora import save_adapters
 
@@ -85,20 +85,18 @@ class RunFolder:
         """Write checkpoints/step_N/ atomically, point `latest` at it, drop the oldest."""
         folder = self.checkpoints / f"step_{step:06d}"
         write_checkpoint(folder, model, optimizer, state, tokenizer_path, lora_config)
-        link_atomically(self.latest, Path("checkpoints") / folder.name)
+        atomic.replace_symlink(self.latest, Path("checkpoints") / folder.name)
         for old in self.step_dirs()[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
         return folder
 
     def save_best(self, source: Path) -> None:
         """Copy a just-written checkpoint folder to best/ (atomically)."""
-        write_folder_atomically(
-            self.best, lambda tmp: shutil.copytree(source, tmp, dirs_exist_ok=True)
-        )
+        atomic.write_folder(self.best, lambda tmp: shutil.copytree(source, tmp, dirs_exist_ok=True))
 
     def write_run_config(self, config: dict[str, Any]) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.run_config, json.dumps(config, indent=2) + "\n")
+        atomic.write_text(self.run_config, json.dumps(config, indent=2) + "\n")
 
 
 def write_checkpoint(
@@ -116,7 +114,7 @@ def write_checkpoint(
         ts.mkdir()
         tensors = dict(tree_flatten(optimizer.state))
         mx.save_safetensors(str(ts / OPTIMIZER_FILE), tensors, {"format": "mlx"})
-        atomic_write_text(ts / STATE_FILE, json.dumps(state, indent=2) + "\n")
+        atomic.write_text(ts / STATE_FILE, json.dumps(state, indent=2) + "\n")
 
     if lora_config is None:
         return save_checkpoint(folder, model, tokenizer_path, write_extra=write_state)
@@ -127,7 +125,7 @@ def write_checkpoint(
             shutil.copyfile(tokenizer_path, tmp / TOKENIZER_FILE)
         write_state(tmp)
 
-    return write_folder_atomically(folder, fill)
+    return atomic.write_folder(folder, fill)
 
 
 def read_training_state(folder: Path) -> tuple[dict[str, Any], dict[str, mx.array]]:
@@ -156,15 +154,6 @@ def restore_optimizer(optimizer, tensors: dict[str, mx.array], parameters: dict)
     optimizer.init(parameters)  # marks it initialised; keeps the loaded moments
 
 
-def link_atomically(link: Path, target: Path) -> None:
-    """Point symlink `link` at `target` (relative), replacing it in one rename."""
-    tmp = link.with_name(f".{link.name}.tmp-{os.getpid()}")
-    if tmp.is_symlink() or tmp.exists():
-        tmp.unlink()
-    os.symlink(target, tmp)
-    os.replace(tmp, link)
-
-
 # -- metrics ---------------------------------------------------------------------------------------
 
 
@@ -183,7 +172,7 @@ class MetricsLog:
                 if record.get("step", 0) <= resume_step:
                     self.records.append(record)
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in self.records))
+        atomic.write_text(path, "".join(json.dumps(r) + "\n" for r in self.records))
 
     def append(self, record: dict[str, Any]) -> None:
         self.records.append(record)
@@ -210,9 +199,9 @@ def plot_loss(records: list[dict[str, Any]], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    tmp.replace(path)
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
+    atomic.write_bytes(path, png.getvalue())
 
 
 class Plotter:
