@@ -4,14 +4,19 @@ import os
 import sys
 from pathlib import Path
 
-from mlx_transformer.cpu.blas import blas_summary
+from mlx_transformer.cpu.blas import REEXEC_MARKER, SETTING_VAR, blas_summary
 
 # MLX's CPU matmuls run on an optimized BLAS when scripts/test.sh preloaded one (pytest cannot
-# re-execute itself the way the command line does); the header says which BLAS this run uses.
+# re-execute itself the way the command line does). Without it (a plain `pytest`), the session
+# keeps MLX's own BLAS: the header says so once, and the commands under test stay quiet about it.
+if not os.environ.get(REEXEC_MARKER):
+    os.environ.setdefault(SETTING_VAR, "reference")
 
 
 def pytest_report_header(config):
-    return blas_summary()
+    if os.environ.get(REEXEC_MARKER):
+        return blas_summary()
+    return f"{blas_summary()}; scripts/test.sh preloads an optimized one (much faster on Linux)"
 
 
 # tests/reference.py (the float64 numpy model) is imported by several test files.

@@ -31,8 +31,8 @@ from mlx_transformer.errors import UserError
 from mlx_transformer.model import Transformer
 from mlx_transformer.train import args as train_args
 from mlx_transformer.train.args import TrainingArgs
-from mlx_transformer.train.step import Stepper, make_optimizer
-from mlx_transformer.train.trainer import TrainingDiverged, step_seed, to_mx, train
+from mlx_transformer.train.step import Stepper, make_optimizer, to_mx
+from mlx_transformer.train.trainer import TrainingDiverged, step_seed, train
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,6 +1,5 @@
 """Evaluation: the fixed validation sample, mean loss / perplexity / bits per byte over it
-(shared out across processes), and `evaluate_checkpoint` for a saved model. Also `to_mx`, the
-data.Batch → arrays conversion that the training loop shares with evaluation.
+(shared out across processes), and `evaluate_checkpoint` for a saved model.
 """
 
 from __future__ import annotations
@@ -14,16 +13,7 @@ import numpy as np
 from ..checkpoint.mlx_io import load_checkpoint
 from ..data.dataset import Batch, Dataset, FinetuneBatches, load_dataset, val_windows
 from ..model import Transformer
-from .step import loss_sum
-
-
-def to_mx(batch: Batch) -> tuple:
-    """A data.Batch as the Stepper's tuple of arrays."""
-
-    def arr(x: np.ndarray | None) -> mx.array | None:
-        return None if x is None else mx.array(x)
-
-    return (arr(batch.inputs), arr(batch.targets), arr(batch.loss_mask), arr(batch.attention_mask))
+from .step import loss_sum, to_mx
 
 
 def validation_batches(

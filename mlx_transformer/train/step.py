@@ -24,12 +24,25 @@ from functools import partial
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
+import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
 from .. import ops
+from ..data.dataset import Batch
 from ..model import Transformer
 
-Batch = tuple  # (inputs, targets, loss_mask | None, attention_mask | None), arrays (B, L)
+# A data.Batch as the compiled step takes it: (inputs, targets, loss_mask, attention_mask),
+# MLX arrays (B, L), masks None for "all ones". `to_mx` converts.
+BatchArrays = tuple[mx.array, mx.array, mx.array | None, mx.array | None]
+
+
+def to_mx(batch: Batch) -> BatchArrays:
+    """A data.Batch (numpy) as the step's tuple of MLX arrays."""
+
+    def arr(x: np.ndarray | None) -> mx.array | None:
+        return None if x is None else mx.array(x)
+
+    return (arr(batch.inputs), arr(batch.targets), arr(batch.loss_mask), arr(batch.attention_mask))
 
 
 class AdamW(optim.AdamW):
@@ -80,7 +93,7 @@ def token_losses(
     return ops.logsumexp(logits, axis=-1) - picked
 
 
-def loss_sum(model: Transformer, batch: Batch) -> tuple[mx.array, mx.array]:
+def loss_sum(model: Transformer, batch: BatchArrays) -> tuple[mx.array, mx.array]:
     """(sum of token losses, number of tokens counted): loss_mask picks the tokens that count."""
     inputs, targets, loss_mask, attention_mask = batch
     losses = token_losses(model, inputs, targets, attention_mask)
@@ -146,13 +159,13 @@ class Stepper:
         self._update = wrap(self._update_impl)
         self._add = mx.compile(_add_sums) if compile else _add_sums
 
-    def _loss_of_params(self, params: dict, batch: Batch) -> tuple[mx.array, mx.array]:
+    def _loss_of_params(self, params: dict, batch: BatchArrays) -> tuple[mx.array, mx.array]:
         if self.compute_dtype is not None:
             params = tree_map(lambda p: p.astype(self.compute_dtype), params)
         self.model.update(params)
         return loss_sum(self.model, batch)
 
-    def _shard_impl(self, batch: Batch) -> tuple[mx.array, mx.array, dict]:
+    def _shard_impl(self, batch: BatchArrays) -> tuple[mx.array, mx.array, dict]:
         params = self.model.trainable_parameters()
         (total, count), grads = self._value_and_grad(params, batch)
         self.model.update(params)  # put the master weights back
@@ -177,7 +190,7 @@ class Stepper:
         self.optimizer.update(self.model, grads)
         return total / count, norm
 
-    def accumulate(self, batch: Batch, acc: tuple | None = None) -> tuple:
+    def accumulate(self, batch: BatchArrays, acc: tuple | None = None) -> tuple:
         """Add one micro-batch's loss sum, token count and gradients to `acc` (not evaluated)."""
         for stream, shard in zip(self.streams, shards(batch, len(self.streams))):
             with mx.stream(stream):
@@ -185,7 +198,7 @@ class Stepper:
             acc = part if acc is None else self._add(acc, part)
         return acc
 
-    def step(self, batch: Batch, acc: tuple | None = None) -> tuple[mx.array, mx.array]:
+    def step(self, batch: BatchArrays, acc: tuple | None = None) -> tuple[mx.array, mx.array]:
         """The last micro-batch plus the update: returns (mean loss, gradient norm), lazy."""
         return self._update(*self.accumulate(batch, acc))
 
@@ -195,7 +208,7 @@ def _add_sums(a: tuple, b: tuple) -> tuple:
     return tree_map(mx.add, a, b)
 
 
-def shards(batch: Batch, n: int) -> list[Batch]:
+def shards(batch: BatchArrays, n: int) -> list[BatchArrays]:
     """`batch` split along its rows into at most n near-equal parts (no empty ones). Losses are
     sums over tokens, so any split adds up to the whole batch's loss and gradients."""
     rows = batch[0].shape[0]

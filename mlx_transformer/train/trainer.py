@@ -38,7 +38,6 @@ from .args import TrainingArgs
 from .evaluate import (
     evaluate,
     evaluate_checkpoint,  # noqa: F401  re-exported: demo and scripts import it from here
-    to_mx,
     val_bytes_per_token,
     validation_batches,
 )
@@ -51,7 +50,7 @@ from .run_folder import (
     restore_optimizer,
     write_checkpoint,
 )
-from .step import Stepper, make_optimizer
+from .step import Stepper, make_optimizer, to_mx
 
 EXIT_CODES = {"completed": 0, "SIGINT": 130, "SIGTERM": 143}
 
