@@ -32,6 +32,8 @@ import sentencepiece as spm
 from . import atomic
 from .errors import UserError
 
+# The sentencepiece model's file name in checkpoint and dataset folders.
+TOKENIZER_FILE = "tokenizer.model"
 SPECIAL_IDS = {"unk": 0, "bos": 1, "eos": 2, "pad": 3}
 NEWLINE_PIECE = "\n"
 MODEL_TYPES = ("bpe", "unigram", "char")
@@ -72,7 +74,7 @@ class Tokenizer:
         """Load `path`, a sentencepiece `.model` file or a folder holding `tokenizer.model`."""
         path = Path(path)
         if path.is_dir():
-            path = path / "tokenizer.model"
+            path = path / TOKENIZER_FILE
         try:
             data = path.read_bytes()
         except FileNotFoundError:

@@ -16,10 +16,10 @@ from pathlib import Path
 from .. import atomic
 from ..config import ConfigError, ModelConfig
 from ..errors import UserError
+from ..tokenizer import TOKENIZER_FILE as TOKENIZER_FILE  # re-exported: part of the contract
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-TOKENIZER_FILE = "tokenizer.model"
 TRAINING_STATE_DIR = "training_state"
 
 SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}

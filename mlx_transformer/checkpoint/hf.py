@@ -20,8 +20,10 @@ from .. import atomic
 from ..config import ConfigError, ModelConfig
 from ..errors import UserError
 from ..model import Transformer
-from .format import (
+from .format import (  # a Hugging Face folder uses the same file names as ours
+    CONFIG_FILE,
     TOKENIZER_FILE,
+    WEIGHTS_FILE,
     CheckpointError,
     check_tensor_shapes,
     read_safetensors_header,
@@ -44,8 +46,8 @@ def read_hf_weights(hf_dir: Path) -> dict[str, mx.array]:
     index = hf_dir / "model.safetensors.index.json"
     if index.is_file():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (hf_dir / "model.safetensors").is_file():
-        files = ["model.safetensors"]
+    elif (hf_dir / WEIGHTS_FILE).is_file():
+        files = [WEIGHTS_FILE]
     elif any(hf_dir.glob("*.bin")):
         raise UserError(
             f"{hf_dir}: only pickle (.bin) weights found; re-save the model with "
@@ -185,13 +187,13 @@ def import_hf(hf_dir: str | Path) -> Transformer:
     """Build our model from a Hugging Face GPT-2 or Llama folder (config.json + safetensors)."""
     hf_dir = Path(hf_dir)
     try:
-        hf = json.loads((hf_dir / "config.json").read_text())
+        hf = json.loads((hf_dir / CONFIG_FILE).read_text())
     except FileNotFoundError:
         raise UserError(
             f"{hf_dir}: no config.json (expected a Hugging Face model folder)"
         ) from None
     except json.JSONDecodeError as e:
-        raise UserError(f"{hf_dir / 'config.json'}: not valid JSON ({e})") from None
+        raise UserError(f"{hf_dir / CONFIG_FILE}: not valid JSON ({e})") from None
     kind = hf.get("model_type")
     readers = {
         "gpt2": (config_from_gpt2, weights_from_gpt2),
@@ -323,10 +325,10 @@ def save_hf(model: Transformer, out_dir: str | Path, tokenizer_path: str | Path 
     hf["torch_dtype"] = {mx.float16: "float16", mx.bfloat16: "bfloat16"}.get(dtype, "float32")
 
     def fill(tmp: Path) -> None:
-        (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+        (tmp / CONFIG_FILE).write_text(json.dumps(hf, indent=2) + "\n")
         # contiguous copies: safetensors stores row-major data, transposes are views
         mx.save_safetensors(
-            str(tmp / "model.safetensors"),
+            str(tmp / WEIGHTS_FILE),
             {k: mx.contiguous(v) for k, v in weights.items()},
             metadata={"format": "pt"},
         )

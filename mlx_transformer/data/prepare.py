@@ -33,7 +33,7 @@ from typing import Any
 
 from .. import atomic
 from ..errors import UserError
-from ..tokenizer import MODEL_TYPES, Tokenizer, train_tokenizer
+from ..tokenizer import MODEL_TYPES, TOKENIZER_FILE, Tokenizer, train_tokenizer
 from .dataset import FORMAT_VERSION, MANIFEST, default_corpus_path
 from .encode import _encode
 from .sources import TEXT_SUFFIXES, _Reader, _Scan, find_sources
@@ -153,7 +153,7 @@ def prepare(
         else:
             tok = reused
         collections.deque(texts, maxlen=0)  # finish checking and counting, if training stopped
-        (tmp / "tokenizer.model").write_bytes(tok.model_bytes)
+        (tmp / TOKENIZER_FILE).write_bytes(tok.model_bytes)
         splits, dtype = _encode(
             reader, scan, tok, tmp, val_fraction, shard_tokens, workers, verbose
         )
@@ -199,7 +199,7 @@ def _manifest(
         "dtype": dtype,
         "vocab_size": tok.vocab_size,
         "tokenizer": {
-            "file": "tokenizer.model",
+            "file": TOKENIZER_FILE,
             "sha256": tok.checksum,
             "model_type": model_type,
             "vocab_size": tok.vocab_size,

@@ -364,7 +364,7 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from ..checkpoint.mlx_io import load_checkpoint
-    from ..tokenizer import Tokenizer
+    from ..tokenizer import TOKENIZER_FILE, Tokenizer
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     try:
@@ -377,7 +377,7 @@ def run(args) -> int:
         raise UserError(str(e)) from None
     processors = make_logits_processors(args.repetition_penalty, args.repetition_context_size)
     model = load_checkpoint(args.model)
-    tokenizer_path = Path(args.model) / "tokenizer.model"
+    tokenizer_path = Path(args.model) / TOKENIZER_FILE
     if not tokenizer_path.is_file():
         raise UserError(f"{args.model}: no tokenizer.model in the checkpoint folder")
     tokenizer = Tokenizer.load(tokenizer_path)

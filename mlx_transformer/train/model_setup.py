@@ -12,7 +12,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from ..checkpoint.format import TOKENIZER_FILE
+from ..checkpoint.format import CONFIG_FILE, TOKENIZER_FILE
 from ..checkpoint.mlx_io import load_checkpoint
 from ..config import MODEL_TYPE, ModelConfig
 from ..data.dataset import Dataset
@@ -30,7 +30,7 @@ def load_init_model(path: str | Path) -> tuple[Transformer, Path | None]:
     (told apart by config.json's model_type). Returns (model, its tokenizer.model or None)."""
     path = Path(path)
     try:
-        kind = json.loads((path / "config.json").read_text()).get("model_type", MODEL_TYPE)
+        kind = json.loads((path / CONFIG_FILE).read_text()).get("model_type", MODEL_TYPE)
     except (OSError, json.JSONDecodeError, AttributeError):
         kind = MODEL_TYPE  # load_checkpoint names the problem
     if kind == MODEL_TYPE:
