@@ -27,7 +27,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-# --- Tokenizer and data fixtures (issue 3: tokenizer and data pipeline) --------------------
+# --- Tokenizer and data fixtures ----------------------------------------------------------
 # Tiny sentencepiece models, trained once per session from the embedded corpus' first 50 KB.
 
 import pytest  # noqa: E402

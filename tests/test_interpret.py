@@ -165,6 +165,10 @@ def test_inspect_command_writes_pictures_and_numbers(tmp_path, tiny_tokenizer_pa
     assert (out / "attention.png").read_bytes()[:4] == b"\x89PNG"
     saved = np.load(out / "attention.npz")
     assert saved["weights"].shape[:2] == (2, 4)
+    # The prompt is read as a document start: after EOS, as in training data (never BOS).
+    tokenizer = Tokenizer.load(tiny_tokenizer_path)
+    want = [tokenizer.eos_id] + tokenizer.encode("First Citizen: speak, speak.")
+    assert saved["ids"].tolist() == want
     ablation = json.loads((out / "ablation.json").read_text())
     assert len(ablation["heads"]) == 2 and len(ablation["ranked"]) == 2 * 4 + 2
     printed = capsys.readouterr().out

@@ -5,7 +5,7 @@
     generate / batch_generate              text in, text out
 
 Prompts are encoded without BOS, as training data is (documents are only followed by EOS); an
-empty prompt starts from BOS alone. Stop strings are matched on the decoded text, across token
+empty prompt starts from EOS alone. Stop strings are matched on the decoded text, across token
 boundaries; text that might be the start of a stop string is held back until it is not.
 
 Context overflow (`overflow`): "error" (default) refuses prompt + max_tokens > context before any

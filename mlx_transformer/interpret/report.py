@@ -4,6 +4,9 @@ OUT/attention.png  attention.npz    every layer x head, token labels on the axes
 OUT/logit_lens.png logit_lens.json  P(actual next token) by layer x position; top-k per layer
 OUT/ablation.png   ablation.json    loss increase when each head / MLP is knocked out
 OUT/heads.json                      previous-token, first-token and induction scores per head
+
+Texts start with EOS, the token every document starts after in training (`prepare` joins documents
+with EOS and never writes BOS), so position 0 is one the model has seen in that place.
 """
 
 from __future__ import annotations
@@ -18,6 +21,11 @@ from ..errors import UserError
 from . import analysis as interpret
 
 MAX_LABELLED_TOKENS = 64  # beyond this, tick labels are unreadable
+
+
+def document_ids(tokenizer, text: str) -> list[int]:
+    """Ids of `text` read as the start of a document: EOS first (where the tokenizer has one)."""
+    return ([tokenizer.eos_id] if tokenizer.eos_id >= 0 else []) + tokenizer.encode(text)
 
 
 def token_labels(tokenizer, ids: list[int]) -> list[str]:
@@ -117,7 +125,7 @@ def inspect_model(
 ) -> dict:
     """Write the pictures and numbers for `prompt` into `out`; returns the summary it printed."""
     out = Path(out)
-    ids = tokenizer.encode(prompt, bos=True)
+    ids = document_ids(tokenizer, prompt)
     context = model.config.max_position_embeddings
     if len(ids) < 2:
         raise UserError("the prompt must have at least one token")
@@ -167,7 +175,7 @@ def inspect_model(
         )
         print(f"  {'embed' if s == 0 else f'layer {s - 1}':>9}: {tops}")
 
-    eval_ids = mx.array([tokenizer.encode(text, bos=True)[:context]]) if text else x
+    eval_ids = mx.array([document_ids(tokenizer, text)[:context]]) if text else x
     n_layers, n_heads = len(model.layers), model.config.num_attention_heads
     if ablate:
         component = parse_component(ablate, n_layers, n_heads)
