@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The bar run: nanoGPT's CPU Shakespeare-char recipe (4 layers, 4 heads, width 128, context 64,
-# batch 12, 2000 iterations) on a sentencepiece char model of the embedded Tiny Shakespeare, then
-# the loss over the whole validation split (nats per character = per token here).
+# The bar run: nanoGPT's CPU Shakespeare-char recipe (the package's RECIPE below, also what
+# `mlx-transformer demo` trains) on a sentencepiece char model of the embedded Tiny Shakespeare,
+# then the loss over the whole validation split (nats per character = per token here).
 #
 #   scripts/train_shakespeare_char.sh [RUN_DIR]        (default runs/shakespeare_char)
 set -euo pipefail
@@ -9,9 +9,10 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 RUN=${1:-runs/shakespeare_char}
 DATA=${DATA:-runs/data/shakespeare_char}
+RECIPE=mlx_transformer/train/recipes/shakespeare_char.json
 
 $PY -m mlx_transformer prepare --model-type char --vocab-size 330 --out "$DATA"
-$PY -m mlx_transformer train --config scripts/shakespeare_char.json --data "$DATA" --out "$RUN" "${@:2}"
+$PY -m mlx_transformer train --config "$RECIPE" --data "$DATA" --out "$RUN" "${@:2}"
 # Whole-val loss of the final checkpoint (python -c: ensure_fast_blas re-executes the command).
 $PY -c '
 import json, math, sys

@@ -2,9 +2,26 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
+
+from mlx_transformer import demo
+from mlx_transformer.train import args as train_args
+
+
+def test_the_recipe_is_a_train_config_file():
+    """The demo and `train --config` read the same shipped file (scripts/train_shakespeare_char.sh
+    passes its path)."""
+    parser = argparse.ArgumentParser()
+    train_args.add_arguments(parser)
+    recipe = train_args.RECIPES / demo.RECIPE
+    ns = parser.parse_args(["--config", str(recipe), "--data", "d", "--out", "o"])
+    args = train_args.resolve(ns)
+    args.validate()
+    assert (args.max_steps, args.batch_size, args.context_length, args.seed) == (2000, 12, 64, 1337)
+    assert args.model["hidden_size"] == 128 and args.decay_steps is None
 
 
 def test_demo_runs_the_whole_journey(tmp_path):

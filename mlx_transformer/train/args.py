@@ -27,6 +27,8 @@ PRECISIONS = ("float32", "bfloat16", "bfloat16-pure")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # ModelConfig fields that are not flags: the vocabulary comes from the tokenizer.
 MODEL_FIELDS_NOT_FLAGS = ("vocab_size", "extra")
+# Complete settings of known runs, shipped with the package: `--config RECIPES/NAME.json`.
+RECIPES = Path(__file__).with_name("recipes")
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -38,7 +40,7 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 
 @dataclass
 class TrainingArgs:
-    """Everything `train()` needs. The defaults are nanoGPT's small-model (char-level) recipe."""
+    """Everything `train()` needs; the settings of known runs are config files in RECIPES."""
 
     # -- where -------------------------------------------------------------------------------
     data: str | None = _f(None, "dataset folder written by `mlx-transformer prepare`")
