@@ -24,7 +24,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "mlx_transformer.train.trainer",
         "train or fine-tune (full or LoRA) on a prepared dataset",
     ),
-    "fuse": ("mlx_transformer.train.lora", "fuse LoRA adapters into a plain checkpoint"),
+    "fuse": ("mlx_transformer.train.fuse", "fuse LoRA adapters into a plain checkpoint"),
     "demo": ("mlx_transformer.demo", "the whole journey on the embedded default corpus"),
     "convert": (
         "mlx_transformer.checkpoint.hf",

@@ -18,11 +18,11 @@ from mlx_transformer.data.prepare import prepare
 from mlx_transformer.errors import UserError
 from mlx_transformer.model import Transformer
 from mlx_transformer.train.args import TrainingArgs
+from mlx_transformer.train.fuse import fuse
 from mlx_transformer.train.lora import (
     ADAPTERS_FILE,
     LoRALinear,
     apply_lora,
-    fuse,
     load_adapters,
     save_adapters,
 )

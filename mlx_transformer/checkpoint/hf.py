@@ -17,7 +17,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .. import atomic
-from ..config import ConfigError, ModelConfig
+from ..config import MODEL_TYPE, ConfigError, ModelConfig
 from ..errors import UserError
 from ..model import Transformer
 from .format import (  # a Hugging Face folder uses the same file names as ours
@@ -350,6 +350,19 @@ def save_hf(model: Transformer, out_dir: str | Path, tokenizer_path: str | Path 
     return atomic.write_folder(out_dir, fill)
 
 
+def load_pretrained(path: str | Path) -> tuple[Transformer, Path | None]:
+    """A model to start from: our checkpoint folder, or a Hugging Face GPT-2/Llama folder
+    (told apart by config.json's model_type). Returns (model, its tokenizer.model or None)."""
+    path = Path(path)
+    try:
+        kind = json.loads((path / CONFIG_FILE).read_text()).get("model_type", MODEL_TYPE)
+    except (OSError, json.JSONDecodeError, AttributeError):
+        kind = MODEL_TYPE  # load_checkpoint names the problem
+    model = load_checkpoint(path) if kind == MODEL_TYPE else import_hf(path)
+    tokenizer = path / TOKENIZER_FILE
+    return model, tokenizer if tokenizer.is_file() else None
+
+
 # -- CLI -------------------------------------------------------------------------------------------
 
 
@@ -385,4 +398,4 @@ def run(args) -> int:
     return 0
 
 
-__all__ = ["import_hf", "save_hf", "to_hf", "hf_family", "CheckpointError"]
+__all__ = ["import_hf", "load_pretrained", "save_hf", "to_hf", "hf_family", "CheckpointError"]

@@ -4,14 +4,12 @@
 
 B starts at zero, so an adapted model starts out exactly as its base. An adapter folder holds
 `adapters.safetensors` (keys `layers.{i}.attn.q_proj.lora_a`, ...) and `adapter_config.json`
-(rank, alpha, dropout, targets, layers, and the base model it was trained on).
-
-    mlx-transformer fuse --model CKPT --adapters DIR --out CKPT2   # a plain checkpoint
+(rank, alpha, dropout, targets, layers, and the base model it was trained on). The `fuse`
+command (`train.fuse`) turns adapters and their base model back into a plain checkpoint.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from pathlib import Path
@@ -173,46 +171,3 @@ def fuse_lora(model: Transformer) -> Transformer:
     model.unfreeze()
     mx.eval(model.parameters())
     return model
-
-
-# -- `mlx-transformer fuse` ------------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="the base checkpoint (default: the one the adapters name)")
-    parser.add_argument("--adapters", required=True, metavar="DIR", help="adapter folder")
-    parser.add_argument("--out", required=True, metavar="CKPT", help="fused checkpoint to write")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="save as")
-
-
-def fuse(model_path: str | Path | None, adapters: str | Path, out: str | Path, dtype=None) -> Path:
-    """Fuse the adapters in `adapters` into the base checkpoint and save a plain checkpoint.
-
-    Args:
-        model_path: the base checkpoint; None = the `base_model` recorded in adapter_config.json.
-        adapters: the adapter folder.
-        out: the checkpoint folder to write (config.json, model.safetensors, tokenizer.model).
-        dtype: save the weights in this dtype; default as the base model.
-    Returns:
-        The written folder.
-    """
-    from ..checkpoint.format import TOKENIZER_FILE
-    from ..checkpoint.mlx_io import save_checkpoint
-    from .model_setup import load_init_model
-
-    config = read_adapter_config(adapters)
-    base = model_path or config.get("base_model")
-    if base is None:
-        raise UserError(f"{adapters} does not name its base model; pass --model")
-    model, tokenizer = load_init_model(base)
-    load_adapters(model, adapters)
-    fuse_lora(model)
-    tokenizer = tokenizer or (Path(adapters) / TOKENIZER_FILE)
-    tokenizer = tokenizer if Path(tokenizer).is_file() else None
-    return save_checkpoint(out, model, tokenizer_path=tokenizer, dtype=dtype)
-
-
-def run(args: argparse.Namespace) -> int:
-    out = fuse(args.model, args.adapters, args.out, args.dtype)
-    print(f"wrote {out}")
-    return 0

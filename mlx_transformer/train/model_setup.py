@@ -1,20 +1,19 @@
 """Models for training: the run's model, whether fresh, fine-tuned from --init-from (our
 checkpoint or a Hugging Face folder), wrapped with LoRA adapters, or resumed; cast to the run's
-precision. `train.Trainer` builds its model here; `lora.fuse` loads its base model here.
+precision. `train.Trainer` builds its model here.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 
-from ..checkpoint.format import CONFIG_FILE, TOKENIZER_FILE
+from ..checkpoint.hf import load_pretrained
 from ..checkpoint.mlx_io import load_checkpoint
-from ..config import MODEL_TYPE, ModelConfig
+from ..config import ModelConfig
 from ..data.dataset import Dataset
 from ..errors import UserError
 from ..model import Transformer
@@ -23,24 +22,6 @@ from .lora import apply_lora, load_adapters, read_adapter_config
 from .step import cast_params
 
 DROPOUT_FIELDS = ("embedding_dropout", "attention_dropout", "residual_dropout")
-
-
-def load_init_model(path: str | Path) -> tuple[Transformer, Path | None]:
-    """A model to start from: our checkpoint folder, or a Hugging Face GPT-2/Llama folder
-    (told apart by config.json's model_type). Returns (model, its tokenizer.model or None)."""
-    path = Path(path)
-    try:
-        kind = json.loads((path / CONFIG_FILE).read_text()).get("model_type", MODEL_TYPE)
-    except (OSError, json.JSONDecodeError, AttributeError):
-        kind = MODEL_TYPE  # load_checkpoint names the problem
-    if kind == MODEL_TYPE:
-        model = load_checkpoint(path)
-    else:
-        from ..checkpoint.hf import import_hf
-
-        model = import_hf(path)
-    tokenizer = path / TOKENIZER_FILE
-    return model, tokenizer if tokenizer.is_file() else None
 
 
 def with_dropout(model: Transformer, overrides: dict[str, Any]) -> Transformer:
@@ -67,12 +48,12 @@ def build_model(
     lora_config = None
     if resume_from is not None and args.lora:
         lora_config = read_adapter_config(resume_from)
-        model, _ = load_init_model(lora_config["base_model"])
+        model, _ = load_pretrained(lora_config["base_model"])
         load_adapters(model, resume_from)
     elif resume_from is not None:
         model = load_checkpoint(resume_from)
     elif args.init_from is not None:
-        model, _ = load_init_model(args.init_from)
+        model, _ = load_pretrained(args.init_from)
         model = with_dropout(model, args.model)
         if args.lora:
             lora_config = apply_lora(
