@@ -4,7 +4,7 @@ OUT/
   run_config.json             the resolved TrainingArgs + ModelConfig of the latest invocation
   metrics.jsonl               one JSON object per log line (train) or evaluation (val)
   loss.png                    train and val loss against step, redrawn at each evaluation
-  checkpoints/step_000500/    a checkpoint folder (see checkpoint/) + training_state/; the last K kept
+  checkpoints/step_000500/    a checkpoint folder (checkpoint/) + training_state/; the last K kept
   best/                       the checkpoint with the lowest val loss so far
   latest -> checkpoints/step_000500   what generate/export/--resume use
 
