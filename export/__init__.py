@@ -1,8 +1,10 @@
 """The ONNX side: read a checkpoint with numpy, build the graph, quantize, run it.
 
-Never imports MLX, directly or indirectly (a test checks). Modules:
-weights (checkpoint reader) → graph, layers, builder (the graph) → quantize → exporter (API and
-`export` CLI); providers (execution providers) → runtime (`onnx-generate`, deployment).
+Never imports MLX, directly or indirectly (a test checks). Modules: contract (the folder's file
+names, io.json and the graph's IO names); weights (checkpoint reader) → graph, layers, builder
+(the graph) → quantize → exporter (API and `export` CLI); providers (execution providers) →
+session (one model, KV cache) → runtime (`onnx-generate`, deployment). quantize measures with
+runtime's generator.
 """
 
 from __future__ import annotations

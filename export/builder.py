@@ -1,7 +1,7 @@
 """The whole decoder as one ONNX graph: IO table → embeddings → masks → blocks → LM head.
 
-One graph serves prefill (past length 0) and decode. `build_model` is the entry point; it checks
-that every checkpoint tensor ended up in the graph.
+One graph serves prefill (past length 0) and decode; its IO is `contract.io_table`. `build_model`
+is the entry point; it checks that every checkpoint tensor ended up in the graph.
 """
 
 from __future__ import annotations
@@ -14,35 +14,22 @@ import onnx
 
 from mlx_transformer.config import ModelConfig
 
+from .contract import (
+    ATTENTION_MASK,
+    INPUT_IDS,
+    LOGITS,
+    PAST,
+    POSITION_IDS,
+    PRESENT,
+    io_table,
+    kv_pair,
+)
 from .graph import BOOL, FLOAT, INT32, INT64, Graph
 from .layers import MASKED, add_and_norm, attention_ort, attention_portable, linear, mlp
 from .weights import Weights
 
 FLAVOURS = ("portable", "ort")
-
-# -- IO -------------------------------------------------------------------------------------------
-
-# Symbolic dims: batch_size, sequence_length (new tokens), past_sequence_length,
-# total_sequence_length = past_sequence_length + sequence_length.
-
-
-def io_table(config: ModelConfig) -> tuple[list[tuple], list[tuple]]:
-    """(inputs, outputs), each a list of (name, elem_type, shape) in graph order."""
-    K, hd, V = config.num_key_value_heads, config.head_dim, config.vocab_size
-    inputs = [
-        ("input_ids", INT64, ["batch_size", "sequence_length"]),
-        ("attention_mask", INT64, ["batch_size", "total_sequence_length"]),
-        ("position_ids", INT64, ["batch_size", "sequence_length"]),
-    ]
-    outputs = [("logits", FLOAT, ["batch_size", "sequence_length", V])]
-    for i in range(config.num_hidden_layers):
-        for kind in ("key", "value"):
-            past = ["batch_size", K, "past_sequence_length", hd]
-            inputs.append((f"past_key_values.{i}.{kind}", FLOAT, past))
-            present = ["batch_size", K, "total_sequence_length", hd]
-            outputs.append((f"present.{i}.{kind}", FLOAT, present))
-    return inputs, outputs
-
+ELEM_TYPES = {"int64": INT64, "float32": FLOAT}  # io_table's dtype names
 
 # -- positions ------------------------------------------------------------------------------------
 
@@ -171,9 +158,9 @@ def build_graph(config: ModelConfig, weights: Weights, flavour: str, head_copy: 
     """All nodes of the model; see `build_model`."""
     g = Graph(weights)
     inputs, outputs = io_table(config)
-    for name, elem_type, shape in inputs:
-        g.input(name, elem_type, shape)
-    input_ids, attention_mask, position_ids = "input_ids", "attention_mask", "position_ids"
+    for name, dtype, shape in inputs:
+        g.input(name, ELEM_TYPES[dtype], shape)
+    input_ids, attention_mask, position_ids = INPUT_IDS, ATTENTION_MASK, POSITION_IDS
 
     x = embeddings(g, input_ids, position_ids, config)
     B, L, S = lengths(g, input_ids, attention_mask)
@@ -191,7 +178,7 @@ def build_graph(config: ModelConfig, weights: Weights, flavour: str, head_copy: 
     residual, h = x, None  # pre-norm: the pending residual sum is fused into the next norm
     for i in range(config.num_hidden_layers):
         layer = f"layers.{i}"
-        past = (f"past_key_values.{i}.key", f"past_key_values.{i}.value")
+        past = kv_pair(PAST, i)
         if pre:
             normed, residual = add_and_norm(g, residual, h, f"{layer}.attn_norm", config, flavour)
         else:
@@ -200,8 +187,8 @@ def build_graph(config: ModelConfig, weights: Weights, flavour: str, head_copy: 
             h, k, v = attention_ort(g, normed, f"{layer}.attn", config, rotary, extra, past)
         else:
             h, k, v = attention_portable(g, normed, f"{layer}.attn", config, rotary, keep, past)
-        g.rename_output(k, f"present.{i}.key")
-        g.rename_output(v, f"present.{i}.value")
+        for value, name in zip((k, v), kv_pair(PRESENT, i)):
+            g.rename_output(value, name)
         if pre:
             normed, residual = add_and_norm(g, residual, h, f"{layer}.mlp_norm", config, flavour)
             h = mlp(g, normed, f"{layer}.mlp", config, flavour)
@@ -222,9 +209,9 @@ def build_graph(config: ModelConfig, weights: Weights, flavour: str, head_copy: 
     else:
         head = g.node("Transpose", [g.weight("embed_tokens.weight")], "/model/lm_head/Transpose")
         logits = g.node("MatMul", [x, head], "/model/lm_head/MatMul")
-    g.rename_output(logits, "logits")
-    for name, elem_type, shape in outputs:
-        g.output(name, elem_type, shape)
+    g.rename_output(logits, LOGITS)
+    for name, dtype, shape in outputs:
+        g.output(name, ELEM_TYPES[dtype], shape)
     return g
 
 
@@ -246,7 +233,7 @@ def fallbacks(config: ModelConfig, flavour: str) -> list[str]:
     )
     notes.append(
         "GroupQueryAttention cannot take a multi-token chunk after a non-empty past when "
-        "batch > 1: feed such chunks one token at a time (export.runtime does)"
+        "batch > 1: feed such chunks one token at a time (export.session does)"
     )
     return notes
 

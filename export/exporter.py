@@ -1,12 +1,4 @@
-"""`mlx-transformer export CKPT OUT`: checkpoint folder → ONNX folder, atomically.
-
-OUT/
-  model.onnx        the decoder (+ model.onnx.data when the weights pass 2 GB)
-  config.json       the checkpoint's config, byte for byte
-  tokenizer.model   the checkpoint's tokenizer, when it has one
-  io.json           IO names and shapes, model dims, special tokens, flavour, precision, notes,
-                    and for lower precisions the measured cost against fp32
-"""
+"""`mlx-transformer export CKPT OUT`: checkpoint folder → ONNX folder (`contract`), atomically."""
 
 from __future__ import annotations
 
@@ -19,24 +11,19 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from mlx_transformer.checkpoint.format import (
-    CONFIG_FILE,
-    TOKENIZER_FILE,
-    write_folder_atomically,
-)
+from mlx_transformer.checkpoint.format import write_folder_atomically
 from mlx_transformer.config import ModelConfig
 from mlx_transformer.errors import UserError
 
-from .builder import FLAVOURS, build_model, fallbacks, io_table
+from .builder import FLAVOURS, build_model, fallbacks
+from .contract import CONFIG_FILE, EXTERNAL_DATA, IO_FILE, MODEL_FILE, TOKENIZER_FILE, io_json
+from .graph import OPSET
 from .quantize import PRECISIONS, compare, to_fp16, to_int4, to_int8
-from .runtime import IO_FILE, MODEL_FILE
 from .weights import read_checkpoint
 
-EXTERNAL_DATA = "model.onnx.data"
 # Serialized protobufs are limited to 2 GB; stay clear of it.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 DEFAULT_EVAL_TEXT = Path(__file__).resolve().parent.parent / "mlx_transformer/data"
-_ONNX_TYPES = {onnx.TensorProto.INT64: "int64", onnx.TensorProto.FLOAT: "float32"}
 
 
 def save(model: onnx.ModelProto, path: Path, external: bool) -> None:
@@ -83,38 +70,13 @@ def eval_tokens_for(ckpt: Path, config: ModelConfig, eval_text: str | Path | Non
     return ids, "512 random token ids (no tokenizer: perplexity is not meaningful)"
 
 
-def io_json(config: ModelConfig, ckpt: Path, flavour: str, precision: str, dtype: str) -> dict:
-    inputs, outputs = io_table(config)
+def special_tokens(ckpt: Path) -> dict | None:
+    """The tokenizer's special ids, or None for a checkpoint without a tokenizer."""
+    if not (ckpt / TOKENIZER_FILE).is_file():
+        return None
+    from mlx_transformer.tokenizer import Tokenizer
 
-    def table(rows):
-        return [{"name": n, "dtype": _ONNX_TYPES[t], "shape": s} for n, t, s in rows]
-
-    special = None
-    if (ckpt / TOKENIZER_FILE).is_file():
-        from mlx_transformer.tokenizer import Tokenizer
-
-        special = Tokenizer.load(ckpt / TOKENIZER_FILE).special_ids
-    return {
-        "format": "mlx-transformer-onnx",
-        "format_version": 1,
-        "model": MODEL_FILE,
-        "flavour": flavour,
-        "precision": precision,
-        "dtype": "float32",  # of the float inputs and outputs, in every precision
-        "checkpoint_dtype": dtype,
-        "opset": 17,
-        "inputs": table(inputs),
-        "outputs": table(outputs),
-        "num_hidden_layers": config.num_hidden_layers,
-        "num_attention_heads": config.num_attention_heads,
-        "num_key_value_heads": config.num_key_value_heads,
-        "head_dim": config.head_dim,
-        "hidden_size": config.hidden_size,
-        "vocab_size": config.vocab_size,
-        "context_length": config.max_position_embeddings,
-        "special_tokens": special,
-        "notes": fallbacks(config, flavour),
-    }
+    return Tokenizer.load(ckpt / TOKENIZER_FILE).special_ids
 
 
 def export_onnx(
@@ -146,7 +108,15 @@ def export_onnx(
         raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     ckpt, out = Path(ckpt), Path(out)
     config, weights = read_checkpoint(ckpt)
-    info = io_json(config, ckpt, flavour, precision, weights.dtype)
+    info = io_json(
+        config,
+        flavour=flavour,
+        precision=precision,
+        checkpoint_dtype=weights.dtype,
+        opset=OPSET,
+        special_tokens=special_tokens(ckpt),
+        notes=fallbacks(config, flavour),
+    )
 
     def fill(tmp: Path) -> None:
         model = build_model(config, weights, flavour, head_copy=precision in ("int8", "int4"))
@@ -170,7 +140,7 @@ def export_onnx(
                     if eval_tokens is not None
                     else eval_tokens_for(ckpt, config, eval_text)
                 )
-                report = compare(scratch / MODEL_FILE, target, config, tokens)
+                report = compare(scratch, tmp, info, tokens)
                 info["precision_report"] = {"eval_source": source, **report}
                 info["precision_report"]["size_bytes_fp32"] = _folder_bytes(scratch)
             shutil.rmtree(scratch)

@@ -8,7 +8,7 @@
   degrade small models most (repetition). Embeddings stay float32 in every precision.
 
 `compare` measures a candidate against the fp32 graph on the same tokens: max logit error,
-next-token (argmax) agreement, greedy generation agreement and perplexity.
+next-token (argmax) agreement, greedy generation agreement (`OnnxGenerator`) and perplexity.
 """
 
 from __future__ import annotations
@@ -20,9 +20,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from mlx_transformer.config import ModelConfig
-
-from .providers import create_session
+from .runtime import OnnxGenerator
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 LM_HEAD = "/model/lm_head/MatMul"
@@ -122,41 +120,6 @@ def to_int4(model: onnx.ModelProto, block_size: int = 32) -> onnx.ModelProto:
 # -- measuring ------------------------------------------------------------------------------------
 
 
-def _feeds(config: ModelConfig, ids: np.ndarray) -> dict[str, np.ndarray]:
-    B, T = ids.shape
-    empty = np.zeros((B, config.num_key_value_heads, 0, config.head_dim), np.float32)
-    feeds = {
-        "input_ids": ids.astype(np.int64),
-        "attention_mask": np.ones((B, T), np.int64),
-        "position_ids": np.broadcast_to(np.arange(T), (B, T)).astype(np.int64),
-    }
-    for i in range(config.num_hidden_layers):
-        feeds[f"past_key_values.{i}.key"] = feeds[f"past_key_values.{i}.value"] = empty
-    return feeds
-
-
-def greedy_tokens(session, config: ModelConfig, prompt: np.ndarray, n: int) -> list[int]:
-    """n greedy tokens after `prompt` (1-D), decoding with the KV cache."""
-    feeds = _feeds(config, prompt[None])
-    out, tokens = [], []
-    for _ in range(n):
-        out = session.run(None, feeds)
-        token = int(out[0][0, -1].argmax())
-        tokens.append(token)
-        S = feeds["attention_mask"].shape[1] + 1
-        if S > config.max_position_embeddings:
-            break
-        feeds = {
-            "input_ids": np.array([[token]], np.int64),
-            "attention_mask": np.ones((1, S), np.int64),
-            "position_ids": np.array([[S - 1]], np.int64),
-        }
-        for i in range(config.num_hidden_layers):
-            feeds[f"past_key_values.{i}.key"] = out[1 + 2 * i]
-            feeds[f"past_key_values.{i}.value"] = out[2 + 2 * i]
-    return tokens
-
-
 def _nll(logits: np.ndarray, ids: np.ndarray) -> float:
     """Mean next-token negative log-likelihood of ids (B, T) under logits (B, T, V)."""
     x = logits[:, :-1].astype(np.float64)
@@ -165,34 +128,37 @@ def _nll(logits: np.ndarray, ids: np.ndarray) -> float:
     return float(-np.take_along_axis(logp, ids[:, 1:, None], -1).mean())
 
 
-def eval_windows(tokens: np.ndarray, config: ModelConfig, windows: int = 4) -> np.ndarray:
+def eval_windows(tokens: np.ndarray, context: int, windows: int = 4) -> np.ndarray:
     """Up to `windows` rows of min(context, 128) consecutive tokens."""
-    T = min(config.max_position_embeddings, 128, len(tokens))
+    T = min(context, 128, len(tokens))
     n = max(1, min(windows, len(tokens) // T))
     return np.stack([tokens[i * T : (i + 1) * T] for i in range(n)]).astype(np.int64)
 
 
 def compare(
-    reference: Path, candidate: Path, config: ModelConfig, tokens: np.ndarray, greedy_n: int = 32
+    reference: Path, candidate: Path, io: dict, tokens: np.ndarray, greedy_n: int = 32
 ) -> dict:
     """Errors of the candidate graph against the reference (fp32) graph, on the CPU EP.
 
     Args:
+        reference, candidate: folders holding a model.onnx each (no io.json needed).
+        io: the io.json contents that both graphs share.
         tokens: evaluation token ids (1-D); cut into windows (`eval_windows`).
     Returns:
         max_abs_logit_error, argmax_agreement (next-token, teacher-forced), greedy_match
         (identical greedy tokens before the first difference, of greedy_n), perplexities.
     """
-    ids = eval_windows(tokens, config)
-    ref_session, _ = create_session(reference, "cpu")
-    cand_session, _ = create_session(candidate, "cpu")
-    ref = ref_session.run(["logits"], _feeds(config, ids))[0]
-    cand = cand_session.run(["logits"], _feeds(config, ids))[0]
-    prompt = ids[0, : min(8, ids.shape[1])]
-    n = min(greedy_n, config.max_position_embeddings - len(prompt))
-    ref_greedy = greedy_tokens(ref_session, config, prompt, n)
-    cand_greedy = greedy_tokens(cand_session, config, prompt, n)
-    match = next((i for i, (a, b) in enumerate(zip(ref_greedy, cand_greedy)) if a != b), n)
+    ref_gen, cand_gen = OnnxGenerator(reference, io=io), OnnxGenerator(candidate, io=io)
+    ids = eval_windows(tokens, io["context_length"])
+    ref = ref_gen.model(ids, np.ones_like(ids))[0]
+    cand = cand_gen.model(ids, np.ones_like(ids))[0]
+    prompt = ids[0, : min(8, ids.shape[1])].tolist()
+    n = min(greedy_n, io["context_length"] - len(prompt))
+    greedy = [
+        gen.generate_tokens([prompt], max_tokens=n, stop_at_eos=False)[0].tokens
+        for gen in (ref_gen, cand_gen)
+    ]
+    match = next((i for i, (a, b) in enumerate(zip(*greedy)) if a != b), n)
     ppl_ref, ppl_cand = math.exp(_nll(ref, ids)), math.exp(_nll(cand, ids))
     return {
         "eval_tokens": int(ids.size),

@@ -26,11 +26,13 @@ import numpy as np
 import onnx
 
 from export import providers
-from export.builder import io_table
-from export.runtime import MODEL_FILE, OnnxGenerator, OnnxModel, positions_from_mask, read_io
+from export.contract import LOGITS, MODEL_FILE, feeds, io_table, read_io
+from export.runtime import OnnxGenerator
+from export.session import OnnxModel, left_pad, positions_from_mask
 from export.weights import read_checkpoint
 
 from .checkpoint.mlx_io import load_checkpoint
+from .generate.api import generate_step
 from .model import make_cache
 
 # precision -> (atol, rtol, greedy must be exact). int8/int4 have no logit budget here: their
@@ -94,12 +96,8 @@ def check_weights(path: Path, ckpt: Path) -> dict:
 
 
 def left_padded(rng, lengths: list[int], vocab: int) -> tuple[np.ndarray, np.ndarray]:
-    T = max(lengths)
-    ids = np.zeros((len(lengths), T), np.int64)
-    mask = np.zeros((len(lengths), T), np.int64)
-    for i, n in enumerate(lengths):
-        ids[i, T - n :], mask[i, T - n :] = rng.integers(0, vocab, n), 1
-    return ids, mask
+    """Random rows of these lengths, left-padded: (input_ids, attention_mask)."""
+    return left_pad([rng.integers(0, vocab, n) for n in lengths])
 
 
 def mlx_logits(model, ids, mask, cache=None) -> np.ndarray:
@@ -180,14 +178,8 @@ def case_max_context(model, onnx_model, budget, rng) -> dict:
 
 
 def mlx_greedy(model, prompt: list[int], n: int) -> list[int]:
-    cache = make_cache(model)
-    logits = model(mx.array([prompt]), cache=cache)
-    tokens = []
-    for i in range(n):
-        tokens.append(int(mx.argmax(logits[0, -1])))
-        if i + 1 < n:
-            logits = model(mx.array([[tokens[-1]]]), cache=cache)
-    return tokens
+    """n greedy tokens of the MLX generator (no stop at EOS)."""
+    return list(generate_step(prompt, model, max_tokens=n))
 
 
 def case_greedy(model, generator, budget, n: int) -> dict:
@@ -319,13 +311,12 @@ def case_reference(model, path: Path) -> dict:
     """The portable graph run by onnx.reference (pure numpy) against MLX."""
     from onnx.reference import ReferenceEvaluator
 
-    ids, mask = left_padded(np.random.default_rng(9), [7, 4], model.config.vocab_size)
-    K, hd = model.config.num_key_value_heads, model.config.head_dim
-    feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions_from_mask(mask, 7)}
-    for i in range(model.config.num_hidden_layers):
-        for kind in ("key", "value"):
-            feeds[f"past_key_values.{i}.{kind}"] = np.zeros((2, K, 0, hd), np.float32)
-    logits = ReferenceEvaluator(str(path)).run(["logits"], feeds)[0]
+    cfg = model.config
+    ids, mask = left_padded(np.random.default_rng(9), [7, 4], cfg.vocab_size)
+    empty = np.zeros((2, cfg.num_key_value_heads, 0, cfg.head_dim), np.float32)
+    past = [empty] * (2 * cfg.num_hidden_layers)
+    inputs = feeds(ids, mask, positions_from_mask(mask, 7), past)
+    logits = ReferenceEvaluator(str(path)).run([LOGITS], inputs)[0]
     return compare(logits, mlx_logits(model, ids, mask), BUDGETS["fp32"], mask == 1)
 
 

@@ -95,7 +95,7 @@ def prepare(family: str, size: str, workdir: Path, seed: int = 0) -> dict:
     from transformers.utils import logging as hf_logging
 
     from export.exporter import export_onnx
-    from export.runtime import OnnxModel
+    from export.session import OnnxModel
     from mlx_transformer.checkpoint.hf import save_hf
     from mlx_transformer.checkpoint.mlx_io import save_checkpoint
     from mlx_transformer.config import ModelConfig

@@ -2,7 +2,8 @@
 
 The transformers model is wrapped so that the exported graph has our IO convention (input_ids,
 attention_mask, position_ids, past_key_values.{i}.key/value → logits, present.{i}.key/value),
-and an io.json is written next to it so `export.runtime` loads it like our own exports.
+and an io.json with the keys the runtime needs (see `export.contract`) is written next to it, so
+`export.runtime` loads it like our own exports.
 `torch_export_parity` checks the graph against transformers itself.
 """
 
@@ -70,17 +71,28 @@ def export_torch_onnx(hf_dir: str | Path, out_dir: str | Path, opset: int = 17) 
     import torch
     from transformers import AutoModelForCausalLM
 
+    from export.contract import (
+        ATTENTION_MASK,
+        INPUT_IDS,
+        IO_FILE,
+        LOGITS,
+        MODEL_FILE,
+        PAST,
+        POSITION_IDS,
+        PRESENT,
+        kv_names,
+    )
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     n_layers, kv_heads, head_dim, context = hf_dims(model.config)
-    past_names = [f"past_key_values.{i}.{k}" for i in range(n_layers) for k in ("key", "value")]
-    present_names = [f"present.{i}.{k}" for i in range(n_layers) for k in ("key", "value")]
+    past_names, present_names = kv_names(PAST, n_layers), kv_names(PRESENT, n_layers)
     dynamic = {
-        "input_ids": {0: "batch", 1: "seq"},
-        "attention_mask": {0: "batch", 1: "total_seq"},
-        "position_ids": {0: "batch", 1: "seq"},
-        "logits": {0: "batch", 1: "seq"},
+        INPUT_IDS: {0: "batch", 1: "seq"},
+        ATTENTION_MASK: {0: "batch", 1: "total_seq"},
+        POSITION_IDS: {0: "batch", 1: "seq"},
+        LOGITS: {0: "batch", 1: "seq"},
         **{n: {0: "batch", 2: "past_seq"} for n in past_names},
         **{n: {0: "batch", 2: "total_seq"} for n in present_names},
     }
@@ -97,16 +109,16 @@ def export_torch_onnx(hf_dir: str | Path, out_dir: str | Path, opset: int = 17) 
         torch.onnx.export(
             past_key_values_wrapper(model),
             example,
-            str(out_dir / "model.onnx"),
-            input_names=["input_ids", "attention_mask", "position_ids", *past_names],
-            output_names=["logits", *present_names],
+            str(out_dir / MODEL_FILE),
+            input_names=[INPUT_IDS, ATTENTION_MASK, POSITION_IDS, *past_names],
+            output_names=[LOGITS, *present_names],
             dynamic_axes=dynamic,
             opset_version=opset,
             dynamo=False,  # the dynamo exporter needs onnxscript, which is not installed
         )
     io = {
         "format": "torch.onnx.export",
-        "model": "model.onnx",
+        "model": MODEL_FILE,
         "flavour": "torch",
         "exporter": f"torch {torch.__version__} TorchScript, opset {opset}",
         "attn_implementation": model.config._attn_implementation,
@@ -118,7 +130,7 @@ def export_torch_onnx(hf_dir: str | Path, out_dir: str | Path, opset: int = 17) 
         "special_tokens": None,
         "export_seconds": round(time.perf_counter() - tic, 2),
     }
-    (out_dir / "io.json").write_text(json.dumps(io, indent=2) + "\n")
+    (out_dir / IO_FILE).write_text(json.dumps(io, indent=2) + "\n")
     return io
 
 
@@ -131,7 +143,7 @@ def torch_export_parity(hf_dir: str | Path, onnx_dir: str | Path, seed: int = 0)
     import torch
     from transformers import AutoModelForCausalLM
 
-    from export.runtime import OnnxModel, positions_from_mask
+    from export.session import OnnxModel, positions_from_mask
 
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     onnx_model = OnnxModel(onnx_dir)

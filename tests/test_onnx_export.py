@@ -1,5 +1,5 @@
 """ONNX export parity: every architecture switch × both flavours against MLX and the float64
-reference, through the production path (save_checkpoint → export_onnx → export.runtime)."""
+reference, through the production path (save_checkpoint → export_onnx → export.session)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from test_model import CONFIGS, random_model, tiny_config
 import reference
 from export import export_onnx
 from export.builder import build_model
-from export.runtime import OnnxModel, positions_from_mask
+from export.contract import EXTERNAL_DATA, IO_FILE, LOGITS, MODEL_FILE, feeds, io_table
+from export.session import OnnxModel, left_pad, positions_from_mask
 from export.weights import read_checkpoint
 from mlx_transformer.checkpoint.format import CheckpointError
 from mlx_transformer.checkpoint.mlx_io import save_checkpoint
@@ -43,13 +44,7 @@ def exported(name: str, flavour: str, tmp_path_factory, **overrides):
 
 
 def left_padded(rng, lengths, vocab):
-    T = max(lengths)
-    ids = np.zeros((len(lengths), T), np.int64)
-    mask = np.zeros((len(lengths), T), np.int64)
-    for i, n in enumerate(lengths):
-        ids[i, T - n :] = rng.integers(0, vocab, n)
-        mask[i, T - n :] = 1
-    return ids, mask
+    return left_pad([rng.integers(0, vocab, n) for n in lengths])
 
 
 def assert_logits_close(got, want, where=None):
@@ -126,11 +121,9 @@ def test_reference_evaluator_agrees(name, tmp_path_factory):
 
     model, ckpt, onnx_model = exported(name, "portable", tmp_path_factory)
     ids, mask = left_padded(np.random.default_rng(4), [7, 4], model.config.vocab_size)
-    feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions_from_mask(mask, 7)}
-    for i, past in enumerate(onnx_model.empty_past(2)):
-        feeds[f"past_key_values.{i // 2}.{('key', 'value')[i % 2]}"] = past
-    evaluator = ReferenceEvaluator(str(onnx_model.dir / "model.onnx"))
-    logits = evaluator.run(["logits"], feeds)[0]
+    inputs = feeds(ids, mask, positions_from_mask(mask, 7), onnx_model.empty_past(2))
+    evaluator = ReferenceEvaluator(str(onnx_model.dir / MODEL_FILE))
+    logits = evaluator.run([LOGITS], inputs)[0]
     expected, _ = reference.forward(model.config, read_checkpoint(ckpt)[1].arrays, ids, mask)
     assert_logits_close(logits, expected, mask.astype(bool))
 
@@ -138,15 +131,18 @@ def test_reference_evaluator_agrees(name, tmp_path_factory):
 @pytest.mark.parametrize("flavour", FLAVOURS)
 def test_graph_is_valid_and_io_is_declared(flavour, tmp_path_factory):
     model, _, onnx_model = exported("llama-gqa", flavour, tmp_path_factory)
-    proto = onnx.load(onnx_model.dir / "model.onnx")
+    proto = onnx.load(onnx_model.dir / MODEL_FILE)
     onnx.checker.check_model(proto, full_check=True)
     if flavour == "portable":  # onnx cannot infer com.microsoft ops
         onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
-    io = json.loads((onnx_model.dir / "io.json").read_text())
+    io = json.loads((onnx_model.dir / IO_FILE).read_text())
+    inputs, outputs = io_table(model.config)
     names = [i.name for i in proto.graph.input]
-    assert names == [x["name"] for x in io["inputs"]]
+    assert names == [x["name"] for x in io["inputs"]] == [n for n, _, _ in inputs]
+    assert [o.name for o in proto.graph.output] == [n for n, _, _ in outputs]
+    # The contract is the Hugging Face (optimum) layout: spelled out here, and only here.
     assert names[:4] == ["input_ids", "attention_mask", "position_ids", "past_key_values.0.key"]
-    assert [o.name for o in proto.graph.output][:2] == ["logits", "present.0.key"]
+    assert [n for n, _, _ in outputs[:3]] == ["logits", "present.0.key", "present.0.value"]
     assert io["num_key_value_heads"] == 2 and io["head_dim"] == 8 and io["flavour"] == flavour
     nodes = {n.name: n for n in proto.graph.node}
     q = nodes["/model/layers.0/attn/q_proj/MatMul"]
@@ -189,14 +185,14 @@ def test_half_precision_checkpoints_are_read_exactly(dtype, tmp_path):
         want = np.array(mx.load(str(ckpt / "model.safetensors"))[name].astype(mx.float32))
         np.testing.assert_array_equal(value, want, err_msg=name)
     export_onnx(ckpt, tmp_path / "onnx")
-    assert json.loads((tmp_path / "onnx/io.json").read_text())["checkpoint_dtype"] == dtype
+    assert json.loads((tmp_path / "onnx" / IO_FILE).read_text())["checkpoint_dtype"] == dtype
 
 
 def test_external_data_and_atomic_replacement(tmp_path, tmp_path_factory, monkeypatch):
     model, ckpt, onnx_model = exported("llama-gqa", "ort", tmp_path_factory)
     out = tmp_path / "onnx"
     info = export_onnx(ckpt, out, flavour="ort", external_data_threshold=0)
-    assert info["external_data"] and (out / "model.onnx.data").is_file()
+    assert info["external_data"] and (out / EXTERNAL_DATA).is_file()
     ids, mask = left_padded(np.random.default_rng(5), [6, 3], model.config.vocab_size)
     np.testing.assert_array_equal(OnnxModel(out)(ids, mask)[0], onnx_model(ids, mask)[0])
     # A failure while writing leaves the previous export untouched.
@@ -208,5 +204,5 @@ def test_external_data_and_atomic_replacement(tmp_path, tmp_path_factory, monkey
     monkeypatch.setattr(export.exporter, "to_fp16", broken)
     with pytest.raises(RuntimeError, match="disk full"):
         export_onnx(ckpt, out, precision="fp16")
-    assert json.loads((out / "io.json").read_text())["precision"] == "fp32"
+    assert json.loads((out / IO_FILE).read_text())["precision"] == "fp32"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["onnx"]

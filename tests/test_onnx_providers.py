@@ -9,7 +9,8 @@ import pytest
 from test_model import CONFIGS, random_model, tiny_config
 
 from export import export_onnx, providers
-from export.runtime import OnnxGenerator, OnnxModel
+from export.runtime import OnnxGenerator
+from export.session import OnnxModel
 from mlx_transformer.checkpoint.mlx_io import save_checkpoint
 
 WEBGPU = "WebGpuExecutionProvider"

@@ -16,6 +16,7 @@ from test_model import CONFIGS, random_model, tiny_config
 
 from export import export_onnx, sampling
 from export.runtime import OnnxGenerator
+from export.session import left_pad
 from mlx_transformer.checkpoint.mlx_io import save_checkpoint
 from mlx_transformer.cli import main
 from mlx_transformer.generate import sample as mlx_sample
@@ -92,6 +93,21 @@ def test_sampler_seed_greedy_and_filters():
     assert set(sampling.make_sampler(temp=1.0, min_p=0.5, seed=0)(logits)) == {0, 1}
     with pytest.raises(ValueError, match="top-p"):
         sampling.make_sampler(temp=1.0, top_p=2.0)
+
+
+def test_left_pad_matches_the_mlx_one():
+    from mlx_transformer.generate.decode import left_pad as mlx_left_pad
+
+    prompts = [[5, 6, 7], [8], [9, 10]]
+    ids, mask = left_pad(prompts, pad_id=3)
+    mlx_ids, mlx_mask = mlx_left_pad(prompts, pad_id=3)
+    assert ids.dtype == mask.dtype == np.int64
+    assert (
+        ids.tolist() == np.array(mlx_ids).tolist() and mask.tolist() == np.array(mlx_mask).tolist()
+    )
+    assert left_pad([[1, 2]])[1].tolist() == [[1, 1]]  # a mask even when nothing is padded
+    with pytest.raises(ValueError, match="at least one token"):
+        left_pad([[1], []])
 
 
 # -- generation ------------------------------------------------------------------------------------

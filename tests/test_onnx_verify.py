@@ -10,6 +10,7 @@ import pytest
 from test_model import CONFIGS, random_model, tiny_config
 
 from export import export_onnx
+from export.contract import MODEL_FILE
 from mlx_transformer.checkpoint.mlx_io import save_checkpoint
 from mlx_transformer.cli import main
 from mlx_transformer.verify import verify
@@ -42,12 +43,12 @@ def test_verify_passes_and_writes_reports(ckpt, flavour, tmp_path):
 def test_verify_catches_a_wrong_weight(ckpt, tmp_path, capsys):
     out = tmp_path / "onnx"
     export_onnx(ckpt, out)
-    proto = onnx.load(out / "model.onnx")
+    proto = onnx.load(out / MODEL_FILE)
     for t in proto.graph.initializer:
         if t.name == "layers.1.mlp.down_proj.weight.T":
             value = onnx.numpy_helper.to_array(t) * np.float32(1.01)
             t.CopyFrom(onnx.numpy_helper.from_array(value, t.name))
-    onnx.save(proto, out / "model.onnx")
+    onnx.save(proto, out / MODEL_FILE)
     assert main(["verify", str(ckpt), str(out), "--tokens", "8"]) == 1
     failed = {
         r["check"]

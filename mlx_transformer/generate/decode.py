@@ -32,6 +32,7 @@ from ..model import KVCache, Transformer, make_cache
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[mx.array, mx.array | None]:
     """Prompts of different lengths as one (B, L) batch, padding on the left.
 
+    The numpy side (ONNX runtime, verify) is `export.session.left_pad`.
     Returns:
         (input_ids (B, L) int32, attention_mask (B, L) int32, or None when nothing is padded).
     """

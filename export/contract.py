@@ -1,0 +1,136 @@
+"""The export folder's contract: what `export` writes and `onnx-generate` and `verify` read.
+
+OUT/
+  model.onnx        the decoder graph; its inputs and outputs are `io_table`
+  model.onnx.data   the weights, only when they pass ~1.8 GB (a protobuf stops at 2 GB)
+  config.json       the checkpoint's config, byte for byte
+  tokenizer.model   the checkpoint's tokenizer, when it has one
+  io.json           `io_json`: the IO table, model dims, special tokens, flavour, precision,
+                    notes; for lower precisions the measured cost against fp32
+
+The graph's IO is the Hugging Face (optimum) layout. Batches are left-padded; the KV cache
+goes out as `present.{i}.key/value` and comes back as `past_key_values.{i}.key/value`.
+Of io.json the runtime needs only "model", "num_hidden_layers", "num_key_value_heads",
+"head_dim" and "context_length" ("flavour" and "special_tokens" when present), so graphs from
+other exporters run once they have such a file.
+
+No onnx import here: the runtime reads this module, and running a model needs no onnx.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+# The checkpoint's names, re-exported so that every name of the folder is here.
+from mlx_transformer.checkpoint.format import CONFIG_FILE as CONFIG_FILE
+from mlx_transformer.checkpoint.format import TOKENIZER_FILE as TOKENIZER_FILE
+from mlx_transformer.config import ModelConfig
+from mlx_transformer.errors import UserError
+
+MODEL_FILE = "model.onnx"
+EXTERNAL_DATA = "model.onnx.data"
+IO_FILE = "io.json"
+
+FORMAT = "mlx-transformer-onnx"
+FORMAT_VERSION = 1
+
+# Graph inputs and outputs; the KV cache names are `kv_pair(PAST | PRESENT, layer)`.
+INPUT_IDS = "input_ids"
+ATTENTION_MASK = "attention_mask"
+POSITION_IDS = "position_ids"
+LOGITS = "logits"
+PAST = "past_key_values"
+PRESENT = "present"
+
+
+def kv_pair(prefix: str, layer: int) -> tuple[str, str]:
+    """(`{prefix}.{layer}.key`, `{prefix}.{layer}.value`), prefix PAST or PRESENT."""
+    return f"{prefix}.{layer}.key", f"{prefix}.{layer}.value"
+
+
+def kv_names(prefix: str, layers: int) -> list[str]:
+    """Every layer's pair, in graph order (key then value, layer by layer)."""
+    return [name for i in range(layers) for name in kv_pair(prefix, i)]
+
+
+# Symbolic dims: batch_size, sequence_length (new tokens), past_sequence_length,
+# total_sequence_length = past_sequence_length + sequence_length.
+
+
+def io_table(config: ModelConfig) -> tuple[list[tuple], list[tuple]]:
+    """(inputs, outputs), each a list of (name, dtype name, shape) in graph order."""
+    K, hd, V = config.num_key_value_heads, config.head_dim, config.vocab_size
+    inputs = [
+        (INPUT_IDS, "int64", ["batch_size", "sequence_length"]),
+        (ATTENTION_MASK, "int64", ["batch_size", "total_sequence_length"]),
+        (POSITION_IDS, "int64", ["batch_size", "sequence_length"]),
+    ]
+    outputs = [(LOGITS, "float32", ["batch_size", "sequence_length", V])]
+    for i in range(config.num_hidden_layers):
+        for past, present in zip(kv_pair(PAST, i), kv_pair(PRESENT, i)):
+            inputs.append((past, "float32", ["batch_size", K, "past_sequence_length", hd]))
+            outputs.append((present, "float32", ["batch_size", K, "total_sequence_length", hd]))
+    return inputs, outputs
+
+
+def feeds(input_ids, attention_mask, position_ids, past: Sequence) -> dict:
+    """The graph's inputs by name; `past` holds two values per layer, in graph order."""
+    return {
+        INPUT_IDS: input_ids,
+        ATTENTION_MASK: attention_mask,
+        POSITION_IDS: position_ids,
+        **dict(zip(kv_names(PAST, len(past) // 2), past)),
+    }
+
+
+def io_json(
+    config: ModelConfig,
+    *,
+    flavour: str,
+    precision: str,
+    checkpoint_dtype: str,
+    opset: int,
+    special_tokens: dict | None,
+    notes: list[str],
+) -> dict:
+    """The contents of io.json (the exporter adds sizes and the precision report)."""
+    inputs, outputs = io_table(config)
+
+    def table(rows):
+        return [{"name": n, "dtype": t, "shape": s} for n, t, s in rows]
+
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": MODEL_FILE,
+        "flavour": flavour,
+        "precision": precision,
+        "dtype": "float32",  # of the float inputs and outputs, in every precision
+        "checkpoint_dtype": checkpoint_dtype,
+        "opset": opset,
+        "inputs": table(inputs),
+        "outputs": table(outputs),
+        "num_hidden_layers": config.num_hidden_layers,
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": config.num_key_value_heads,
+        "head_dim": config.head_dim,
+        "hidden_size": config.hidden_size,
+        "vocab_size": config.vocab_size,
+        "context_length": config.max_position_embeddings,
+        "special_tokens": special_tokens,
+        "notes": notes,
+    }
+
+
+def read_io(onnx_dir: str | Path) -> dict:
+    path = Path(onnx_dir) / IO_FILE
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(
+            f"{path}: not found; is {onnx_dir} a `mlx-transformer export` folder?"
+        ) from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e}); re-export the model") from None

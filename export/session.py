@@ -1,0 +1,157 @@
+"""`OnnxModel`: one onnxruntime session of an exported decoder, its KV cache in and out.
+
+    model = OnnxModel("onnx/", provider="cpu")
+    ids, mask = left_pad([[5, 6, 7], [8]])
+    logits, present = model(ids, mask)  # prefill: logits (2, 3, V)
+    mask = np.concatenate([mask, np.ones((2, 1), np.int64)], axis=1)
+    logits, present = model(logits[:, -1:].argmax(-1), mask, present)  # one step
+
+The KV cache goes out as `present.*` and comes back as `past_key_values.*`; on GPU providers IO
+binding keeps it on the device between calls. Batches are left-padded; positions are counted
+from the attention mask (Hugging Face style), so a padded row gives the same logits as alone.
+Where a provider computes some chunks wrongly, `OnnxModel` cuts them (`workarounds`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from mlx_transformer.errors import UserError
+
+from .contract import LOGITS, MODEL_FILE, PRESENT, feeds, kv_names, read_io
+from .providers import DEVICE_TYPES, create_session, full_name
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of different lengths as one (B, T) batch, padded on the left.
+
+    The numpy side of `mlx_transformer.generate.decode.left_pad`; the graph always takes a mask.
+    Returns:
+        (input_ids (B, T) int64, attention_mask (B, T) int64: 1 on real tokens).
+    """
+    if any(len(r) == 0 for r in rows):
+        raise ValueError("every prompt needs at least one token")
+    T = max(len(r) for r in rows)
+    ids = np.full((len(rows), T), pad_id, np.int64)
+    mask = np.zeros((len(rows), T), np.int64)
+    for i, r in enumerate(rows):
+        ids[i, T - len(r) :], mask[i, T - len(r) :] = r, 1
+    return ids, mask
+
+
+def positions_from_mask(attention_mask: np.ndarray, length: int) -> np.ndarray:
+    """Position of each of the last `length` tokens: real tokens before it, clamped at 0."""
+    positions = np.cumsum(attention_mask, axis=1) - 1
+    return np.maximum(positions[:, -length:], 0).astype(np.int64)
+
+
+class OnnxModel:
+    """One decoder session and its IO contract (io.json): logits and KV cache per call.
+
+    Args:
+        onnx_dir: an exported folder (model.onnx + io.json).
+        provider: execution provider (cpu, cuda, webgpu, openvino, ... or onnxruntime's name).
+        io_binding: keep the KV cache on the device between calls; default: on for GPU providers.
+        provider_options: passed to the provider.
+        strict: no silent CPU fallback (`session.disable_cpu_ep_fallback`).
+        io: the io.json contents, for a folder that has none yet (during export).
+    """
+
+    def __init__(
+        self,
+        onnx_dir: str | Path,
+        provider: str = "cpu",
+        io_binding: bool | None = None,
+        provider_options: dict | None = None,
+        strict: bool = False,
+        io: dict | None = None,
+    ):
+        self.dir = Path(onnx_dir)
+        self.io = read_io(onnx_dir) if io is None else io
+        self.session, self.placement = create_session(
+            self.dir / self.io.get("model", MODEL_FILE),
+            provider,
+            provider_options=provider_options,
+            strict=strict,
+        )
+        self.layers = self.io["num_hidden_layers"]
+        self.context_length = self.io["context_length"]
+        device = DEVICE_TYPES.get(full_name(provider))
+        use_binding = device is not None if io_binding is None else io_binding
+        self.device = (device or "cpu") if use_binding else None
+        # com.microsoft GroupQueryAttention rejects a multi-token chunk after a non-empty past
+        # when batch > 1: such chunks are fed one token at a time.
+        gqa = self.io.get("flavour") == "ort"
+        self.split_chunks = gqa
+        # The WebGPU plugin EP (0.4.0, on Mesa lavapipe) computes GroupQueryAttention wrongly
+        # for 32 or more new tokens (measured: logit errors ~0.2-0.7 from position 8 on, with
+        # or without attention_bias); 31 and fewer are exact. So feed it at most 16 at a time.
+        webgpu = full_name(provider) == "WebGpuExecutionProvider"
+        self.max_chunk = 16 if gqa and webgpu else None
+        self.workarounds = (
+            ["GroupQueryAttention inputs cut to <= 16 tokens"] if self.max_chunk else []
+        )
+
+    def empty_past(self, batch: int) -> list[np.ndarray]:
+        shape = (batch, self.io["num_key_value_heads"], 0, self.io["head_dim"])
+        return [np.zeros(shape, np.float32) for _ in range(2 * self.layers)]
+
+    def __call__(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, past: Sequence | None = None
+    ) -> tuple[np.ndarray, list]:
+        """Logits (B, L, V) and the present KV cache (2 per layer) for new tokens (B, L).
+
+        attention_mask is (B, past + L); past is None (nothing yet) or the previous `present`.
+        """
+        input_ids = np.asarray(input_ids, np.int64)
+        attention_mask = np.asarray(attention_mask, np.int64)
+        B, L = input_ids.shape
+        S = attention_mask.shape[1]
+        if S > self.context_length:
+            raise UserError(
+                f"sequence of {S} tokens exceeds the model's context of {self.context_length}"
+            )
+        past = self.empty_past(B) if past is None else past
+        chunks = self._chunks(B, L, S - L)
+        if len(chunks) == 1:
+            return self._run(input_ids, attention_mask, past)
+        pieces = []
+        for start, stop in chunks:
+            logits, past = self._run(
+                input_ids[:, start:stop], attention_mask[:, : S - L + stop], past
+            )
+            pieces.append(logits)
+        return np.concatenate(pieces, axis=1), past
+
+    def _chunks(self, B: int, L: int, P: int) -> list[tuple[int, int]]:
+        """Cut L new tokens after P past ones into pieces the session computes correctly."""
+        size = min(L, self.max_chunk or L)
+        chunks, start = [], 0
+        while start < L:
+            after_past = P + start > 0
+            n = 1 if self.split_chunks and B > 1 and after_past else size
+            chunks.append((start, min(L, start + n)))
+            start += n
+        return chunks
+
+    def _run(self, input_ids, attention_mask, past) -> tuple[np.ndarray, list]:
+        positions = positions_from_mask(attention_mask, input_ids.shape[1])
+        inputs = feeds(input_ids, attention_mask, positions, past)
+        if self.device is None:
+            outputs = self.session.run(None, inputs)
+            return outputs[0], outputs[1:]
+        binding = self.session.io_binding()
+        for name, value in inputs.items():
+            if isinstance(value, np.ndarray):
+                binding.bind_cpu_input(name, value)
+            else:  # a present from the previous call, still on the device
+                binding.bind_ortvalue_input(name, value)
+        binding.bind_output(LOGITS, "cpu")
+        for name in kv_names(PRESENT, self.layers):
+            binding.bind_output(name, self.device)
+        self.session.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        return outputs[0].numpy(), list(outputs[1:])
