@@ -22,6 +22,9 @@ def test_the_recipe_is_a_train_config_file():
     args.validate()
     assert (args.max_steps, args.batch_size, args.context_length, args.seed) == (2000, 12, 64, 1337)
     assert args.model["hidden_size"] == 128 and args.decay_steps is None
+    # By name, as the README writes it: the same file.
+    by_name = parser.parse_args(["--config", "shakespeare_char", "--data", "d", "--out", "o"])
+    assert train_args.resolve(by_name) == args
 
 
 def test_demo_runs_the_whole_journey(tmp_path):

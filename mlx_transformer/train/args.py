@@ -27,7 +27,7 @@ PRECISIONS = ("float32", "bfloat16", "bfloat16-pure")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # ModelConfig fields that are not flags: the vocabulary comes from the tokenizer.
 MODEL_FIELDS_NOT_FLAGS = ("vocab_size", "extra")
-# Complete settings of known runs, shipped with the package: `--config RECIPES/NAME.json`.
+# Complete settings of known runs, shipped with the package: `--config NAME` (RECIPES/NAME.json).
 RECIPES = Path(__file__).with_name("recipes")
 
 
@@ -169,7 +169,12 @@ def _add_field_flag(group: Any, f: dataclasses.Field, dest: str, help: str | Non
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags for every TrainingArgs field (defaults live in the dataclass, not here)."""
-    parser.add_argument("--config", metavar="FILE", help="JSON (or YAML) file of TrainingArgs")
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="JSON (or YAML) file of TrainingArgs, or the name of a shipped recipe: "
+        + ", ".join(sorted(p.stem for p in RECIPES.glob("*.json"))),
+    )
     train = parser.add_argument_group("training (defaults: TrainingArgs)")
     for f in dataclasses.fields(TrainingArgs):
         if f.name == "model":
@@ -197,8 +202,10 @@ def flag_names() -> set[str]:
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """A dict of TrainingArgs fields (hyphens or underscores; "_..." keys are comments) from a
-    JSON or YAML file."""
+    JSON or YAML file, or a shipped recipe named without folder or suffix."""
     path = Path(path)
+    if path.name == str(path) and not path.suffix and (RECIPES / f"{path}.json").is_file():
+        path = RECIPES / f"{path}.json"
     try:
         text = path.read_text()
     except OSError as e:
