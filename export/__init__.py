@@ -2,9 +2,9 @@
 
 Never imports MLX, directly or indirectly (a test checks). Modules: contract (the folder's file
 names, io.json and the graph's IO names); weights (checkpoint reader) → graph, layers, builder
-(the graph) → quantize → exporter (API and `export` CLI); providers (execution providers) →
-session (one model, KV cache) → runtime (`onnx-generate`, deployment). quantize measures with
-runtime's generator.
+(the graph) → quantize → exporter (API and `export` CLI); webgpu_plugin (a private WebGPU
+install) → providers (execution providers) → session (one model, KV cache) → runtime
+(`onnx-generate`, deployment). quantize measures with runtime's generator.
 """
 
 from __future__ import annotations

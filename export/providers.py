@@ -6,25 +6,22 @@ which EP each node was assigned to, and `Placement` says full / partial / none p
 
 Plugin EPs (onnxruntime >= 1.31) are shared libraries registered at run time:
 - WebGPU: the `onnxruntime-ep-webgpu` package, or the private install made by
-  `scripts/install_webgpu_ep.sh` (package + Mesa lavapipe, under ~/.cache/mlx-transformer/webgpu).
+  `scripts/install_webgpu_ep.sh` (package + Mesa lavapipe), loaded by `webgpu_plugin`.
 - OpenVINO: `onnxruntime-ep-openvino` (its device filter is Intel-only).
 - MLX: `onnxruntime-ep-mlx` (macOS arm64 only).
 """
 
 from __future__ import annotations
 
-import ctypes
-import glob
 import importlib
-import json
-import os
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import onnxruntime as ort
 
 from mlx_transformer.errors import UserError
+
+from . import webgpu_plugin
 
 # Short names accepted by `--provider`, and what onnxruntime calls them.
 ALIASES = {
@@ -49,9 +46,6 @@ PLUGINS = (
     ("OpenVINOExecutionProvider", "onnxruntime_ep_openvino"),
     ("MLXExecutionProvider", "onnxruntime_ep_mlx"),
 )
-WEBGPU_HOME = Path(
-    os.environ.get("MLX_TRANSFORMER_WEBGPU_HOME", Path.home() / ".cache/mlx-transformer/webgpu")
-)
 
 _registered: dict[str, str] = {}  # EP name -> library path (process-wide, like onnxruntime's)
 
@@ -68,48 +62,15 @@ def full_name(provider: str) -> str:
 # -- plugin EPs -----------------------------------------------------------------------------------
 
 
-def _private_webgpu() -> Path | None:
-    """Set up the environment for the private WebGPU install, if there is one; its site dir."""
-    env_file = WEBGPU_HOME / "env.json"
-    if not env_file.is_file():
-        return None
-    env = json.loads(env_file.read_text())
-    os.environ.setdefault("VK_ICD_FILENAMES", env["VK_ICD_FILENAMES"])
-    os.environ.setdefault("ORT_WEBGPU_EP_ALLOW_SOFTWARE_ADAPTER", "1")
-    # LD_LIBRARY_PATH is read once at process start, so load the private shared libraries
-    # (Vulkan loader, newer libdrm: names "lib*.so.N") by path; later dlopen()s find them by
-    # soname. Drivers and layers ("*.so") are left to the loader: loaded globally they clash.
-    pending = sorted(glob.glob(os.path.join(env["lib_dir"], "lib*.so.[0-9]")))
-    while pending:
-        failed = []
-        for lib in pending:
-            try:
-                ctypes.CDLL(lib, mode=ctypes.RTLD_GLOBAL)
-            except OSError:
-                failed.append(lib)
-        if len(failed) == len(pending):
-            break
-        pending = failed
-    return Path(env["site_dir"])
-
-
 def _plugin_library(module_name: str) -> str | None:
+    """The EP library of an installed plugin package, or None."""
+    private = None
+    if module_name == webgpu_plugin.PACKAGE:  # the package may be installed while Vulkan is private
+        private = webgpu_plugin.setup()
     try:
         module = importlib.import_module(module_name)
     except ImportError:
-        if module_name != "onnxruntime_ep_webgpu":
-            return None
-        site = _private_webgpu()
-        if site is None:
-            return None
-        sys.path.append(str(site))
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:
-            return None
-    else:
-        if module_name == "onnxruntime_ep_webgpu":
-            _private_webgpu()  # the package may be installed while Vulkan is private
+        return webgpu_plugin.library_path(private) if private else None
     if hasattr(module, "get_library_path"):
         return module.get_library_path()
     return None

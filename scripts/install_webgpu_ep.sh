@@ -8,7 +8,7 @@
 #   apt/         a private apt state for Debian bookworm + bookworm-backports
 #   root/        Mesa 25 lavapipe, the Vulkan loader and newer libdrm, unpacked with dpkg-deb -x
 #   lvp_icd.json the Vulkan ICD manifest pointing at root/.../libvulkan_lvp.so
-#   env.json     read by export/providers.py (which loads these libraries by path)
+#   env.json     read by export/webgpu_plugin.py (which loads these and the package by path)
 #   env.sh       for shells: `. ~/.cache/mlx-transformer/webgpu/env.sh`
 #
 # Why: Debian 12's Mesa 22.3 is rejected by Dawn ("No supported adapters"); Mesa 25 from
@@ -71,7 +71,7 @@ EOF
 fi
 [[ -f "$LIB_DIR/libvulkan_lvp.so" ]] || { say "lavapipe missing after unpacking"; exit 1; }
 
-# 3. Manifests for the Vulkan loader, for providers.py and for shells.
+# 3. Manifests for the Vulkan loader, for export/webgpu_plugin.py and for shells.
 cat >"$ICD" <<EOF
 {"ICD": {"api_version": "1.3.0", "library_path": "$LIB_DIR/libvulkan_lvp.so"},
  "file_format_version": "1.0.0"}

@@ -3,6 +3,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -75,6 +80,19 @@ def test_parity_on_provider(exports, flavour, provider):
     prompt = [[1, 2, 3, 4, 5], [9, 8]]
     a = [r.tokens for r in gen.generate_tokens(prompt, max_tokens=16)]
     assert a == [r.tokens for r in cpu.generate_tokens(prompt, max_tokens=16)]
+
+
+def test_plugins_are_registered_without_editing_sys_path():
+    """A fresh process: the private WebGPU install is loaded by path, not via sys.path."""
+    code = (
+        "import sys; before = list(sys.path); from export import providers; "
+        "names = providers.available(); assert sys.path == before, sys.path; "
+        f"assert ({WEBGPU!r} in names) == {HAS_WEBGPU}"
+    )
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 @pytest.mark.skipif(HAS_WEBGPU, reason="the WebGPU EP is installed here")
