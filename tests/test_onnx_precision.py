@@ -1,8 +1,8 @@
 """fp16 / int8 / int4 exports stay within stated budgets on a small *trained* model.
 
 Random weights make quantization look better or worse than it is (flat or spiky logits), so the
-fixture trains a tiny Llama-style model for a few seconds: character level, on this repository's
-source text, in torch (MLX's Linux CPU path is too slow for a test). The weights are written in the
+fixture trains a tiny Llama-style model for a few seconds: character level, on a fixed slice of
+the embedded Tiny Shakespeare (text that no code change moves), in torch (MLX's Linux CPU path is too slow for a test). The weights are written in the
 checkpoint format (config.json + model.safetensors) and checked against tests/reference.py, then
 exported at each precision; the cost is measured by `export_onnx` itself on held-out text.
 """
@@ -22,13 +22,13 @@ from mlx_transformer.config import ModelConfig
 torch = pytest.importorskip("torch")
 
 ROOT = Path(__file__).resolve().parent.parent
-TRAIN_FILES = ["mlx_transformer/model.py", "mlx_transformer/config.py"]
-HELD_OUT_FILE = "mlx_transformer/checkpoint/format.py"
+CORPUS = ROOT / "mlx_transformer/data/corpus/tinyshakespeare.txt"
+TRAIN_CHARS, HELD_OUT_CHARS = 100_000, 4_000  # the first 100 kB to train on, the last 4 kB held out
 
 # precision -> (max |logit error|, min next-token agreement, max relative perplexity increase,
 #               max size as a fraction of fp32). Measured (ort flavour, 512 held-out tokens,
-#               logits up to ~11): fp16 0.034 / 100% / -0.02% / 0.57; int8 0.74 / 96.9% / +0.7% /
-#               0.37; int4 (LM head 8-bit) 2.1 / 88.3% / +0.07% / 0.26.
+#               fp32 perplexity 10.3): fp16 0.025 / 100% / -0.006% / 0.57; int8 1.15 / 96.5% /
+#               -0.6% / 0.36; int4 (LM head 8-bit) 1.87 / 96.1% / +0.3% / 0.24.
 BUDGETS = {
     "fp16": (0.1, 0.99, 0.005, 0.6),
     "int8": (1.5, 0.90, 0.03, 0.45),
@@ -76,8 +76,8 @@ def trained(tmp_path_factory):
     """(checkpoint folder, held-out token ids) of a briefly trained char-level model."""
     from safetensors.numpy import save_file
 
-    train = "".join((ROOT / f).read_text() for f in TRAIN_FILES)
-    held_out = (ROOT / HELD_OUT_FILE).read_text()
+    corpus = CORPUS.read_text(encoding="utf-8")
+    train, held_out = corpus[:TRAIN_CHARS], corpus[-HELD_OUT_CHARS:]
     chars = sorted(set(train) | set(held_out))
     index = {c: i for i, c in enumerate(chars)}
     data = torch.tensor([index[c] for c in train])
