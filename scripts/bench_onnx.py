@@ -167,7 +167,7 @@ def compare(runs: dict[str, dict]) -> dict:
 
 
 def goals(models: dict) -> dict:
-    """The two goals of issue 6, per model and batch size (generation tok/s)."""
+    """The two speed goals of the ONNX export, per model and batch size (generation tok/s)."""
     out = {}
     for name, m in models.items():
         r = m.get("ratios", {})

@@ -2,9 +2,10 @@
 
 Random weights make quantization look better or worse than it is (flat or spiky logits), so the
 fixture trains a tiny Llama-style model for a few seconds: character level, on a fixed slice of
-the embedded Tiny Shakespeare (text that no code change moves), in torch (MLX's Linux CPU path is too slow for a test). The weights are written in the
-checkpoint format (config.json + model.safetensors) and checked against tests/reference.py, then
-exported at each precision; the cost is measured by `export_onnx` itself on held-out text.
+the embedded Tiny Shakespeare (text that no code change moves), in torch (MLX's Linux CPU path is
+too slow for a test). The weights are written in the checkpoint format (config.json +
+model.safetensors) and checked against tests/reference.py, then exported at each precision; the
+cost is measured by `export_onnx` itself on held-out text.
 """
 
 from __future__ import annotations
