@@ -147,6 +147,7 @@ def test_bench_table_and_readme_block(tmp_path):
 # -- the torch-exported peer computes what transformers computes ---------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_torch_export_matches_transformers(family, tmp_path):
     pytest.importorskip("torch")
@@ -171,6 +172,7 @@ def test_torch_export_matches_transformers(family, tmp_path):
 # -- one tiny end-to-end run ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_bench_quick_onnx_writes_json(tmp_path):
     pytest.importorskip("torch")
     out = tmp_path / "bench.json"

@@ -7,6 +7,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from mlx_transformer import demo
 from mlx_transformer.train import args as train_args
 
@@ -27,6 +29,7 @@ def test_the_recipe_is_a_train_config_file():
     assert train_args.resolve(by_name) == args
 
 
+@pytest.mark.slow
 def test_demo_runs_the_whole_journey(tmp_path):
     out = tmp_path / "run"
     proc = subprocess.run(

@@ -135,6 +135,7 @@ def test_a_hand_built_previous_token_head_is_classified_as_one():
     assert scores["first_token"][0, 0] < 0.1
 
 
+@pytest.mark.slow
 def test_inspect_command_writes_pictures_and_numbers(tmp_path, tiny_tokenizer_path, capsys):
     from mlx_transformer.tokenizer import Tokenizer
 

@@ -129,6 +129,7 @@ def trained(tmp_path_factory):
     return ckpt, np.array([index[c] for c in held_out])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", list(BUDGETS))
 def test_precision_budget(precision, trained, tmp_path):
     ckpt, held_out = trained

@@ -78,6 +78,7 @@ def test_readme_has_the_two_commands_first():
     assert "scripts/test.sh" in ci
 
 
+@pytest.mark.slow
 def test_bash_blocks_then_python_blocks_run_as_written(workdir):
     bash = blocks("bash")
     assert len(bash) >= 2, "the tour and 'your own text' blocks"
@@ -97,6 +98,7 @@ def test_bash_blocks_then_python_blocks_run_as_written(workdir):
             os.chdir(cwd)
 
 
+@pytest.mark.slow  # uses what the README's blocks made in the test above
 def test_the_error_shown_in_the_readme_is_the_real_one(workdir):
     text = next(b for b in blocks("text") if "$ mlx-transformer" in b)
     command, shown = text.strip().splitlines()

@@ -232,6 +232,7 @@ def launch_available() -> str | None:
     return str(launcher)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(launch_available() is None, reason="mlx.launch / mx.distributed unavailable")
 def test_two_processes_equal_one_on_the_combined_batch(data_dir, tmp_path):
     out, steps, seed = tmp_path / "ddp", 3, 7
