@@ -11,12 +11,20 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from mlx_transformer.checkpoint.format import write_folder_atomically
+from mlx_transformer import atomic
 from mlx_transformer.config import ModelConfig
 from mlx_transformer.errors import UserError
 
 from .builder import FLAVOURS, build_model, fallbacks
-from .contract import CONFIG_FILE, EXTERNAL_DATA, IO_FILE, MODEL_FILE, TOKENIZER_FILE, io_json
+from .contract import (
+    CONFIG_FILE,
+    EXTERNAL_DATA,
+    FORMAT,
+    IO_FILE,
+    MODEL_FILE,
+    TOKENIZER_FILE,
+    io_json,
+)
 from .graph import OPSET
 from .quantize import PRECISIONS, compare, to_fp16, to_int4, to_int8
 from .weights import read_checkpoint
@@ -24,6 +32,12 @@ from .weights import read_checkpoint
 # Serialized protobufs are limited to 2 GB; stay clear of it.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 DEFAULT_EVAL_TEXT = Path(__file__).resolve().parent.parent / "mlx_transformer/data"
+# What `export` may replace (with --overwrite): an earlier export, verify's reports included.
+ONNX_EXPORT = atomic.FolderKind(
+    "ONNX export",
+    entries=(IO_FILE, MODEL_FILE, EXTERNAL_DATA, CONFIG_FILE, TOKENIZER_FILE, "verify.*"),
+    legacy=(IO_FILE, lambda io: io.get("format") == FORMAT),
+)
 
 
 def save(model: onnx.ModelProto, path: Path, external: bool) -> None:
@@ -88,8 +102,9 @@ def export_onnx(
     eval_tokens: np.ndarray | None = None,
     measure: bool = True,
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
+    overwrite: bool = False,
 ) -> dict:
-    """Export a checkpoint folder to an ONNX folder (replaced atomically).
+    """Export a checkpoint folder to an ONNX folder, written atomically.
 
     Args:
         ckpt: checkpoint folder (config.json + model.safetensors [+ tokenizer.model]).
@@ -99,6 +114,7 @@ def export_onnx(
         eval_text / eval_tokens: what to measure lower precisions on (default: see io.json).
         measure: measure lower precisions against fp32 (adds a few seconds).
         external_data_threshold: weights above this many bytes go to model.onnx.data.
+        overwrite: replace an earlier ONNX export at `out` (nothing else is ever replaced).
     Returns:
         The io.json contents, with "size_bytes" and, below fp32, "precision_report".
     """
@@ -107,6 +123,11 @@ def export_onnx(
     if precision not in PRECISIONS:
         raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     ckpt, out = Path(ckpt), Path(out)
+    if eval_text is not None and not Path(eval_text).is_file():
+        raise UserError(f"--eval-text {eval_text}: not a file; give a text file to measure on")
+    inputs = (ckpt, eval_text)
+    # Refused outputs fail here, before the weights are read; write_folder checks again.
+    atomic.check_output(out, ONNX_EXPORT, overwrite=overwrite, inputs=inputs)
     config, weights = read_checkpoint(ckpt)
     info = io_json(
         config,
@@ -151,7 +172,7 @@ def export_onnx(
             shutil.copyfile(ckpt / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
         (tmp / IO_FILE).write_text(json.dumps(info, indent=2) + "\n")
 
-    write_folder_atomically(out, fill)
+    atomic.write_folder(out, fill, ONNX_EXPORT, overwrite=overwrite, inputs=inputs)
     return info
 
 
@@ -164,7 +185,8 @@ def _folder_bytes(folder: Path, names: tuple[str, ...] = (MODEL_FILE, EXTERNAL_D
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", metavar="CKPT", help="checkpoint folder")
-    parser.add_argument("out", metavar="OUT", help="ONNX folder to write (replaced atomically)")
+    parser.add_argument("out", metavar="OUT", help="ONNX folder to write (a new or empty one)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier export")
     parser.add_argument("--flavour", choices=FLAVOURS, default="portable")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
     parser.add_argument("--eval-text", help="held-out text to measure lower precisions on")
@@ -179,6 +201,7 @@ def run(args: argparse.Namespace) -> int:
         precision=args.precision,
         eval_text=args.eval_text,
         measure=not args.no_measure,
+        overwrite=args.overwrite,
     )
     print(f"wrote {args.out}: {info['flavour']} {info['precision']}, {info['size_bytes']:,} bytes")
     for note in info["notes"]:

@@ -111,9 +111,10 @@ def prepare(family: str, size: str, workdir: Path, seed: int = 0) -> dict:
     model.eval()
     mx.eval(model.parameters())
     save_checkpoint(paths["ckpt"], model)
-    save_hf(model, paths["hf"])
+    save_hf(model, paths["hf"], overwrite=True)  # --workdir may hold an earlier run's
     for flavour in ("portable", "ort"):
-        export_onnx(paths["ckpt"], paths[f"onnx-{flavour}"], flavour=flavour, measure=False)
+        onnx_dir = paths[f"onnx-{flavour}"]
+        export_onnx(paths["ckpt"], onnx_dir, flavour=flavour, measure=False, overwrite=True)
     torch_io = export_torch_onnx(paths["hf"], paths["torch-onnx"])
 
     probe = np.random.default_rng(seed).integers(0, config["vocab_size"], (1, 32))

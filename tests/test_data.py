@@ -194,7 +194,7 @@ def test_vocab_size_too_large_for_corpus(tmp_path, corpus_file):
 def test_out_folder_that_is_not_a_dataset(tmp_path, corpus_file, tok):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
-    with pytest.raises(UserError, match="holds no dataset"):
+    with pytest.raises(UserError, match="is not a dataset written by mlx-transformer"):
         prepare([corpus_file], tmp_path / "mine", tokenizer=tok.path, overwrite=True)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 

@@ -203,6 +203,6 @@ def test_external_data_and_atomic_replacement(tmp_path, tmp_path_factory, monkey
 
     monkeypatch.setattr(export.exporter, "to_fp16", broken)
     with pytest.raises(RuntimeError, match="disk full"):
-        export_onnx(ckpt, out, precision="fp16")
+        export_onnx(ckpt, out, precision="fp16", overwrite=True)
     assert json.loads((out / IO_FILE).read_text())["precision"] == "fp32"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["onnx"]

@@ -5,6 +5,9 @@ when its configuration is one of theirs. Parity with `transformers` is our corre
 
     mlx-transformer convert --from-hf HF_DIR --out CKPT [--tokenizer tokenizer.model]
     mlx-transformer convert --to-hf CKPT --out HF_DIR
+
+Either writes a new or empty folder; `--overwrite` replaces only one it wrote before (a
+checkpoint, or a Hugging Face folder), never a folder it did not write or an input.
 """
 
 from __future__ import annotations
@@ -29,6 +32,20 @@ from .format import (  # a Hugging Face folder uses the same file names as ours
     read_safetensors_header,
 )
 from .mlx_io import load_checkpoint, save_checkpoint
+
+# The output folders `convert` and `fuse` write, and so may replace with --overwrite. A
+# checkpoint written before markers is recognised by our model_type; one that holds
+# training_state/ belongs to a training run and is never replaced. A Hugging Face folder has no
+# schema of ours: only one with our marker is replaced.
+CHECKPOINT = atomic.FolderKind(
+    "checkpoint",
+    entries=(CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE),
+    legacy=(CONFIG_FILE, lambda config: config.get("model_type") == MODEL_TYPE),
+)
+HF_MODEL = atomic.FolderKind(
+    "Hugging Face model",
+    entries=(CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE, "tokenizer_config.json"),
+)
 
 GPT2_ACTIVATIONS = {
     "gelu_new": "gelu_tanh",
@@ -318,8 +335,19 @@ def to_hf(model: Transformer) -> tuple[dict, dict[str, mx.array]]:
     return hf, out
 
 
-def save_hf(model: Transformer, out_dir: str | Path, tokenizer_path: str | Path | None = None):
-    """Write `out_dir` in the Hugging Face layout (loadable by transformers and mlx_lm)."""
+def save_hf(
+    model: Transformer,
+    out_dir: str | Path,
+    tokenizer_path: str | Path | None = None,
+    *,
+    overwrite: bool = False,
+    inputs: tuple[str | Path | None, ...] = (),
+) -> Path:
+    """Write `out_dir` in the Hugging Face layout (loadable by transformers and mlx_lm).
+
+    `out_dir` must be new or empty, or (with `overwrite`) a Hugging Face folder written here;
+    `inputs` (with the tokenizer) are the paths it was made from, which it may not be or hold.
+    """
     hf, weights = to_hf(model)
     dtype = next(iter(weights.values())).dtype
     hf["torch_dtype"] = {mx.float16: "float16", mx.bfloat16: "bfloat16"}.get(dtype, "float32")
@@ -347,7 +375,8 @@ def save_hf(model: Transformer, out_dir: str | Path, tokenizer_path: str | Path 
                 + "\n"
             )
 
-    return atomic.write_folder(out_dir, fill)
+    inputs = (*inputs, tokenizer_path)
+    return atomic.write_folder(out_dir, fill, HF_MODEL, overwrite=overwrite, inputs=inputs)
 
 
 def load_pretrained(path: str | Path) -> tuple[Transformer, Path | None]:
@@ -370,7 +399,10 @@ def add_arguments(parser) -> None:
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--from-hf", metavar="HF_DIR", help="a Hugging Face GPT-2 or Llama folder")
     src.add_argument("--to-hf", metavar="CKPT", help="one of our checkpoints to write as HF")
-    parser.add_argument("--out", required=True, help="the folder to write")
+    parser.add_argument("--out", required=True, help="the folder to write (a new or empty one)")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace a folder an earlier convert wrote"
+    )
     parser.add_argument("--tokenizer", help="sentencepiece model to put in the checkpoint")
     parser.add_argument(
         "--dtype",
@@ -380,22 +412,44 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    source = args.from_hf or args.to_hf
+    kind = CHECKPOINT if args.from_hf else HF_MODEL
+    inputs = (source, args.tokenizer)
+    # Refused outputs fail here, before the weights are read; the writer checks again.
+    atomic.check_output(args.out, kind, overwrite=args.overwrite, inputs=inputs)
     if args.from_hf:
         model = import_hf(args.from_hf)
         tokenizer = args.tokenizer or Path(args.from_hf) / TOKENIZER_FILE
         tokenizer = tokenizer if Path(tokenizer).is_file() else None
         if args.tokenizer and tokenizer is None:
             raise UserError(f"{args.tokenizer}: not found")
-        save_checkpoint(args.out, model, tokenizer_path=tokenizer, dtype=args.dtype)
+        save_checkpoint(
+            args.out,
+            model,
+            tokenizer_path=tokenizer,
+            dtype=args.dtype,
+            kind=CHECKPOINT,
+            overwrite=args.overwrite,
+            inputs=inputs,
+        )
         family = model.config.extra["imported_from"]
     else:
         model = load_checkpoint(args.to_hf, dtype=args.dtype)
         family = hf_family(model.config)
         tokenizer = args.tokenizer or Path(args.to_hf) / TOKENIZER_FILE
-        save_hf(model, args.out, tokenizer)
+        save_hf(model, args.out, tokenizer, overwrite=args.overwrite, inputs=inputs)
     n = model.config.num_parameters()
     print(f"wrote {args.out} ({family}, {n / 1e6:.2f} M parameters)")
     return 0
 
 
-__all__ = ["import_hf", "load_pretrained", "save_hf", "to_hf", "hf_family", "CheckpointError"]
+__all__ = [
+    "import_hf",
+    "load_pretrained",
+    "save_hf",
+    "to_hf",
+    "hf_family",
+    "CheckpointError",
+    "CHECKPOINT",
+    "HF_MODEL",
+]

@@ -33,6 +33,7 @@ def save_checkpoint(
     tokenizer_path: str | Path | None = None,
     dtype: str | None = None,
     write_extra: Callable[[Path], None] | None = None,
+    **output,
 ) -> Path:
     """Write `path/` = config.json + model.safetensors (+ tokenizer.model) atomically.
 
@@ -42,6 +43,8 @@ def save_checkpoint(
         tokenizer_path: a sentencepiece model to copy in byte for byte.
         dtype: save the weights in this dtype ("float32", "bfloat16", "float16"); default as is.
         write_extra: called with the temporary folder to add more (e.g. training_state/).
+        output: `kind`, `overwrite`, `inputs` of `atomic.write_folder`, for a user's output
+            folder; none (a run's own checkpoints): whatever is at `path` is replaced.
     Returns:
         The folder.
     """
@@ -58,7 +61,7 @@ def save_checkpoint(
         if write_extra is not None:
             write_extra(tmp)
 
-    return write_folder_atomically(path, fill)
+    return write_folder_atomically(path, fill, **output)
 
 
 def load_weights(path: str | Path) -> tuple[ModelConfig, dict[str, mx.array]]:

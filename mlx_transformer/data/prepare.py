@@ -5,7 +5,9 @@ Inputs (`--data`, any mix; none = the embedded Tiny Shakespeare):
   - JSONL files (`.jsonl`), one JSON object per line: `{"text": ...}` for pretraining, or
     `{"prompt": ..., "completion": ...}` for fine-tuning (a dataset is one kind or the other).
 
-Output folder (written to a temporary sibling, renamed into place at the end):
+Output folder (written to a temporary sibling, renamed into place at the end; it must be new or
+empty, or a dataset written here — replaced only with --overwrite, or left as is when it already
+holds the very dataset asked for):
   manifest.json        what data.load_dataset() reads; see `_manifest` for the schema
   tokenizer.model      the sentencepiece model, byte for byte
   {split}_{k:03d}.bin  token ids, raw little-endian uint16 (vocab <= 65536) or uint32
@@ -34,11 +36,27 @@ from typing import Any
 from .. import atomic
 from ..errors import UserError
 from ..tokenizer import MODEL_TYPES, TOKENIZER_FILE, Tokenizer, train_tokenizer
-from .dataset import FORMAT_VERSION, MANIFEST, default_corpus_path
+from .dataset import FORMAT_VERSION, KINDS, MANIFEST, default_corpus_path
 from .encode import _encode
 from .sources import TEXT_SUFFIXES, _Reader, _Scan, find_sources
 
 SHARD_TOKENS = 100_000_000  # tokens per shard file (200 MB as uint16)
+
+# What `prepare` may replace: a dataset it wrote (one from before the marker is recognised by its
+# manifest's format fields, not by the file name alone).
+DATASET = atomic.FolderKind(
+    "dataset",
+    entries=(MANIFEST, TOKENIZER_FILE, "train_*.bin", "val_*.bin"),
+    legacy=(
+        MANIFEST,
+        lambda m: (
+            m.get("format_version") == FORMAT_VERSION
+            and m.get("kind") in KINDS
+            and isinstance(m.get("request"), dict)
+            and isinstance(m.get("splits"), dict)
+        ),
+    ),
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,7 +70,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-type", choices=MODEL_TYPES, default="bpe")
     parser.add_argument("--val-fraction", type=float, default=0.1, help="share held out")
     parser.add_argument("--special-tokens", nargs="+", default=[], metavar="TOKEN")
-    parser.add_argument("--overwrite", action="store_true", help="replace a different dataset")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a different dataset that prepare wrote at --out")  # fmt: skip
     parser.add_argument("--replace-invalid-utf8", action="store_true",
                         help="read invalid UTF-8 bytes as U+FFFD instead of failing")  # fmt: skip
     parser.add_argument("--workers", type=int, default=None, help="encoding processes")
@@ -95,8 +114,9 @@ def prepare(
 
     Args:
         data: Files and folders; None or empty uses the embedded Tiny Shakespeare.
-        out: The dataset folder. If it already holds this very dataset (same sources, sizes,
-            times and options), nothing is done; a different one needs `overwrite`.
+        out: The dataset folder: new or empty. If it already holds this very dataset (same
+            sources, sizes, times and options), nothing is done; a different dataset is replaced
+            only with `overwrite`; anything else (a file, a folder of other files) never.
         vocab_size, model_type, special_tokens: Tokenizer training (ignored with `tokenizer`).
         tokenizer: A sentencepiece model to reuse instead of training one.
         val_fraction: Share of the data held out for validation, in [0, 1).
@@ -130,11 +150,14 @@ def prepare(
     if existing is not None and existing.get("request") == request and not overwrite:
         _say(verbose, f"{out} already holds this dataset; nothing to do")
         return existing
-    if existing is not None and not overwrite:
+    if existing is not None and not overwrite:  # what check_output would say, more precisely
         raise UserError(
             f"{out} holds a different dataset (other sources or options); pass --overwrite to "
             "replace it, or choose another --out"
         )
+    inputs = [*sources, tokenizer]
+    # Refused outputs fail here, before any reading; write_folder checks again.
+    atomic.check_output(out, DATASET, overwrite=overwrite, inputs=inputs)
 
     manifest: dict[str, Any] = {}  # filled in by fill()
 
@@ -160,7 +183,7 @@ def prepare(
         manifest.update(_manifest(reader, scan, tok, splits, dtype, request))
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
-    atomic.write_folder(out, fill)
+    atomic.write_folder(out, fill, DATASET, overwrite=overwrite, inputs=inputs)
     train, val = manifest["splits"]["train"], manifest["splits"]["val"]
     _say(verbose, (
         f"wrote {out}: {manifest['kind']}, train {train['tokens']:,} tokens ({train['bytes']:,} "
@@ -221,20 +244,13 @@ def _manifest(
 
 
 def _existing_manifest(out: Path) -> dict[str, Any] | None:
-    """The manifest of a dataset already at `out`; None if `out` is absent or an empty folder."""
-    if not out.exists():
-        return None
-    if not out.is_dir():
-        raise UserError(f"--out {out} is a file; choose a folder path")
-    if not any(out.iterdir()):
+    """The manifest of a dataset prepare wrote at `out`, if there is one holding nothing else."""
+    if out.is_symlink() or not out.is_dir() or not DATASET.holds(out) or DATASET.foreign(out):
         return None
     try:
         return json.loads((out / MANIFEST).read_text())
     except (OSError, ValueError):
-        raise UserError(
-            f"--out {out} is a non-empty folder that holds no dataset (no readable {MANIFEST}); "
-            "choose another --out (prepare replaces only datasets it wrote)"
-        ) from None
+        return None  # check_output says what is wrong
 
 
 def _say(verbose: bool, message: str) -> None:
