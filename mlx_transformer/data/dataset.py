@@ -101,13 +101,20 @@ def load_dataset(path: str | Path, tokenizer: Any = None) -> Dataset:
         The `Dataset`, with every shard memory-mapped read-only.
     """
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(
+            f"{path} is not a folder: a dataset is the folder `mlx-transformer prepare --out` "
+            "writes; pass that folder"
+        )
     try:
-        manifest = json.loads((path / MANIFEST).read_text())
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UserError(
             f"no dataset at {path} (no {MANIFEST}); make one with `mlx-transformer prepare "
             f"--out {path}`"
         ) from None
+    except OSError as e:
+        raise UserError(f"cannot read {path / MANIFEST}: {e.strerror}") from None
     except ValueError as e:
         raise UserError(f"{path / MANIFEST} is not valid JSON ({e}); re-run prepare") from None
     _check_manifest(path, manifest)
@@ -129,17 +136,63 @@ def load_dataset(path: str | Path, tokenizer: Any = None) -> Dataset:
     return Dataset(path, manifest, splits)
 
 
-def _check_manifest(path: Path, m: dict[str, Any]) -> None:
+def _check_manifest(path: Path, m: Any) -> None:
+    """Every field load_dataset and training read, with its type: a damaged or foreign
+    manifest is one line naming the field, never a KeyError deep inside training."""
     where = path / MANIFEST
+    redo = "re-run `mlx-transformer prepare`"
+    if not isinstance(m, dict):
+        raise UserError(f"{where}: expected a JSON object, found {_json_type(m)}; {redo}")
     if m.get("format_version") != FORMAT_VERSION:
         raise UserError(
             f"{where}: format version {m.get('format_version')!r}, this version reads "
-            f"{FORMAT_VERSION}; re-run `mlx-transformer prepare`"
+            f"{FORMAT_VERSION}; {redo}"
         )
     if m.get("kind") not in KINDS or m.get("dtype") not in DTYPES:
-        raise UserError(f"{where}: unknown kind or dtype; re-run `mlx-transformer prepare`")
-    if not isinstance(m.get("splits"), dict) or "train" not in m["splits"]:
-        raise UserError(f"{where}: no train split; re-run `mlx-transformer prepare`")
+        raise UserError(f"{where}: unknown kind or dtype; {redo}")
+
+    def need(obj: Any, key: str, kind: type, name: str) -> Any:
+        value = obj.get(key) if isinstance(obj, dict) else None
+        if kind is int:
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+        elif kind is str:  # a file name: inside the dataset folder, never a path out of it
+            ok = isinstance(value, str) and value not in ("", ".", "..")
+            ok = ok and not set(value) & {"/", "\\", "\0"}
+        else:
+            ok = isinstance(value, kind)
+        if not ok:
+            what = {int: "a count", str: "a file name", dict: "an object", list: "a list"}[kind]
+            raise UserError(f"{where}: {name} is missing or not {what}; {redo}")
+        return value
+
+    need(m, "vocab_size", int, "vocab_size")
+    tok = need(m, "tokenizer", dict, "tokenizer")
+    need(tok, "file", str, "tokenizer.file")
+    if not isinstance(tok.get("sha256"), str):
+        raise UserError(f"{where}: tokenizer.sha256 is missing or not a string; {redo}")
+    ids = need(tok, "special_ids", dict, "tokenizer.special_ids")
+    for key in ("eos", "pad"):
+        if not isinstance(ids.get(key), int) or isinstance(ids.get(key), bool):
+            raise UserError(f"{where}: tokenizer.special_ids.{key} is missing; {redo}")
+    splits = need(m, "splits", dict, "splits")
+    if "train" not in splits or not set(splits) <= {"train", "val"}:
+        raise UserError(f"{where}: splits must be train (and val), found {sorted(splits)}; {redo}")
+    for split, info in splits.items():
+        need(splits, split, dict, f"splits.{split}")
+        for key in ("tokens", "bytes"):
+            need(info, key, int, f"splits.{split}.{key}")
+        for k, shard in enumerate(need(info, "shards", list, f"splits.{split}.shards")):
+            at = f"splits.{split}.shards[{k}]"
+            need(shard, "file", str, f"{at}.file")
+            need(shard, "tokens", int, f"{at}.tokens")
+            if m["kind"] == "finetune":
+                need(shard, "index", str, f"{at}.index")
+                need(shard, "examples", int, f"{at}.examples")
+
+
+def _json_type(value: Any) -> str:
+    names = {list: "a list", str: "a string", bool: "a boolean", type(None): "null"}
+    return names.get(type(value), "a number")
 
 
 def _check_tokenizer(path: Path, manifest: dict[str, Any], tokenizer: Any) -> None:

@@ -169,7 +169,7 @@ class _ShardWriter:
         while len(ids):
             shard = self._shard_with_room(1)
             take = min(len(ids), self.shard_tokens - shard["tokens"])
-            ids[:take].tofile(self._files[0])
+            _write(self._files[0], ids[:take])
             shard["tokens"] += take
             self.tokens += take
             ids = ids[take:]
@@ -178,8 +178,8 @@ class _ShardWriter:
         start = 0
         for prompt_len, total_len in lens.tolist():
             shard = self._shard_with_room(total_len)  # an example never straddles two shards
-            np.array([shard["tokens"], prompt_len, total_len], np.int64).tofile(self._files[1])
-            ids[start : start + total_len].tofile(self._files[0])
+            _write(self._files[1], np.array([shard["tokens"], prompt_len, total_len], np.int64))
+            _write(self._files[0], ids[start : start + total_len])
             shard["tokens"] += total_len
             shard["examples"] += 1
             self.tokens += total_len
@@ -210,6 +210,12 @@ class _ShardWriter:
                        completion_bytes=self.completion_bytes)  # fmt: skip
         out["shards"] = self.shards
         return out
+
+
+def _write(file: Any, array: np.ndarray) -> None:
+    """Append `array`'s bytes. Not `ndarray.tofile`: on a full disk it raises an OSError without
+    errno ("N requested and M written"), which could not be told from a bug."""
+    file.write(memoryview(np.ascontiguousarray(array)).cast("B"))
 
 
 def _encode(

@@ -35,12 +35,17 @@ from typing import Any
 
 from .. import atomic
 from ..errors import UserError
-from ..tokenizer import MODEL_TYPES, TOKENIZER_FILE, Tokenizer, train_tokenizer
+from ..tokenizer import MODEL_TYPES, SPECIAL_IDS, TOKENIZER_FILE, Tokenizer, train_tokenizer
 from .dataset import FORMAT_VERSION, KINDS, MANIFEST, default_corpus_path
 from .encode import _encode
 from .sources import TEXT_SUFFIXES, _Reader, _Scan, find_sources
 
 SHARD_TOKENS = 100_000_000  # tokens per shard file (200 MB as uint16)
+# Vocabulary sizes: the pieces every tokenizer holds (256 bytes, unk/bos/eos/pad, the newline)
+# come first, so fewer cannot work; above 2**20 (4x the largest vocabularies in use, ~256k) is a
+# typo. Between the two, sentencepiece says what the corpus supports.
+BASE_PIECES = 256 + len(SPECIAL_IDS) + 1
+MAX_VOCAB_SIZE = 1 << 20
 
 # What `prepare` may replace: a dataset it wrote (one from before the marker is recognised by its
 # manifest's format fields, not by the file name alone).
@@ -133,6 +138,8 @@ def prepare(
         raise UserError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     if shard_tokens < 1:
         raise UserError(f"shard_tokens must be positive, got {shard_tokens}")
+    if tokenizer is None:
+        _check_vocab_size(vocab_size, special_tokens)
     out = Path(out)
     sources = find_sources(data or [default_corpus_path()])
     reused = Tokenizer.load(tokenizer) if tokenizer is not None else None
@@ -165,17 +172,20 @@ def prepare(
         reader = _Reader(sources, replace_invalid_utf8)
         scan = _Scan(reader, verbose)
         texts = scan.texts()  # pass 1, run by tokenizer training as it reads
-        if reused is None:
-            tok = train_tokenizer(
-                texts,
-                vocab_size=vocab_size,
-                model_type=model_type,
-                special_tokens=special_tokens,
-                input_sentence_size=input_sentence_size,
-            )
-        else:
-            tok = reused
-        collections.deque(texts, maxlen=0)  # finish checking and counting, if training stopped
+        try:
+            if reused is None:
+                tok = train_tokenizer(
+                    texts,
+                    vocab_size=vocab_size,
+                    model_type=model_type,
+                    special_tokens=special_tokens,
+                    input_sentence_size=input_sentence_size,
+                )
+            else:
+                tok = reused
+            collections.deque(texts, maxlen=0)  # finish checking and counting, if training stopped
+        finally:
+            texts.close()  # ends its progress bar now, before an error line is printed
         (tmp / TOKENIZER_FILE).write_bytes(tok.model_bytes)
         splits, dtype = _encode(
             reader, scan, tok, tmp, val_fraction, shard_tokens, workers, verbose
@@ -251,6 +261,24 @@ def _existing_manifest(out: Path) -> dict[str, Any] | None:
         return json.loads((out / MANIFEST).read_text())
     except (OSError, ValueError):
         return None  # check_output says what is wrong
+
+
+def _check_vocab_size(vocab_size: int, special_tokens: Sequence[str]) -> None:
+    """Refuse sizes sentencepiece cannot train, before it reads the corpus (and reports them
+    with its own internals, or not at all)."""
+    smallest = BASE_PIECES + len(special_tokens)
+    if vocab_size < smallest:
+        raise UserError(
+            f"--vocab-size {vocab_size} is too small: every vocabulary holds {smallest} pieces "
+            f"(256 bytes, 4 special ids, the newline, {len(special_tokens)} special tokens) "
+            "before any of the corpus' own; pass a few thousand (the default is 8000)"
+        )
+    if vocab_size > MAX_VOCAB_SIZE:
+        raise UserError(
+            f"--vocab-size {vocab_size} is too large: the limit is {MAX_VOCAB_SIZE:,} (2**20); "
+            "8000 to 32000 suit most corpora, and a small corpus supports fewer (prepare says "
+            "how many)"
+        )
 
 
 def _say(verbose: bool, message: str) -> None:

@@ -6,6 +6,7 @@ Bad data is reported with its place: `path: invalid UTF-8 at byte N (line L)` in
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from collections.abc import Iterator, Sequence
@@ -43,6 +44,11 @@ def find_sources(paths: Sequence[str | Path]) -> list[Path]:
             files.extend(found)
         elif path.is_file():
             files.append(path)
+        elif path.exists():
+            raise UserError(
+                f"--data path {path} is neither a file nor a folder (a device or a pipe?); "
+                "give text files or folders of them"
+            )
         else:
             raise UserError(f"--data path {path} does not exist")
     return files
@@ -208,22 +214,20 @@ class _Scan:
 # --- progress (shared with prepare_encode) -------------------------------------------------
 
 
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
+@contextlib.contextmanager
+def _progress(total: int, desc: str, verbose: bool) -> Iterator[Any]:
+    """A tqdm bar in bytes (shows MB/s) when verbose and stderr is a terminal (a log gets none).
 
-    def __enter__(self) -> _NoBar:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        pass
-
-
-def _progress(total: int, desc: str, verbose: bool) -> Any:
-    """A tqdm bar in bytes (shows MB/s), or nothing when quiet."""
-    if not verbose:
-        return _NoBar()
+    An error clears the bar, so the error's line that follows stands alone.
+    """
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1000,
-                file=sys.stderr, dynamic_ncols=True)  # fmt: skip
+    bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1000,
+               file=sys.stderr, dynamic_ncols=True, disable=None if verbose else True)  # fmt: skip
+    try:
+        yield bar
+    except BaseException:
+        bar.leave = False
+        raise
+    finally:
+        bar.close()
