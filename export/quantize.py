@@ -7,8 +7,9 @@
 - int4: weight-only MatMulNBits (block 32, symmetric); the LM head at 8 bits, because int4 heads
   degrade small models most (repetition). Embeddings stay float32 in every precision.
 
-`compare` measures a candidate against the fp32 graph on the same tokens: max logit error,
-next-token (argmax) agreement, greedy generation agreement (`OnnxGenerator`) and perplexity.
+`compare` measures a candidate against the fp32 graph on the same tokens: max logit error, the
+scale-free `logit_error`, next-token (argmax) agreement, greedy generation agreement
+(`OnnxGenerator`) and perplexity. `verify` holds exports to budgets in the same terms.
 """
 
 from __future__ import annotations
@@ -120,6 +121,17 @@ def to_int4(model: onnx.ModelProto, block_size: int = 32) -> onnx.ModelProto:
 # -- measuring ------------------------------------------------------------------------------------
 
 
+def logit_error(got: np.ndarray, want: np.ndarray) -> float:
+    """RMS of the logit difference over the RMS of the reference's logits (..., V), both
+    centred per position (adding a constant to a position's logits changes no probability)."""
+
+    def centred_rms(x: np.ndarray) -> float:
+        x = x.astype(np.float64)
+        return float(np.sqrt(np.mean(np.square(x - x.mean(-1, keepdims=True)))))
+
+    return centred_rms(got - want) / max(centred_rms(want), 1e-30)
+
+
 def _nll(logits: np.ndarray, ids: np.ndarray) -> float:
     """Mean next-token negative log-likelihood of ids (B, T) under logits (B, T, V)."""
     x = logits[:, :-1].astype(np.float64)
@@ -145,8 +157,9 @@ def compare(
         io: the io.json contents that both graphs share.
         tokens: evaluation token ids (1-D); cut into windows (`eval_windows`).
     Returns:
-        max_abs_logit_error, argmax_agreement (next-token, teacher-forced), greedy_match
-        (identical greedy tokens before the first difference, of greedy_n), perplexities.
+        max_abs_logit_error, logit_error, argmax_agreement (next-token, teacher-forced),
+        greedy_match (identical greedy tokens before the first difference, of greedy_n),
+        perplexities.
     """
     ref_gen, cand_gen = OnnxGenerator(reference, io=io), OnnxGenerator(candidate, io=io)
     ids = eval_windows(tokens, io["context_length"])
@@ -163,6 +176,7 @@ def compare(
     return {
         "eval_tokens": int(ids.size),
         "max_abs_logit_error": float(np.abs(cand - ref).max()),
+        "logit_error": logit_error(cand, ref),
         "logit_scale": float(np.abs(ref).max()),
         "argmax_agreement": float((cand.argmax(-1) == ref.argmax(-1)).mean()),
         "greedy_match": f"{match}/{n}",
