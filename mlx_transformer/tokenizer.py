@@ -12,10 +12,14 @@ That takes a few choices, all recorded in the model file itself:
 - `"\\n"` is a user-defined piece, so newlines survive and no piece spans one.
 - Fixed special ids: unk=0, bos=1, eos=2, pad=3; newline=4; user special tokens follow.
 
-Two wrinkles of sentencepiece are handled in `Tokenizer.encode`: its BPE segmentation of a long
+Three wrinkles of sentencepiece are handled in `Tokenizer.encode`: its BPE segmentation of a long
 string depends slightly on text far away, so we encode line by line (a line's tokens depend only on
-the line, and a corpus encodes the same however it is chunked); and a literal U+2581 ("▁") in the
-text would decode as a space, so we encode it as its three bytes.
+the line, and a corpus encodes the same however it is chunked); a literal U+2581 ("▁") in the
+text would decode as a space, so we encode it as its three bytes; and it refuses lone surrogates,
+which is how Python hands over bytes that were not UTF-8 (command-line arguments, and stdin read
+with `surrogateescape`, as `generate.rules.read_prompt` does): each such byte becomes its byte
+piece, the original byte, where the model has byte fallback; without it the text is refused with
+the byte's offset. MLX and ONNX generation both encode here, so they agree.
 """
 
 from __future__ import annotations
@@ -41,6 +45,9 @@ MODEL_TYPES = ("bpe", "unigram", "char")
 _SPACE = "\u2581"  # sentencepiece's visible space, "▁"
 _SPACE_BYTES = _SPACE.encode("utf-8")
 _BYTE_PIECE = re.compile(r"<0x([0-9A-F]{2})>")
+_SURROGATES = re.compile("[\ud800-\udfff]+")
+# `surrogateescape` turns an undecodable byte b (0x80..0xFF) into the lone surrogate U+DC00 + b.
+_ESCAPED_BYTES = range(0xDC80, 0xDD00)
 # sentencepiece skips training sentences longer than max_sentence_length (4192 bytes by default);
 # we cut long lines into pieces of at most this many characters (<= 4 bytes each) instead.
 _MAX_TRAIN_CHARS = 1000
@@ -65,9 +72,11 @@ class Tokenizer:
         self._newline_id = self._sp.piece_to_id(NEWLINE_PIECE)
         if self._newline_id == self._sp.unk_id():
             self._newline_id = -1
-        # The three byte pieces of "▁", when the model has byte fallback.
-        byte_ids = [self._sp.piece_to_id(f"<0x{b:02X}>") for b in _SPACE_BYTES]
-        self._space_byte_ids = byte_ids if all(self._sp.is_byte(i) for i in byte_ids) else None
+        # The 256 byte pieces by byte value, when the model has byte fallback; else None.
+        byte_ids = [self._sp.piece_to_id(f"<0x{b:02X}>") for b in range(256)]
+        self._byte_ids = byte_ids if all(self._sp.is_byte(i) for i in byte_ids) else None
+        # The three byte pieces of "▁".
+        self._space_byte_ids = [byte_ids[b] for b in _SPACE_BYTES] if self._byte_ids else None
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
@@ -116,6 +125,16 @@ class Tokenizer:
         """{"unk": .., "bos": .., "eos": .., "pad": ..}; -1 where the model lacks one."""
         return {"unk": self.unk_id, "bos": self.bos_id, "eos": self.eos_id, "pad": self.pad_id}
 
+    def check_fits(self, vocab_size: int) -> None:
+        """Refuse a model with fewer embeddings than this tokenizer has ids: its ids would index
+        past the embedding table (MLX does not check; onnxruntime fails mid-run)."""
+        if self.vocab_size > vocab_size:
+            where = self.path if self.path is not None else "the tokenizer"
+            raise UserError(
+                f"{where} has {self.vocab_size} ids but the model only {vocab_size} embeddings: "
+                "they do not belong together; use the tokenizer the model was trained with"
+            )
+
     def user_defined_tokens(self) -> dict[str, int]:
         """User-defined pieces (always matched whole, like "\\n" and `special_tokens`) -> id."""
         from sentencepiece import sentencepiece_model_pb2 as pb  # protobuf: only when asked
@@ -151,11 +170,22 @@ class Tokenizer:
         return ids or [self.eos_id]
 
     def encode_lines(self, text: str) -> list[list[int]]:
-        """Token ids per line of `text`; concatenated, they are `encode(text)`."""
+        """Token ids per line of `text`; concatenated, they are `encode(text)`.
+
+        Raises:
+            UserError: `text` holds bytes that were not UTF-8 (lone surrogates, see the module
+                docstring) and the model has no byte fallback, or a surrogate that is no byte.
+        """
         lines = _lines(text)
-        if self._space_byte_ids is None or _SPACE not in text:
-            return self._sp.encode(lines)
-        return [self._encode_literal_spaces(line) for line in lines]
+        try:
+            if self._space_byte_ids is None or _SPACE not in text:
+                return self._sp.encode(lines)
+            return [self._encode_literal_spaces(line) for line in lines]
+        except (TypeError, RuntimeError):  # sentencepiece on a lone surrogate; free otherwise
+            if _SURROGATES.search(text) is None:
+                raise
+        self._check_escaped_bytes(text)
+        return [self._encode_escaped_bytes(line) for line in lines]
 
     def decode(self, ids: Sequence[int]) -> str:
         """The text of `ids`; control ids (bos/eos/pad) decode to nothing."""
@@ -164,6 +194,43 @@ class Tokenizer:
     def detokenizer(self) -> StreamingDetokenizer:
         """A fresh streaming detokenizer over this vocabulary."""
         return StreamingDetokenizer(self)
+
+    def _check_escaped_bytes(self, text: str) -> None:
+        """Refuse the first lone surrogate that cannot be encoded, naming where it is."""
+        for run in _SURROGATES.finditer(text):
+            for k, char in enumerate(run.group()):
+                if ord(char) in _ESCAPED_BYTES and self._byte_ids is not None:
+                    continue
+                at = run.start() + k  # everything before is text or escaped bytes
+                if ord(char) not in _ESCAPED_BYTES:
+                    raise UserError(
+                        f"the text holds a lone surrogate U+{ord(char):04X} at character {at}, "
+                        "which is not a character; fix the text"
+                    )
+                offset = len(text[:at].encode("utf-8", "surrogateescape"))
+                raise UserError(
+                    f"the text is not valid UTF-8: byte 0x{ord(char) - 0xDC00:02X} at byte offset "
+                    f"{offset}, and this tokenizer has no byte fallback to encode it; convert the "
+                    "text to UTF-8"
+                )
+
+    def _encode_escaped_bytes(self, line: str) -> list[int]:
+        """A line holding escaped bytes: the text around them as usual, each byte as its piece."""
+        ids: list[int] = []
+        start = 0
+        for run in _SURROGATES.finditer(line):
+            ids.extend(self._encode_text(line[start : run.start()]))
+            ids.extend(self._byte_ids[ord(char) - 0xDC00] for char in run.group())
+            start = run.end()
+        ids.extend(self._encode_text(line[start:]))
+        return ids
+
+    def _encode_text(self, text: str) -> list[int]:
+        if not text:
+            return []
+        if self._space_byte_ids is None or _SPACE not in text:
+            return self._sp.encode(text)
+        return self._encode_literal_spaces(text)
 
     def _encode_literal_spaces(self, line: str) -> list[int]:
         # A literal "▁" would decode as " ": emit its three byte pieces instead.

@@ -146,6 +146,51 @@ def test_load_errors(tmp_path):
     assert "\n" not in str(e.value)
 
 
+# --- bytes that are not UTF-8 --------------------------------------------------------------
+
+
+@given(st.binary(max_size=40))
+@FAST
+def test_any_bytes_encode_keeping_the_undecodable_ones(tok, data):
+    """Whatever bytes a command line or stdin holds (Python decodes both with surrogateescape),
+    they encode; each byte that is not UTF-8 appears, in order, as its own byte piece."""
+    text = data.decode("utf-8", "surrogateescape")
+    ids = iter(tok.encode(text))
+    escaped = [ord(c) - 0xDC00 for c in text if 0xDC80 <= ord(c) < 0xDD00]
+    assert all(tok.piece_to_id(f"<0x{b:02X}>") in ids for b in escaped)
+
+
+def test_escaped_bytes_around_newlines_and_literal_spaces(tok):
+    def byte(b: int) -> int:
+        return tok.piece_to_id(f"<0x{b:02X}>")
+
+    text = "a\udcff\n\u2581b\udc80"
+    assert tok.encode(text) == tok.encode("a") + [byte(0xFF)] + tok.encode("\n\u2581b") + [
+        byte(0x80)
+    ]
+    assert tok.encode_lines(text) == [
+        tok.encode("a") + [byte(0xFF)] + tok.encode("\n"),
+        tok.encode("\u2581b") + [byte(0x80)],
+    ]
+
+
+def test_bytes_without_byte_fallback_are_refused_with_their_offset(tiny_corpus_text):
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(tiny_corpus_text.split("\n")),
+        model_writer=model,
+        model_type="char",
+        minloglevel=2,
+        num_threads=1,
+    )
+    tok = Tokenizer(model.getvalue())
+    text = "héllo\nw\udce9rld".encode("utf-8", "surrogateescape").decode("utf-8", "surrogateescape")
+    with pytest.raises(UserError, match=r"byte 0xE9 at byte offset 8, and this tokenizer has no"):
+        tok.encode(text)
+    with pytest.raises(UserError, match=r"lone surrogate U\+DBFF at character 1"):
+        tok.encode("a\udbff")
+
+
 def test_no_mlx_import():
     code = (
         "import sys, mlx_transformer.tokenizer, mlx_transformer.data.dataset, "
