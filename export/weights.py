@@ -1,19 +1,19 @@
 """Read a checkpoint folder with numpy alone (no MLX, no torch), strictly.
 
 `validate_checkpoint` (shared with the MLX side) checks config.json against the safetensors
-header: every tensor the config needs, with its shape, and nothing else. This module then reads
-the raw bytes itself, because numpy has no bfloat16 (it is the top half of a float32).
+header: every tensor the config needs, with its shape, and nothing else; offsets that give each
+tensor exactly its bytes, none shared; and every value finite. This module then reads the raw
+bytes itself, because numpy has no bfloat16 (it is the top half of a float32).
 """
 
 from __future__ import annotations
 
-import math
 import struct
 from pathlib import Path
 
 import numpy as np
 
-from mlx_transformer.checkpoint.format import WEIGHTS_FILE, CheckpointError, validate_checkpoint
+from mlx_transformer.checkpoint.format import WEIGHTS_FILE, validate_checkpoint
 from mlx_transformer.config import ModelConfig
 
 _NUMPY_DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}
@@ -46,29 +46,21 @@ def decode(raw: bytes | np.ndarray, dtype: str, shape: list[int]) -> np.ndarray:
 
 
 def read_checkpoint(ckpt: str | Path) -> tuple[ModelConfig, Weights]:
-    """Config and float32 weights of a checkpoint folder; strict about names, shapes and sizes.
+    """Config and float32 weights of a checkpoint folder; strict about names, shapes, offsets and
+    values (`validate_checkpoint` with `check_values`: every value finite).
 
     Raises:
         CheckpointError: the folder, config or weights file is missing, corrupt or inconsistent.
     """
-    config, header = validate_checkpoint(ckpt)
+    config, header = validate_checkpoint(ckpt, check_values=True)
     path = Path(ckpt) / WEIGHTS_FILE
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))  # framing already validated by the header check
-    body = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n)
+    body = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n) if header else None
     arrays = {}
     for name, t in header.items():
-        begin, end = t["data_offsets"]
-        expected = math.prod(t["shape"]) * _NUMPY_DTYPES[t["dtype"]].itemsize
-        if end - begin != expected:
-            raise CheckpointError(
-                f"{path}: tensor {name} holds {end - begin} bytes, its shape and dtype need "
-                f"{expected}; re-save the checkpoint"
-            )
-        values = decode(body[begin:end], t["dtype"], t["shape"])
-        if not np.isfinite(values).all():
-            raise CheckpointError(f"{path}: tensor {name} contains NaN or infinity")
-        arrays[name] = values
+        begin, end = t["data_offsets"]  # each tensor's own bytes, checked against its shape
+        arrays[name] = decode(body[begin:end], t["dtype"], t["shape"])
     stored = {t["dtype"] for t in header.values()}
     names = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
     dtype = names[stored.pop()] if len(stored) == 1 else "mixed"

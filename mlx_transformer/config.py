@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,22 @@ POSITION_ENCODINGS = ("sinusoidal", "learned", "rope", "none")
 NORM_TYPES = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("pre", "post")
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "swiglu")
+
+# Upper bounds on the sizes, far above any published model. A config of a few bytes must not
+# describe a model whose mere tensor table (or KV cache, or position table) exhausts memory:
+# past these a value is a typo or a hostile file. A checkpoint's weights file bounds the rest.
+MAX_SIZES = {
+    "vocab_size": 2**24,
+    "hidden_size": 2**17,
+    "num_hidden_layers": 2**14,
+    "num_attention_heads": 2**14,
+    "num_key_value_heads": 2**14,
+    "head_dim": 2**14,
+    "intermediate_size": 2**20,
+    "max_position_embeddings": 2**27,
+}
+# A config.json is a few hundred bytes; anything past this is not one.
+MAX_CONFIG_BYTES = 1 << 20
 
 
 class ConfigError(UserError, ValueError):
@@ -73,7 +90,10 @@ class ModelConfig:
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         # Derive only from valid values, so that validate() names the bad field instead.
-        sizes_ok = _is_pos_int(self.hidden_size) and _is_pos_int(self.num_attention_heads)
+        sizes_ok = all(
+            _is_pos_int(getattr(self, name)) and getattr(self, name) <= MAX_SIZES[name]
+            for name in ("hidden_size", "num_attention_heads")
+        )
         if self.head_dim is None and sizes_ok:
             if self.hidden_size % self.num_attention_heads:
                 raise ConfigError(
@@ -92,19 +112,12 @@ class ModelConfig:
 
     def validate(self) -> None:
         """Raise ConfigError naming the first bad field."""
-        for name in (
-            "vocab_size",
-            "hidden_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "num_key_value_heads",
-            "head_dim",
-            "intermediate_size",
-            "max_position_embeddings",
-        ):
+        for name, most in MAX_SIZES.items():
             value = getattr(self, name)
             if not _is_pos_int(value):
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+            if value > most:
+                raise ConfigError(f"{name} must be at most {most:,}, got {value:,}")
         choices = {
             "position_encoding": POSITION_ENCODINGS,
             "norm_type": NORM_TYPES,
@@ -126,13 +139,14 @@ class ModelConfig:
             raise ConfigError(
                 f"hidden_size must be even for sinusoidal encoding, got {self.hidden_size}"
             )
+        # Every float field: JSON lets a file say NaN and Infinity, and neither is a setting.
         for name in ("rope_theta", "norm_eps", "initializer_range"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ConfigError(f"{name} must be a positive number, got {value!r}")
+            if not _is_finite_number(value) or not value > 0:
+                raise ConfigError(f"{name} must be a positive finite number, got {value!r}")
         for name in ("embedding_dropout", "attention_dropout", "residual_dropout"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+            if not _is_finite_number(value) or not 0 <= value < 1:
                 raise ConfigError(f"{name} must be a number in [0, 1), got {value!r}")
         for name in (
             "rope_traditional",
@@ -143,6 +157,8 @@ class ModelConfig:
         ):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if not isinstance(self.extra, dict):
+            raise ConfigError(f"extra must be a JSON object, got {self.extra!r}")
 
     # -- derived --------------------------------------------------------------------------------
 
@@ -153,42 +169,63 @@ class ModelConfig:
 
     def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
         """Every tensor of the checkpoint, by name, with its shape: the file format in one place."""
+        return dict(self.iter_parameter_shapes())
+
+    def iter_parameter_shapes(self) -> Iterator[tuple[str, tuple[int, ...]]]:
+        """(name, shape) of every tensor, in file order, one at a time: a reader that stops at
+        the first tensor a file lacks does work bounded by the file, not by the config."""
+        head, layer, tail = self._shapes()
+        yield from head.items()
+        for i in range(self.num_hidden_layers):
+            for name, shape in layer.items():
+                yield f"layers.{i}.{name}", shape
+        yield from tail.items()
+
+    def num_tensors(self) -> int:
+        head, layer, tail = self._shapes()
+        return len(head) + self.num_hidden_layers * len(layer) + len(tail)
+
+    def num_parameters(self) -> int:
+        head, layer, tail = self._shapes()
+        size = [sum(math.prod(s) for s in shapes.values()) for shapes in (head, layer, tail)]
+        return size[0] + self.num_hidden_layers * size[1] + size[2]
+
+    def _shapes(self) -> tuple[dict, dict, dict]:
+        """The tensors before the layers, those of one layer (names after `layers.{i}.`), and
+        those after: every layer has the same, so sizes are known without listing them all."""
         D, V, F = self.hidden_size, self.vocab_size, self.intermediate_size
         q, kv = self.num_attention_heads * self.head_dim, self.num_key_value_heads * self.head_dim
-        shapes: dict[str, tuple[int, ...]] = {"embed_tokens.weight": (V, D)}
+        head: dict[str, tuple[int, ...]] = {"embed_tokens.weight": (V, D)}
+        layer: dict[str, tuple[int, ...]] = {}
+        tail: dict[str, tuple[int, ...]] = {}
         if self.position_encoding == "learned":
-            shapes["embed_positions.weight"] = (self.max_position_embeddings, D)
+            head["embed_positions.weight"] = (self.max_position_embeddings, D)
 
-        def norm(prefix: str) -> None:
+        def norm(shapes: dict, prefix: str) -> None:
             shapes[f"{prefix}.weight"] = (D,)
             if self.norm_type == "layernorm":
                 shapes[f"{prefix}.bias"] = (D,)
 
-        def linear(prefix: str, out_dim: int, in_dim: int, bias: bool) -> None:
+        def linear(shapes: dict, prefix: str, out_dim: int, in_dim: int, bias: bool) -> None:
             shapes[f"{prefix}.weight"] = (out_dim, in_dim)
             if bias:
                 shapes[f"{prefix}.bias"] = (out_dim,)
 
-        for i in range(self.num_hidden_layers):
-            p = f"layers.{i}"
-            norm(f"{p}.attn_norm")
-            linear(f"{p}.attn.q_proj", q, D, self.attention_bias)
-            linear(f"{p}.attn.k_proj", kv, D, self.attention_bias)
-            linear(f"{p}.attn.v_proj", kv, D, self.attention_bias)
-            linear(f"{p}.attn.o_proj", D, q, self.attention_bias)
-            norm(f"{p}.mlp_norm")
-            if self.hidden_act == "swiglu":
-                linear(f"{p}.mlp.gate_proj", F, D, self.mlp_bias)
-            linear(f"{p}.mlp.up_proj", F, D, self.mlp_bias)
-            linear(f"{p}.mlp.down_proj", D, F, self.mlp_bias)
+        norm(layer, "attn_norm")
+        linear(layer, "attn.q_proj", q, D, self.attention_bias)
+        linear(layer, "attn.k_proj", kv, D, self.attention_bias)
+        linear(layer, "attn.v_proj", kv, D, self.attention_bias)
+        linear(layer, "attn.o_proj", D, q, self.attention_bias)
+        norm(layer, "mlp_norm")
+        if self.hidden_act == "swiglu":
+            linear(layer, "mlp.gate_proj", F, D, self.mlp_bias)
+        linear(layer, "mlp.up_proj", F, D, self.mlp_bias)
+        linear(layer, "mlp.down_proj", D, F, self.mlp_bias)
         if self.final_norm:
-            norm("norm")
+            norm(tail, "norm")
         if not self.tie_word_embeddings:
-            shapes["lm_head.weight"] = (V, D)
-        return shapes
-
-    def num_parameters(self) -> int:
-        return sum(math.prod(s) for s in self.parameter_shapes().values())
+            tail["lm_head.weight"] = (V, D)
+        return head, layer, tail
 
     # -- (de)serialisation ----------------------------------------------------------------------
 
@@ -216,11 +253,22 @@ class ModelConfig:
         """Read and validate a config.json; errors name the file and the field."""
         path = Path(path)
         try:
-            d = json.loads(path.read_text())
+            with open(path, "rb") as f:
+                data = f.read(MAX_CONFIG_BYTES + 1)  # bounded: the path may be /dev/zero
         except FileNotFoundError:
             raise ConfigError(f"{path}: not found") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except IsADirectoryError:
+            raise ConfigError(f"{path}: a folder, not a JSON file") from None
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot be read ({e.strerror})") from None
+        if len(data) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: over {MAX_CONFIG_BYTES:,} bytes; not a config.json")
+        try:
+            d = json.loads(data.decode("utf-8"))
+        except ValueError as e:  # also bad UTF-8, and integers too long to convert
             raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        except RecursionError:
+            raise ConfigError(f"{path}: not valid JSON (nested too deeply)") from None
         if isinstance(d, dict):
             model_type = d.get("model_type", MODEL_TYPE)
             if model_type != MODEL_TYPE:
@@ -242,3 +290,9 @@ class ModelConfig:
 
 def _is_pos_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _is_finite_number(value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return isinstance(value, int) or math.isfinite(value)  # an int of any size is finite

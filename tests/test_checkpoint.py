@@ -87,6 +87,38 @@ def test_truncated_weights_file(saved):
         load_checkpoint(folder)
 
 
+def test_weights_that_overflow_the_requested_dtype_are_refused(saved):
+    folder, _ = saved
+    rewrite_weights(folder, lambda w: w.update({"norm.weight": mx.full((32,), 1e30)}))
+    with pytest.raises(
+        CheckpointError, match="tensor norm.weight holds NaN or infinity as float16"
+    ):
+        load_checkpoint(folder, dtype="float16")
+    assert np.array(load_checkpoint(folder).norm.weight).max() == np.float32(1e30)
+
+
+def test_finite_weights_whose_sum_overflows_still_load(saved):
+    """The load-time check sums each tensor; an overflowing sum is confirmed element-wise."""
+    folder, _ = saved
+    rewrite_weights(folder, lambda w: w.update({"norm.weight": mx.full((32,), 3e38)}))
+    assert np.array(load_checkpoint(folder).norm.weight).min() == np.float32(3e38)
+    rewrite_weights(folder, lambda w: w["norm.weight"].__setitem__(5, float("nan")))
+    with pytest.raises(CheckpointError, match="tensor norm.weight contains NaN or infinity"):
+        load_checkpoint(folder)
+
+
+def test_the_framing_check_reads_any_safetensors_dtype(tmp_path):
+    """Training state holds integers: the same check of offsets serves it when asked to."""
+    from mlx_transformer.checkpoint.format import read_safetensors_header
+
+    path = tmp_path / "state.safetensors"
+    mx.save_safetensors(str(path), {"step": mx.array([7], mx.uint32), "m": mx.zeros((2, 3))})
+    header = read_safetensors_header(path, dtypes=("U32", "F32"))
+    assert header["step"]["dtype"] == "U32" and header["m"]["shape"] == [2, 3]
+    with pytest.raises(CheckpointError, match="tensor step has unsupported dtype U32"):
+        read_safetensors_header(path)
+
+
 @pytest.mark.parametrize(
     "text, message",
     [

@@ -267,12 +267,70 @@ def test_config_defaults_and_validation():
         ({"hidden_size": -1}, "hidden_size must be a positive integer"),
         ({"attention_dropout": 1.5}, "attention_dropout must be a number in"),
         ({"tie_word_embeddings": "yes"}, "tie_word_embeddings must be true or false"),
+        ({"norm_eps": 0}, "norm_eps must be a positive finite number"),
+        ({"extra": "x"}, "extra must be a JSON object"),
     ]
     from mlx_transformer.config import ConfigError
 
     for overrides, message in bad:
         with pytest.raises(ConfigError, match=message):
             ModelConfig(**overrides)
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        "vocab_size",
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "head_dim",
+        "intermediate_size",
+        "max_position_embeddings",
+    ],
+)
+def test_config_sizes_have_upper_bounds_naming_the_field(field):
+    """A few bytes of config.json must not describe a model too large to even list."""
+    from mlx_transformer.config import MAX_SIZES, ConfigError
+
+    most = MAX_SIZES[field]
+    extra = {"num_key_value_heads": most} if field == "num_attention_heads" else {}
+    if field in ("hidden_size", "num_attention_heads"):
+        extra["head_dim"] = 8  # no derived head_dim to trip over first
+    with pytest.raises(ConfigError, match=f"{field} must be at most {most:,}, got {most + 1:,}"):
+        ModelConfig(**{field: most + 1, **extra})
+    with pytest.raises(ConfigError, match=f"{field} must be at most"):
+        ModelConfig.from_dict({field: 10**400, **extra})  # no float overflow on the way
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        "rope_theta",
+        "norm_eps",
+        "initializer_range",
+        "embedding_dropout",
+        "attention_dropout",
+        "residual_dropout",
+    ],
+)
+@pytest.mark.parametrize("value", [float("inf"), -float("inf"), float("nan")])
+def test_every_float_field_refuses_nan_and_infinity(field, value):
+    from mlx_transformer.config import ConfigError
+
+    with pytest.raises(ConfigError, match=f"{field} must be a"):
+        ModelConfig(**{field: value})
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_tensor_and_parameter_counts_match_the_listing(name):
+    config = tiny_config(**CONFIGS[name], num_hidden_layers=3)
+    shapes = config.parameter_shapes()
+    assert list(shapes.items()) == list(config.iter_parameter_shapes())
+    assert config.num_tensors() == len(shapes)
+    assert config.num_parameters() == sum(int(np.prod(s)) for s in shapes.values())
+    huge = tiny_config(**CONFIGS[name], num_hidden_layers=16_384)
+    assert huge.num_tensors() == len(huge.parameter_shapes())
 
 
 def test_parameter_names_are_the_file_format(model):
