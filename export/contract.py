@@ -124,13 +124,53 @@ def io_json(
     }
 
 
+# What the runtime reads of io.json: these keys, each a positive integer.
+RUNTIME_SIZES = ("num_hidden_layers", "num_key_value_heads", "head_dim", "context_length")
+MAX_IO_BYTES = 1 << 24  # io.json is a few KB; the bound keeps a hostile one from filling memory
+
+
 def read_io(onnx_dir: str | Path) -> dict:
+    """io.json, checked for what the runtime needs (see the module docstring); errors say what
+    is wrong in one line."""
     path = Path(onnx_dir) / IO_FILE
+
+    def broken(what: str) -> UserError:
+        return UserError(f"{path}: {what}; re-export the model")
+
     try:
-        return json.loads(path.read_text())
+        with open(path, "rb") as f:
+            data = f.read(MAX_IO_BYTES + 1)
     except FileNotFoundError:
         raise UserError(
             f"{path}: not found; is {onnx_dir} a `mlx-transformer export` folder?"
         ) from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not valid JSON ({e}); re-export the model") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot be read ({e.strerror})") from None
+    if len(data) > MAX_IO_BYTES:
+        raise broken(f"over {MAX_IO_BYTES:,} bytes, not an io.json")
+    try:
+        io = json.loads(data.decode("utf-8"))
+    except ValueError as e:
+        raise broken(f"not valid JSON ({e})") from None
+    except RecursionError:
+        raise broken("not valid JSON (nested too deeply)") from None
+    if not isinstance(io, dict):
+        raise broken(f"a JSON {type(io).__name__}, not an object")
+    optional = ["vocab_size"] if "vocab_size" in io else []  # checks the tokenizer when given
+    for key in (*RUNTIME_SIZES, *optional):
+        value = io.get(key)
+        if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+            what = "missing" if value is None else f"{value!r}, not a positive integer"
+            raise broken(f"{key} is {what}")
+    model = io.get("model", MODEL_FILE)
+    if not (isinstance(model, str) and Path(model).name == model and model not in ("", "..")):
+        raise broken(f"model is {model!r}, not a file name in the folder")
+    if not isinstance(io.get("flavour", ""), str):
+        raise broken(f"flavour is {io['flavour']!r}, not a string")
+    special = io.get("special_tokens")
+    if special is not None and not (
+        isinstance(special, dict)
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in special.values())
+    ):
+        raise broken(f"special_tokens is {special!r}, not an object of token ids")
+    return io

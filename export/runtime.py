@@ -20,7 +20,17 @@ from pathlib import Path
 import numpy as np
 
 from mlx_transformer.errors import UserError
-from mlx_transformer.generate.rules import OVERFLOW_POLICIES, overflow_message, slide_keep
+from mlx_transformer.generate.rules import (
+    OVERFLOW_POLICIES,
+    available_memory,
+    check_kv_cache_fits,
+    kv_cache_bytes,
+    overflow_message,
+    read_prompt,
+    slide_keep,
+    validate_max_tokens,
+    validate_repetition,
+)
 
 from .contract import TOKENIZER_FILE
 from .sampling import apply_repetition_penalty, make_sampler
@@ -52,6 +62,8 @@ class OnnxGenerator:
             from mlx_transformer.tokenizer import Tokenizer  # sentencepiece, no MLX
 
             self.tokenizer = Tokenizer.load(path)
+            if "vocab_size" in self.model.io:
+                self.tokenizer.check_fits(self.model.io["vocab_size"])
         special = self.model.io.get("special_tokens") or {}
         self.eos_id = special.get("eos", -1)
         self.pad_id = max(special.get("pad", 0), 0)
@@ -119,19 +131,45 @@ class OnnxGenerator:
         *_, (results, _) = self._generate(prompts, max_tokens, stop, stop_at_eos, sampling)
         return results
 
-    def _generate(self, prompts, max_tokens, stop, stop_at_eos, sampling):
-        """After each step yield (Generations so far, the text each row added in this step)."""
+    def check_request(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_tokens: int,
+        stop: Sequence[str] = (),
+        overflow: str = "error",
+    ) -> None:
+        """Raise UserError, before any work, for a request that cannot run: a bad max_tokens,
+        token ids outside the vocabulary, prompt + max_tokens past the context (with "error"),
+        or a KV cache larger than the memory there is (when the cache lives in host memory)."""
+        try:
+            validate_max_tokens(max_tokens)
+        except ValueError as e:
+            raise UserError(str(e)) from None
         if stop and self.tokenizer is None:
             raise UserError("stop strings need a tokenizer (tokenizer.model in the folder)")
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise UserError("every prompt needs at least one token")
+        vocab = self.model.io.get("vocab_size")
+        if vocab is not None and any(not 0 <= int(t) < vocab for p in prompts for t in p):
+            raise UserError(f"a prompt token id is outside the model's vocabulary 0..{vocab - 1}")
+        longest, context = max(len(p) for p in prompts), self.model.context_length
+        if overflow == "error" and longest + max_tokens > context:
+            raise UserError(overflow_message(longest, max_tokens, context))
+        if self.model.device is None:  # without IO binding the cache is numpy's
+            io, B, tokens = self.model.io, len(prompts), min(context, longest + max_tokens)
+            K, hd = io["num_key_value_heads"], io["head_dim"]
+            needed = kv_cache_bytes(io["num_hidden_layers"], K, hd, B, tokens, itemsize=4)
+            check_kv_cache_fits(needed, tokens, B, available_memory())
+
+    def _generate(self, prompts, max_tokens, stop, stop_at_eos, sampling):
+        """After each step yield (Generations so far, the text each row added in this step)."""
+        self.check_request(prompts, max_tokens, stop, sampling.get("overflow", "error"))
         results = [Generation(text="" if self.tokenizer else None) for _ in prompts]
         detoks = [self.tokenizer.detokenizer() if self.tokenizer else None for _ in prompts]
         segments = ["" for _ in prompts]
-        if max_tokens <= 0:
+        if max_tokens == 0:
             yield results, segments
             return
-        longest, context = max(len(p) for p in prompts), self.model.context_length
-        if sampling.get("overflow", "error") == "error" and longest + max_tokens > context:
-            raise UserError(overflow_message(longest, max_tokens, context))
         hold = max((len(s) for s in stop), default=1) - 1  # text that may start a stop string
         steps = self.generate_step(prompts, **sampling)
         for n, token in enumerate(steps, start=1):
@@ -194,11 +232,12 @@ class OnnxGenerator:
         return self.generate_tokens(ids, max_tokens, **kw)
 
     def stream(
-        self, prompt: str, max_tokens: int = 100, add_bos: bool = False, **kw
+        self, prompt: str | Sequence[int], max_tokens: int = 100, add_bos: bool = False, **kw
     ) -> Iterator[str]:
-        """Yield text segments of one prompt's continuation as they become final."""
+        """Yield text segments of one prompt's (text or token ids) continuation as they become
+        final."""
         stop, stop_at_eos = kw.pop("stop", ()), kw.pop("stop_at_eos", True)
-        ids = [self.encode(prompt, add_bos)]
+        ids = [self.encode(prompt, add_bos) if isinstance(prompt, str) else list(prompt)]
         for _, segments in self._generate(ids, max_tokens, stop, stop_at_eos, kw):
             if segments[0]:
                 yield segments[0]
@@ -209,13 +248,18 @@ class OnnxGenerator:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="ONNX_DIR", help="folder written by `export`")
-    parser.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
+    parser.add_argument(
+        "--prompt", action="append", required=True, help='repeat for a batch; "-" reads stdin'
+    )
     parser.add_argument("--max-tokens", type=int, default=100)
     parser.add_argument("--temp", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--min-p", type=float, default=0.0)
     parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument(
+        "--repetition-context-size", type=int, default=64, help="tokens the penalty looks back"
+    )
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--provider", default="cpu", help="cpu, cuda, webgpu, openvino, ...")
@@ -228,7 +272,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    try:  # every setting first, before anything is read or loaded
+        make_sampler(args.temp, args.top_p, args.min_p, args.top_k)
+        validate_max_tokens(args.max_tokens)
+        validate_repetition(args.repetition_penalty, args.repetition_context_size)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    prompts = [read_prompt(p) for p in args.prompt]
     gen = OnnxGenerator(args.model, provider=args.provider)
+    ids = [gen.encode(p) for p in prompts]
+    gen.check_request(ids, args.max_tokens, args.stop, args.overflow)
+    # Only now, with every error ruled out, where the graph runs: the error line comes alone.
     print(f"[{gen.model.placement.requested}: {gen.model.placement.status}]", file=sys.stderr)
     sampling = dict(
         temp=args.temp,
@@ -236,21 +290,22 @@ def run(args: argparse.Namespace) -> int:
         top_p=args.top_p,
         min_p=args.min_p,
         repetition_penalty=args.repetition_penalty,
+        repetition_context_size=args.repetition_context_size,
         seed=args.seed,
         overflow=args.overflow,
     )
-    try:
-        make_sampler(args.temp, args.top_p, args.min_p, args.top_k)
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    if len(args.prompt) == 1:
-        print(args.prompt[0], end="", flush=True)
-        for segment in gen.stream(args.prompt[0], args.max_tokens, stop=args.stop, **sampling):
+    if len(prompts) == 1:
+        print(_printable(prompts[0]), end="", flush=True)
+        for segment in gen.stream(ids[0], args.max_tokens, stop=args.stop, **sampling):
             print(segment, end="", flush=True)
         print()
         return 0
-    for prompt, result in zip(
-        args.prompt, gen.generate(args.prompt, args.max_tokens, stop=args.stop, **sampling)
-    ):
-        print(f"{prompt}{result.text}\n[{result.finish_reason}]\n")
+    results = gen.generate_tokens(ids, args.max_tokens, stop=args.stop, **sampling)
+    for prompt, result in zip(prompts, results):
+        print(f"{_printable(prompt)}{result.text}\n[{result.finish_reason}]\n")
     return 0
+
+
+def _printable(text: str) -> str:
+    """`text` with bytes that were not UTF-8 (lone surrogates) shown as U+FFFD, as decoded."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")

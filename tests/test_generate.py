@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import io
 
 import mlx.core as mx
 import numpy as np
@@ -11,6 +12,7 @@ from test_model import CONFIGS, random_model, tiny_config
 
 from mlx_transformer.checkpoint.mlx_io import save_checkpoint
 from mlx_transformer.cli import main
+from mlx_transformer.errors import UserError
 from mlx_transformer.generate import decode
 from mlx_transformer.generate.api import (
     ContextOverflowError,
@@ -126,6 +128,57 @@ def test_same_seed_same_tokens():
 
     assert sample(7) == sample(7)
     assert sample(7) != sample(8)
+
+
+def test_prompt_ids_outside_the_vocabulary_are_refused():
+    """MLX does not bound-check embedding look-ups (an id past the table crashed the process)."""
+    model = random_model(tiny_config(**LLAMA), seed=1)  # vocab 61
+    for bad in (61, 10**6, -1):
+        with pytest.raises(ValueError, match="outside the model's vocabulary 0..60"):
+            batch_generate_step([[5, bad]], model, max_tokens=2)
+
+
+# -- KV cache memory -------------------------------------------------------------------------------
+
+
+def test_kv_cache_size_is_what_the_decoder_allocates():
+    """The memory check counts exactly the buffers StaticCacheDecoder makes."""
+    from mlx_transformer.generate.rules import kv_cache_bytes
+
+    model = random_model(tiny_config(**LLAMA), seed=1)
+    ids, mask = left_pad(PROMPTS)
+    B, L = ids.shape
+    decoder = StaticCacheDecoder(
+        model, prefill(model, ids[:, :-1], mask[:, :-1]), mask[:, :-1], capacity=L + 7, batch_size=B
+    )
+    allocated = sum(k.nbytes + v.nbytes for k, v in zip(decoder.keys, decoder.values))
+    c = model.config
+    assert allocated == kv_cache_bytes(
+        c.num_hidden_layers, c.num_key_value_heads, c.head_dim, B, L + 7, 4
+    )
+
+
+def test_a_kv_cache_past_memory_is_refused_before_allocating():
+    from mlx_transformer.generate.rules import check_kv_cache_fits
+
+    with pytest.raises(
+        UserError,
+        match=r"for 1,000 tokens x 3 prompts would need 2.0 GB and "
+        r"1.0 GB of memory is available; lower --max-tokens",
+    ):
+        check_kv_cache_fits(2 * 10**9, 1000, 3, available=10**9)
+    check_kv_cache_fits(10**9, 1000, 1, available=10**9)  # fits exactly
+    check_kv_cache_fits(10**18, 1000, 1, available=None)  # unknown: not refused
+    # A model claiming a long context (rotary: no table to store), and a request to fill it:
+    # 2 layers x 2 x 2 heads x 4096 dims x 4 bytes = 128 KiB per token, 2**27 tokens, 2 rows.
+    config = tiny_config(**LLAMA, head_dim=4096, max_position_embeddings=2**27)
+    model = random_model(config, seed=1)
+    with pytest.raises(
+        UserError,
+        match=r"KV cache for 134,217,728 tokens x 2 prompts would need "
+        r"35.2 TB",
+    ):
+        batch_generate_step([[1, 2], [3]], model, max_tokens=10**12, overflow="slide")
 
 
 # -- context overflow ------------------------------------------------------------------------------
@@ -270,13 +323,25 @@ def test_cli_prints_text_and_speed(checkpoint, text_model, tokenizer, capsys):
 
 
 def test_cli_reads_the_prompt_from_stdin(checkpoint, monkeypatch, capsys, text_model, tokenizer):
-    monkeypatch.setattr("sys.stdin", __import__("io").StringIO("The king"))
+    def stdin(data: bytes):
+        monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(data)))
+
+    stdin(b"The king")
     args = ["generate", "--model", str(checkpoint), "--prompt", "-", "--max-tokens", "5"]
     args += ["--temp", "0.8", "--top-p", "0.9", "--seed", "1", "--repetition-penalty", "1.2"]
     assert main(args) == 0
     first = capsys.readouterr().out
-    monkeypatch.setattr("sys.stdin", __import__("io").StringIO("The king"))
+    stdin(b"The king")
     assert main(args) == 0 and capsys.readouterr().out == first  # same seed, same text
+    monkeypatch.setattr("sys.stdin", io.StringIO("The king"))  # a stdin without bytes
+    assert main(args) == 0 and capsys.readouterr().out == first
+
+
+def test_cli_refuses_a_prompt_past_64_mib_on_stdin(checkpoint, monkeypatch, capsys):
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"a" * (64 * 2**20 + 1))))
+    rc = main(["generate", "--model", str(checkpoint), "--prompt", "-", "--max-tokens", "1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "over 64 MiB" in err and err.count("\n") == 1
 
 
 @pytest.mark.parametrize(

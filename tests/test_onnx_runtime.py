@@ -241,3 +241,22 @@ def test_empty_and_whitespace_prompts_match_mlx(text_model):
         want = mlx_generate(model, tokenizer, prompt, max_tokens=12)
         got = runner.generate(prompt, max_tokens=12)[0]
         assert got.text == want, repr(prompt)
+
+
+def test_requests_that_cannot_run_are_refused_before_any_work(text_model):
+    """The generator API checks eagerly, as the command line does: no partial output first."""
+    from mlx_transformer.errors import UserError
+
+    _, _, out = text_model
+    gen = OnnxGenerator(out)
+    vocab = gen.model.io["vocab_size"]
+    for prompts, max_tokens, message in [
+        ([[5, 6]], -1, "--max-tokens must be a non-negative integer"),
+        ([[5, vocab]], 2, f"outside the model's vocabulary 0..{vocab - 1}"),
+        ([[5] * 120], 20, "exceeds the model's context of 128 tokens"),
+    ]:
+        with pytest.raises(UserError, match=message):
+            gen.check_request(prompts, max_tokens)
+        with pytest.raises(UserError, match=message):
+            gen.generate_tokens(prompts, max_tokens)
+    assert "".join(gen.stream([5, 6], 4)) == gen.generate_tokens([[5, 6]], 4)[0].text

@@ -16,6 +16,7 @@ from mlx_transformer.generate.sample import (
     apply_top_p,
     greedy,
     make_logits_processors,
+    make_repetition_penalty,
     make_sampler,
     present_tokens,
 )
@@ -132,3 +133,27 @@ def test_logit_bias_and_banned_tokens():
 def test_no_processors_by_default():
     assert make_logits_processors() == []
     assert make_logits_processors(repetition_penalty=1.0) == []
+
+
+def test_a_repetition_window_past_the_history_is_the_whole_history():
+    """MLX slices take 32-bit indices: a window of 10**12 used to raise."""
+    logits = mx.array([[1.0, -1.0, 2.0, 0.5]])
+    history = mx.array([[0, 1, 3]])
+    whole = make_repetition_penalty(2.0, 3)(history, logits)
+    for size in (4, 10**12):
+        assert mx.array_equal(make_repetition_penalty(2.0, size)(history, logits), whole)
+
+
+@pytest.mark.parametrize(
+    "penalty, size, message",
+    [
+        (0.0, 64, "repetition penalty must be a positive number"),
+        (float("nan"), 64, "repetition penalty must be a positive number"),
+        (float("inf"), 64, "repetition penalty must be a positive number"),
+        (1.2, 0, "repetition context size must be a positive integer"),
+        (1.2, 2.5, "repetition context size must be a positive integer"),
+    ],
+)
+def test_bad_repetition_settings_are_errors(penalty, size, message):
+    with pytest.raises(ValueError, match=message):
+        make_logits_processors(repetition_penalty=penalty, repetition_context_size=size)

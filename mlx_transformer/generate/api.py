@@ -29,7 +29,16 @@ import mlx.core as mx
 from ..errors import UserError
 from ..model import Transformer
 from .decode import DynamicCacheDecoder, StaticCacheDecoder, left_pad, prefill
-from .rules import OVERFLOW_POLICIES, overflow_message, slide_keep
+from .rules import (
+    OVERFLOW_POLICIES,
+    available_memory,
+    check_kv_cache_fits,
+    kv_cache_bytes,
+    overflow_message,
+    read_prompt,
+    slide_keep,
+    validate_max_tokens,
+)
 from .sample import LogitsProcessor, Sampler, greedy, make_logits_processors, make_sampler
 
 
@@ -66,14 +75,16 @@ def batch_generate_step(
         overflow: "error" or "slide" (see the module docstring).
         compiled: use the compiled static-cache decode step (False: the eager KVCache path).
     Returns:
-        An iterator of lists of B token ids. Errors in the arguments raise here, eagerly.
+        An iterator of lists of B token ids. Errors in the arguments raise here, eagerly, and so
+        does a UserError when the KV cache would not fit in memory.
     """
-    context = model.config.max_position_embeddings
+    context, vocab = model.config.max_position_embeddings, model.config.vocab_size
     rows = [[int(t) for t in p] for p in prompts]
     if not rows or any(len(r) == 0 for r in rows):
         raise ValueError("every prompt needs at least one token")
-    if not (isinstance(max_tokens, int) and max_tokens >= 0):
-        raise ValueError(f"max_tokens must be a non-negative integer, got {max_tokens}")
+    if any(not 0 <= t < vocab for r in rows for t in r):  # MLX would read past the embeddings
+        raise ValueError(f"a prompt token id is outside the model's vocabulary 0..{vocab - 1}")
+    validate_max_tokens(max_tokens)
     if not (isinstance(prefill_step_size, int) and prefill_step_size >= 1):
         raise ValueError(f"prefill_step_size must be a positive integer, got {prefill_step_size}")
     if overflow not in OVERFLOW_POLICIES:
@@ -83,8 +94,32 @@ def batch_generate_step(
     longest = max(len(r) for r in rows)
     if overflow == "error" and longest + max_tokens > context:
         raise ContextOverflowError(overflow_message(longest, max_tokens, context))
+    check_cache_memory(model, len(rows), min(context, longest + max_tokens))
     options = (sampler or greedy, list(logits_processors), prefill_step_size, compiled)
     return _steps(model, rows, max_tokens, context, options)
+
+
+def check_cache_memory(model: Transformer, batch: int, tokens: int) -> None:
+    """Refuse a generation whose KV cache (`tokens` per row, the most a window holds) would not
+    fit in memory, before allocating it: a config may claim a context of millions of tokens."""
+    c = model.config
+    itemsize = model.embed_tokens.weight.dtype.size
+    needed = kv_cache_bytes(
+        c.num_hidden_layers, c.num_key_value_heads, c.head_dim, batch, tokens, itemsize
+    )
+    check_kv_cache_fits(needed, tokens, batch, _available_memory())
+
+
+def _available_memory() -> int | None:
+    """What the device running MLX can still allocate, or None if unknown."""
+    if mx.default_device() == mx.gpu:
+        info = mx.device_info()
+        if "free_memory" in info:  # CUDA: the device's own memory
+            return int(info["free_memory"])
+        size = info.get("max_recommended_working_set_size") or info.get("memory_size")
+        if size:  # Metal: a share of the memory it shares with the system
+            return max(0, int(size) - mx.get_active_memory())
+    return available_memory()
 
 
 def _steps(model, rows, max_tokens, context, options) -> Iterator[list[int]]:
@@ -366,21 +401,21 @@ def run(args) -> int:
     from ..checkpoint.mlx_io import load_checkpoint
     from ..tokenizer import TOKENIZER_FILE, Tokenizer
 
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    try:
+    try:  # every setting first, before anything is read or loaded
         sampler = make_sampler(args.temp, args.top_p, args.min_p, args.top_k, args.seed)
-        if args.repetition_penalty <= 0 or args.repetition_context_size < 1:
-            raise ValueError("repetition penalty and its context size must be positive")
-        if args.max_tokens < 0 or args.prefill_step_size < 1:
-            raise ValueError("--max-tokens must be >= 0 and --prefill-step-size >= 1")
+        processors = make_logits_processors(args.repetition_penalty, args.repetition_context_size)
+        validate_max_tokens(args.max_tokens)
+        if args.prefill_step_size < 1:
+            raise ValueError("--prefill-step-size must be >= 1")
     except ValueError as e:
         raise UserError(str(e)) from None
-    processors = make_logits_processors(args.repetition_penalty, args.repetition_context_size)
-    model = load_checkpoint(args.model)
+    prompt = read_prompt(args.prompt)
     tokenizer_path = Path(args.model) / TOKENIZER_FILE
+    model = load_checkpoint(args.model)
     if not tokenizer_path.is_file():
         raise UserError(f"{args.model}: no tokenizer.model in the checkpoint folder")
     tokenizer = Tokenizer.load(tokenizer_path)
+    tokenizer.check_fits(model.config.vocab_size)
     responses = stream_generate(
         model,
         tokenizer,

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import mlx.core as mx
 
-from .rules import validate_sampling
+from .rules import validate_repetition, validate_sampling
 
 Sampler = Callable[[mx.array], mx.array]
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
@@ -86,10 +86,12 @@ def apply_repetition_penalty(logits: mx.array, history: mx.array, penalty: float
 
 
 def make_repetition_penalty(penalty: float, context_size: int = 64) -> LogitsProcessor:
-    """Penalize the tokens among the last `context_size` of history."""
+    """Penalize the tokens among the last `context_size` of history (all of it when shorter)."""
+    validate_repetition(penalty, context_size)
 
     def processor(history: mx.array, logits: mx.array) -> mx.array:
-        return apply_repetition_penalty(logits, history[:, -context_size:], penalty)
+        window = min(context_size, history.shape[1])  # MLX slices take 32-bit indices
+        return apply_repetition_penalty(logits, history[:, -window:], penalty)
 
     return processor
 
@@ -119,6 +121,8 @@ def make_logits_processors(
         logit_bias: token id -> amount added to its logit.
         banned_tokens: ids never sampled (their logit becomes -inf).
     """
+    if repetition_penalty is not None:
+        validate_repetition(repetition_penalty, repetition_context_size)
     bias = dict(logit_bias or {})
     for token in banned_tokens:
         bias[int(token)] = NEG_INF

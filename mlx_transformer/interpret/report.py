@@ -113,6 +113,17 @@ def parse_component(spec: str, n_layers: int, n_heads: int) -> tuple:
     return component
 
 
+def check_top_k(top_k: int) -> None:
+    if not (isinstance(top_k, int) and top_k >= 1):
+        raise UserError(f"--top-k must be a positive integer, got {top_k}")
+
+
+def check_out(out: Path) -> None:
+    """`--out` is a folder, new or not; never a file (it would be in the way, and is kept)."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a folder; pick another path")
+
+
 def inspect_model(
     model,
     tokenizer,
@@ -123,15 +134,25 @@ def inspect_model(
     mode: str = "zero",
     top_k: int = 5,
 ) -> dict:
-    """Write the pictures and numbers for `prompt` into `out`; returns the summary it printed."""
+    """Write the pictures and numbers for `prompt` into `out`; returns the summary it printed.
+
+    Every input is checked before anything is written.
+    """
     out = Path(out)
+    check_top_k(top_k)
+    check_out(out)
     ids = document_ids(tokenizer, prompt)
     context = model.config.max_position_embeddings
     if len(ids) < 2:
         raise UserError("the prompt must have at least one token")
     if len(ids) > context:
         raise UserError(f"the prompt is {len(ids)} tokens; the model's context is {context}")
-    out.mkdir(parents=True, exist_ok=True)
+    n_layers, n_heads = len(model.layers), model.config.num_attention_heads
+    component = parse_component(ablate, n_layers, n_heads) if ablate else None
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot create the folder ({e.strerror})") from None
     x = mx.array([ids])
     labels = token_labels(tokenizer, ids)
 
@@ -176,9 +197,7 @@ def inspect_model(
         print(f"  {'embed' if s == 0 else f'layer {s - 1}':>9}: {tops}")
 
     eval_ids = mx.array([document_ids(tokenizer, text)[:context]]) if text else x
-    n_layers, n_heads = len(model.layers), model.config.num_attention_heads
-    if ablate:
-        component = parse_component(ablate, n_layers, n_heads)
+    if component is not None:
         means = interpret.component_means(model, eval_ids[:, :-1]) if mode == "mean" else None
         base = interpret.sequence_loss(model, eval_ids)
         with interpret.ablated(model, component, means):
@@ -244,14 +263,17 @@ def run(args) -> int:
     from ..checkpoint.mlx_io import load_checkpoint
     from ..tokenizer import Tokenizer
 
-    model = load_checkpoint(args.model)
-    tokenizer = Tokenizer.load(Path(args.model) / TOKENIZER_FILE)
+    check_top_k(args.top_k)  # the settings first, before anything is loaded
+    check_out(Path(args.out))
     text = None
     if args.text:
         try:
             text = Path(args.text).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise UserError(f"--text {args.text}: cannot read it ({e})") from None
+    model = load_checkpoint(args.model)
+    tokenizer = Tokenizer.load(Path(args.model) / TOKENIZER_FILE)
+    tokenizer.check_fits(model.config.vocab_size)
     inspect_model(
         model, tokenizer, args.prompt, args.out, text, args.ablate, args.ablation_mode, args.top_k
     )
