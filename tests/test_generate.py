@@ -131,7 +131,8 @@ def test_same_seed_same_tokens():
 
 
 def test_prompt_ids_outside_the_vocabulary_are_refused():
-    """MLX does not bound-check embedding look-ups (an id past the table crashed the process)."""
+    """MLX does not bound-check embedding look-ups: an id past the table reads garbage, or
+    crashes the process (SIGSEGV) when it is far past."""
     model = random_model(tiny_config(**LLAMA), seed=1)  # vocab 61
     for bad in (61, 10**6, -1):
         with pytest.raises(ValueError, match="outside the model's vocabulary 0..60"):
