@@ -209,8 +209,12 @@ def import_hf(hf_dir: str | Path) -> Transformer:
         raise UserError(
             f"{hf_dir}: no config.json (expected a Hugging Face model folder)"
         ) from None
-    except json.JSONDecodeError as e:
+    except OSError as e:  # e.g. a folder named config.json
+        raise UserError(f"{hf_dir / CONFIG_FILE}: cannot be read ({e.strerror})") from None
+    except (ValueError, RecursionError) as e:
         raise UserError(f"{hf_dir / CONFIG_FILE}: not valid JSON ({e})") from None
+    if not isinstance(hf, dict):
+        raise UserError(f"{hf_dir / CONFIG_FILE}: a JSON {type(hf).__name__}, not an object")
     kind = hf.get("model_type")
     readers = {
         "gpt2": (config_from_gpt2, weights_from_gpt2),
