@@ -289,16 +289,31 @@ def replace_symlink(link: str | Path, target: str | Path) -> None:
     os.replace(tmp, link)
 
 
+def remove_folder(path: str | Path) -> None:
+    """Delete folder `path` so that nobody ever sees it half-deleted: it is renamed out of the
+    way (`.NAME.del-PID`) first; remove_stale_temporaries finishes a deletion a kill cut short."""
+    path = Path(path)
+    doomed = _sibling(path, "del")
+    path.rename(doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def writer_alive(pid: int) -> bool:
+    """Whether process `pid` on this machine (a writer, or a lock's holder) still runs."""
+    return _alive(pid)
+
+
 def remove_stale_temporaries(path: str | Path) -> None:
-    """Clear what a killed writer of `path` left beside it: its unfinished `.tmp-PID` and, when
-    it died between its two renames (no `path`), its `.old-PID` (the previous content) put back."""
+    """Clear what a killed writer of `path` left beside it: its unfinished `.tmp-PID`, the
+    `.del-PID` of a `remove_folder` it did not finish, and, when it died between its two renames
+    (no `path`), its `.old-PID` (the previous content) put back."""
     path = Path(path)
     prefix = f".{path.name}."
     for sibling in list(path.parent.iterdir()):  # listed first: we rename in there
         if not sibling.name.startswith(prefix):
             continue
         kind, _, pid = sibling.name[len(prefix) :].partition("-")
-        if kind not in ("tmp", "old") or not pid.isdigit() or _alive(int(pid)):
+        if kind not in ("tmp", "old", "del") or not pid.isdigit() or _alive(int(pid)):
             continue
         if kind == "old" and not path.exists():
             sibling.rename(path)
