@@ -280,6 +280,22 @@ def build_args(values: dict[str, Any]) -> TrainingArgs:
     return args
 
 
+def read_saved_settings(path: Path) -> dict[str, Any]:
+    """The "training" settings of a run's run_config.json; one line naming the file when it
+    cannot be read, is cut short or is not ours."""
+    fix = "restore it, or delete it and give the run's settings as flags or --config"
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}; {fix}") from None
+    except ValueError:  # cut short, or not UTF-8 / JSON at all
+        raise UserError(f"{path} is not valid JSON (cut short?); {fix}") from None
+    training = saved.get("training") if isinstance(saved, dict) else None
+    if not isinstance(training, dict):
+        raise UserError(f'{path} holds no "training" settings object; {fix}')
+    return training
+
+
 def resolve(namespace: argparse.Namespace) -> TrainingArgs:
     """TrainingArgs from parsed flags: defaults < saved run config < --config file < flags."""
     cli = cli_overrides(namespace)
@@ -289,8 +305,8 @@ def resolve(namespace: argparse.Namespace) -> TrainingArgs:
     out = cli.get("out", file_values.get("out"))
     if resume and out is not None:
         saved = Path(out) / "run_config.json"
-        if saved.is_file():
-            values = merge(values, json.loads(saved.read_text())["training"], str(saved))
+        if saved.exists():
+            values = merge(values, read_saved_settings(saved), str(saved))
     values = merge(values, file_values, f"--config {getattr(namespace, 'config', '')}")
     values = merge(values, cli, "command line")
     return build_args(values)
