@@ -22,6 +22,7 @@ from mlx_transformer.train.step import (
     lr_schedule,
     make_optimizer,
     shards,
+    step_memory,
 )
 
 TINY = dict(
@@ -194,3 +195,22 @@ def test_buffer_cache_raises_the_cpu_limit_then_restores_it():
         assert mx.set_cache_limit(32 << 20) == 32 << 20
     finally:
         mx.set_cache_limit(before)
+
+
+def test_step_memory_is_a_lower_bound_of_a_steps_peak():
+    """Training refuses a batch whose step_memory exceeds the available memory: that must never
+    refuse a step that fits (the estimate stays below the measured peak), and must not be so low
+    that it lets absurd batches through (within 4x of it)."""
+    model = tiny_model(vocab=400)
+    optimizer = make_optimizer(TrainingArgs(), model.trainable_parameters())
+    stepper = Stepper(model, optimizer, grad_clip=1.0)
+    mx.eval(stepper.state)
+    batch = random_batch(np.random.default_rng(6), 64, vocab=400)
+    mx.reset_peak_memory()
+    base = mx.get_active_memory()
+    for _ in range(2):
+        mx.eval(stepper.state, stepper.step(batch))
+    peak = mx.get_peak_memory() - base
+    trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+    estimate = step_memory(model.config, 64, 16, "float32", trainable)
+    assert estimate < peak < 4 * estimate, (estimate, peak)
