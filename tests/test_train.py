@@ -199,7 +199,8 @@ def test_nan_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):
     assert state_json(out / "latest")["step"] == 3
 
 
-def test_sigint_saves_and_exits_130(data_dir, tmp_path):
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_saves_and_exits(data_dir, tmp_path, sig, code):
     out = tmp_path / "run"
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
     cmd = [sys.executable, "-m", "mlx_transformer", "train", "--data", str(data_dir)]
@@ -212,10 +213,11 @@ def test_sigint_saves_and_exits_130(data_dir, tmp_path):
         if metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:
             break
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err.decode()
-    assert "SIGINT: saved step" in err.decode()
+    assert proc.returncode == code, err.decode()
+    assert f"{sig.name}: saved step" in err.decode()
+    assert not (out / "train.lock").exists()  # the run folder is free again
     state = state_json(out / "latest")
     assert state["step"] >= 3
     assert state["step"] == json.loads(metrics.read_text().splitlines()[-1])["step"]

@@ -1,7 +1,9 @@
 """The run folder: checkpoints with their training state, metrics.jsonl and the loss curve.
 
 OUT/
+  train.lock                  while a `train` process uses the folder: its PID and host
   run_config.json             the resolved TrainingArgs + ModelConfig of the latest invocation
+                              (a resumed one's once it saved a checkpoint)
   metrics.jsonl               one JSON object per log line (train) or evaluation (val)
   loss.png                    train and val loss against step, redrawn at each evaluation
   checkpoints/step_000500/    a checkpoint folder (checkpoint/) + training_state/; the last K kept
@@ -11,17 +13,26 @@ OUT/
 training_state/ = optimizer.safetensors (AdamW moments, step, lr) + state.json (step, tokens
 seen, best val loss, seed and data position). No pickle. Every folder is written under a
 temporary name and renamed into place, and `latest` is switched with an atomic rename, so a
-crash or Ctrl-C at any moment leaves the previous checkpoint whole.
+crash or Ctrl-C at any moment leaves the previous checkpoint whole; an old step is renamed out of
+the way before it is deleted, and what a killed writer left is cleared at the next start. Only
+checkpoints whose weights were checked finite are written (see `Trainer.save`), so `latest`,
+`best` and every step kept are usable. One `train` at a time: `RunLock`.
 A LoRA run's checkpoints hold adapters.safetensors + adapter_config.json instead of the model.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import io
 import json
+import os
 import re
 import shutil
+import socket
 import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +48,9 @@ from .lora import save_adapters
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "state.json"
 STEP_DIR = re.compile(r"^step_(\d+)$")
+LOCK_FILE = "train.lock"
+# What a writer leaves beside its destination while it works (see atomic): `.NAME.KIND-PID`.
+TEMPORARY = re.compile(r"^\.(.+)\.(tmp|old|del)-\d+$")
 
 
 class RunFolder:
@@ -50,6 +64,7 @@ class RunFolder:
         self.metrics = self.out / "metrics.jsonl"
         self.plot = self.out / "loss.png"
         self.run_config = self.out / "run_config.json"
+        self.lock = RunLock(self.out)
 
     def step_dirs(self) -> list[Path]:
         """Step checkpoints, oldest first."""
@@ -72,6 +87,17 @@ class RunFolder:
             )
         return dirs[-1]
 
+    def remove_stale_temporaries(self) -> None:
+        """Clear what a killed writer left: unfinished `.NAME.tmp-PID` folders, the `.del-PID`
+        of an interrupted rotation, and (put back) a `.best.old-PID` it had set aside. Call with
+        the lock held; a PID that still runs keeps its entries."""
+        for folder in (self.out, self.checkpoints):
+            if not folder.is_dir():
+                continue
+            names = {m.group(1) for p in folder.iterdir() if (m := TEMPORARY.match(p.name))}
+            for name in sorted(names):
+                atomic.remove_stale_temporaries(folder / name)
+
     def save(
         self,
         step: int,
@@ -82,21 +108,231 @@ class RunFolder:
         lora_config: dict | None,
         keep_last: int,
     ) -> Path:
-        """Write checkpoints/step_N/ atomically, point `latest` at it, drop the oldest."""
+        """Write checkpoints/step_N/ atomically, point `latest` at it, drop the oldest.
+
+        Rotation never removes the folder just written nor the one `latest` points at, and
+        renames each old step out of the way before deleting it: a kill never leaves a
+        half-deleted `step_N` that looks like a checkpoint.
+        """
         folder = self.checkpoints / f"step_{step:06d}"
-        write_checkpoint(folder, model, optimizer, state, tokenizer_path, lora_config)
-        atomic.replace_symlink(self.latest, Path("checkpoints") / folder.name)
+        with self.writing(f"checkpoint {folder.name}"):
+            write_checkpoint(folder, model, optimizer, state, tokenizer_path, lora_config)
+            atomic.replace_symlink(self.latest, Path("checkpoints") / folder.name)
+        keep = {folder.resolve(), self.latest.resolve()}
         for old in self.step_dirs()[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            if old.resolve() not in keep:
+                try:
+                    atomic.remove_folder(old)
+                except OSError:
+                    pass  # e.g. the disk turned read-only: an extra old checkpoint, nothing lost
         return folder
 
     def save_best(self, source: Path) -> None:
         """Copy a just-written checkpoint folder to best/ (atomically)."""
-        atomic.write_folder(self.best, lambda tmp: shutil.copytree(source, tmp, dirs_exist_ok=True))
+        with self.writing("best/"):
+            atomic.write_folder(self.best, lambda tmp: _copy_folder(source, tmp))
 
     def write_run_config(self, config: dict[str, Any]) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
-        atomic.write_text(self.run_config, json.dumps(config, indent=2) + "\n")
+        with self.writing(self.run_config.name):
+            self.out.mkdir(parents=True, exist_ok=True)
+            atomic.write_text(self.run_config, json.dumps(config, indent=2) + "\n")
+
+    @contextlib.contextmanager
+    def writing(self, what: str) -> Iterator[None]:
+        """A failed write (full or read-only disk, permissions) of `what` becomes one line that
+        says what is kept: every write here is atomic, so the earlier checkpoints are whole."""
+        try:
+            yield
+        except OSError as e:
+            fix = "make it writable" if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM) else ""
+            raise UserError(self._write_failure(what, e.strerror or str(e), fix)) from None
+        except RuntimeError as e:  # MLX's safetensors writer reports a failed write this way
+            try:
+                free = f" ({shutil.disk_usage(self.out).free / 1e6:,.1f} MB free on that disk)"
+            except OSError:
+                free = ""
+            reason = " ".join(str(e).split()).rstrip(".") + free
+            raise UserError(self._write_failure(what, reason)) from None
+
+    def _write_failure(self, what: str, reason: str, fix: str = "") -> str:
+        if self.latest.exists():
+            kept = f"the saved checkpoints are whole (latest: {os.readlink(self.latest)})"
+            then = "then continue with --resume"
+        else:
+            kept, then = "no checkpoint had been saved yet", "then run again"
+        fix = fix or "make room there"
+        return f"cannot write {what} in {self.out}: {reason}; {kept}; {fix}, {then}"
+
+
+def _copy_folder(source: Path, dest: Path) -> None:
+    """Copy `source`'s files into the existing folder `dest`, stopping at the first failure
+    (shutil.copytree goes on and reports every file's error at the end, in one long line)."""
+    for root, _, files in os.walk(source):
+        target = dest / Path(root).relative_to(source)
+        target.mkdir(exist_ok=True)
+        for name in files:
+            shutil.copy2(Path(root) / name, target / name)
+
+
+class RunLock:
+    """OUT/train.lock: one `train` process per run folder at a time.
+
+    The file is created with O_CREAT|O_EXCL and holds {"pid", "host", "started"}; the holder
+    also keeps an flock on it, which the kernel drops when the process dies however it dies.
+    A lock left by a process that no longer runs on this host (killed -9, machine rebooted:
+    its flock is free, or without flock its PID is gone) is stale, and the next run takes it
+    over and says so. Readers (generate, export, evaluation) never lock.
+    """
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.path = out / LOCK_FILE
+        self._fd: int | None = None
+        self._created: Path | None = None  # the first folder of `out` this process created
+
+    def acquire(self) -> str | None:
+        """Take the lock; a UserError naming the holder if a live process has it. Returns a
+        note when a stale lock was taken over."""
+        missing = [p for p in [self.out, *self.out.parents] if not p.exists()]
+        self._created = missing[-1] if missing else None
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            return self._acquire()
+        except OSError as e:
+            self._remove_created()
+            raise UserError(
+                f"cannot write in {self.out} (to lock it for training): {e.strerror}; --out "
+                "must be a folder you can write to"
+            ) from None
+        except BaseException:
+            self._remove_created()
+            raise
+
+    def _acquire(self) -> str | None:
+        for _ in range(100):  # each retry means another process released or took it meanwhile
+            try:
+                fd, created = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), True
+            except FileExistsError:
+                try:
+                    fd, created = os.open(self.path, os.O_RDWR), False
+                except FileNotFoundError:
+                    continue
+            try:
+                locked = _flock(fd)
+                if locked is False:
+                    raise UserError(self._busy(_read_holder(fd, wait=True)))
+                if not _same_file(fd, self.path):  # released and unlinked before our flock
+                    os.close(fd)
+                    continue
+                previous = None if created else _read_holder(fd)
+                if previous is not None and _holder_alive(previous, flocked=locked is True):
+                    raise UserError(self._busy(previous))
+                holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": _now()}
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+                os.fsync(fd)
+            except BaseException:
+                os.close(fd)
+                raise
+            self._fd = fd
+            if previous is None:
+                return None
+            return (
+                f"{self.out}: took over the lock of PID {previous.get('pid')} (started "
+                f"{previous.get('started', '?')}), which no longer runs"
+            )
+        raise UserError(f"could not lock {self.out}: other processes keep taking {self.path}")
+
+    def release(self) -> None:
+        """Drop the lock (and `out` itself if this process created it and nothing was written)."""
+        if self._fd is None:
+            return
+        try:
+            if _same_file(self._fd, self.path):
+                self.path.unlink()  # before closing: a waiter re-checks the name after its flock
+        except OSError:
+            pass  # e.g. the disk turned read-only: the next run finds the lock stale
+        os.close(self._fd)
+        self._fd = None
+        self._remove_created()
+
+    def _remove_created(self) -> None:
+        if self._created is None:
+            return
+        for folder in [self.out, *self.out.parents]:
+            try:
+                folder.rmdir()  # only if empty: a failed start leaves no trace
+            except OSError:
+                break
+            if folder == self._created:
+                break
+        self._created = None
+
+    def _busy(self, holder: dict | None) -> str:
+        who, hint = "another process", ""
+        if holder is not None:
+            who = f"PID {holder.get('pid')}"
+            if holder.get("host") != socket.gethostname():
+                who += f" on {holder.get('host')}"
+                hint = f"; if it no longer runs there, delete {self.path}"
+            who += f", started {holder.get('started', '?')}"
+        return (
+            f"{self.out} is in use by another training ({who}); wait for it to finish or stop "
+            f"it, or choose another --out{hint}"
+        )
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _flock(fd: int) -> bool | None:
+    """An exclusive flock without waiting: True when taken, False when another process holds
+    it, None where there is no flock (the PID check alone decides)."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError:  # a file system without flock
+        return None
+    return True
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return False
+    own = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
+
+
+def _read_holder(fd: int, wait: bool = False) -> dict | None:
+    """The lock's content; with `wait`, give its new holder a moment to write it."""
+    for _ in range(20 if wait else 1):
+        try:
+            holder = json.loads(os.pread(fd, 4096, 0))
+        except (OSError, ValueError):
+            holder = None
+        if isinstance(holder, dict):
+            return holder
+        if wait:
+            time.sleep(0.05)
+    return None
+
+
+def _holder_alive(holder: dict, flocked: bool) -> bool:
+    """Whether the process that wrote the lock may still hold it. On this host, an flock we
+    took proves it gone (its PID may live on as a zombie or a recycled number); else its PID
+    decides. Another host's process cannot be checked from here, so it is assumed to run."""
+    if holder.get("host") != socket.gethostname():
+        return True
+    pid = holder.get("pid")
+    return not flocked and isinstance(pid, int) and atomic.writer_alive(pid)
 
 
 def write_checkpoint(
@@ -129,16 +365,49 @@ def write_checkpoint(
 
 
 def read_training_state(folder: Path) -> tuple[dict[str, Any], dict[str, mx.array]]:
-    """(state.json, optimizer tensors) of a checkpoint; a clear error if it has none."""
+    """(state.json, optimizer tensors) of a checkpoint; one line naming the file when either is
+    missing, cut short or damaged."""
     ts = Path(folder) / TRAINING_STATE_DIR
+    state_file, optimizer_file = ts / STATE_FILE, ts / OPTIMIZER_FILE
+    damaged = "the checkpoint is damaged; point the run's `latest` at an earlier step to resume"
     try:
-        state = json.loads((ts / STATE_FILE).read_text())
+        state = json.loads(state_file.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UserError(
             f"{folder} has no {TRAINING_STATE_DIR}/{STATE_FILE}, so it cannot be resumed; "
             "use it with --init-from to start a new run from its weights"
         ) from None
-    return state, mx.load(str(ts / OPTIMIZER_FILE))
+    except OSError as e:
+        raise UserError(f"cannot read {state_file}: {e.strerror}") from None
+    except ValueError:  # cut short, or not UTF-8 / JSON at all
+        raise UserError(f"{state_file} is not valid JSON (cut short?); {damaged}") from None
+    problem = _state_problem(state)
+    if problem:
+        raise UserError(f"{state_file}: {problem}; {damaged}")
+    try:
+        tensors = mx.load(str(optimizer_file))
+    except (RuntimeError, ValueError, OSError) as e:
+        reason = "not found" if not optimizer_file.is_file() else " ".join(str(e).split())
+        raise UserError(f"{optimizer_file}: cannot be read ({reason}); {damaged}") from None
+    if not isinstance(tensors, dict):
+        raise UserError(f"{optimizer_file}: not a safetensors file; {damaged}")
+    return state, tensors
+
+
+def _state_problem(state: Any) -> str | None:
+    """What is wrong with a state.json's content, or None (the fields resuming reads)."""
+    if not isinstance(state, dict):
+        return f"expected a JSON object, found {type(state).__name__}"
+    for key in ("step", "tokens_seen"):
+        value = state.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            return f"{key} is missing or not a count"
+    if not isinstance(state.get("data"), dict):
+        return "data (the data position) is missing"
+    best = state.get("best_val_loss")
+    if best is not None and (not isinstance(best, (int, float)) or isinstance(best, bool)):
+        return "best_val_loss is not a number"
+    return None
 
 
 def restore_optimizer(optimizer, tensors: dict[str, mx.array], parameters: dict) -> None:
@@ -150,6 +419,13 @@ def restore_optimizer(optimizer, tensors: dict[str, mx.array], parameters: dict)
             f"the saved optimizer state does not fit this model (differs at {missing[0]}); "
             "resume with the same model, precision and LoRA settings"
         )
+    for name, value in current.items():
+        if tuple(tensors[name].shape) != tuple(value.shape):
+            raise UserError(
+                f"the saved optimizer state does not fit this model ({name} has shape "
+                f"{tuple(tensors[name].shape)}, the model needs {tuple(value.shape)}); resume "
+                "with the same model, precision and LoRA settings"
+            )
     optimizer.state = tree_unflatten(list(tensors.items()))
     optimizer.init(parameters)  # marks it initialised; keeps the loaded moments
 
@@ -164,12 +440,12 @@ class MetricsLog:
         self.path = path
         self.records: list[dict[str, Any]] = []
         if resume_step is not None and path.is_file():
-            for line in path.read_text().splitlines():
+            for line in path.read_bytes().splitlines():
                 try:
                     record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut short by a crash
-                if record.get("step", 0) <= resume_step:
+                except ValueError:
+                    continue  # a line cut short by a crash (or a full disk)
+                if isinstance(record, dict) and _step_of(record) <= resume_step:
                     self.records.append(record)
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic.write_text(path, "".join(json.dumps(r) + "\n" for r in self.records))
@@ -178,6 +454,11 @@ class MetricsLog:
         self.records.append(record)
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+def _step_of(record: dict[str, Any]) -> float:
+    step = record.get("step", 0)
+    return step if isinstance(step, (int, float)) else float("inf")
 
 
 def plot_loss(records: list[dict[str, Any]], path: Path) -> None:
@@ -206,19 +487,34 @@ def plot_loss(records: list[dict[str, Any]], path: Path) -> None:
 
 class Plotter:
     """Draws loss.png on a background thread, so that the step loop does not wait for
-    matplotlib (its first import alone takes a second or more). `close()` waits for the last."""
+    matplotlib (its first import alone takes a second or more). `close()` waits for the last;
+    a failed write (full disk) is raised in the loop's thread by the next `submit` or by
+    `raise_error`, never printed by the thread."""
 
     def __init__(self, path: Path):
         self.path = path
         self._thread: threading.Thread | None = None
+        self._error: OSError | None = None
 
     def submit(self, records: list[dict[str, Any]]) -> None:
         self.close()  # one drawing at a time; evaluations are far apart
+        self.raise_error()
         snapshot = list(records)
-        self._thread = threading.Thread(target=plot_loss, args=(snapshot, self.path), daemon=True)
+        self._thread = threading.Thread(target=self._draw, args=(snapshot,), daemon=True)
         self._thread.start()
+
+    def _draw(self, records: list[dict[str, Any]]) -> None:
+        try:
+            plot_loss(records, self.path)
+        except OSError as e:
+            self._error = e
 
     def close(self) -> None:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+
+    def raise_error(self) -> None:
+        error, self._error = self._error, None
+        if error is not None:
+            raise error

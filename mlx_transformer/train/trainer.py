@@ -6,9 +6,12 @@
 The loop: a compiled step (train_step.Stepper) per optimizer step, evaluation every
 `eval_every` steps on a fixed validation sample (loss, perplexity, bits per byte), metrics to
 OUT/metrics.jsonl and OUT/loss.png, checkpoints every `save_every` steps and at the end
-(train_io.RunFolder). Ctrl-C or SIGTERM finish the current step, save, and exit with 130 / 143.
-A NaN or infinite loss stops the run before anything is saved over the last good checkpoint.
-The model is built in train_model, evaluated in train_eval.
+(run_folder.RunFolder). Ctrl-C or SIGTERM finish the current step, save, and exit with 130 / 143.
+A NaN or infinite loss stops the run, and so do weights that are not finite, or give a
+non-finite loss, when a checkpoint is due: nothing is saved and `latest` stays on the last good
+checkpoint. One `train` per run folder at a time (run_folder.RunLock); a step that cannot fit in
+memory is refused before anything is allocated. The model is built in model_setup, evaluated
+in evaluate.
 
 Randomness is a pure function of (seed, rank, step): batch k comes from data.PretrainBatches,
 and the MLX key (dropout, LoRA init) is reseeded from (seed, rank, step) before each step, so
@@ -28,6 +31,7 @@ from typing import Any
 
 import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_flatten
 
 from ..cpu.blas import cores
 from ..cpu.training import default_streams, training_environment
@@ -50,13 +54,20 @@ from .run_folder import (
     restore_optimizer,
     write_checkpoint,
 )
-from .step import Stepper, make_optimizer, to_mx
+from .step import (
+    Stepper,
+    available_memory,
+    loss_sum,
+    make_optimizer,
+    step_memory,
+    to_mx,
+)
 
 EXIT_CODES = {"completed": 0, "SIGINT": 130, "SIGTERM": 143}
 
 
 class TrainingDiverged(UserError):
-    """The loss or gradient norm became NaN or infinite."""
+    """The loss or gradient norm became NaN or infinite, or the weights due to be saved did."""
 
 
 @dataclass
@@ -127,7 +138,28 @@ class Trainer:
         self.streams = min(args.streams or default_streams(cores()), args.batch_size)
         self.run = RunFolder(args.out)
         self.dataset = load_dataset(args.data)
-        self._setup()
+        if self.rank == 0:  # the only writer; held until close()
+            note = self.run.lock.acquire()
+            if note:
+                print(note, file=sys.stderr)
+        try:
+            if self.rank == 0:
+                with self.run.writing("the run folder"):
+                    self.run.remove_stale_temporaries()
+            self._setup()
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the run folder."""
+        self.run.lock.release()
+
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     def _setup(self) -> None:
         args, run = self.args, self.run
@@ -151,13 +183,20 @@ class Trainer:
                 f"--context-length {self.context} exceeds the model's context of "
                 f"{config.max_position_embeddings} (max_position_embeddings)"
             )
+        self._check_memory()
         self.model.train()
         self.optimizer = make_optimizer(args, self.model.trainable_parameters())
         if opt_tensors is not None:
             restore_optimizer(self.optimizer, opt_tensors, self.model.trainable_parameters())
         self.batches = make_batches(args, self.dataset, self.context, self.rank, self.world)
         if state:
-            self.batches.load_state_dict(state["data"])
+            try:
+                self.batches.load_state_dict(state["data"])
+            except (KeyError, TypeError, ValueError) as e:
+                raise UserError(
+                    f"{resume_from}/training_state/state.json: its data position is damaged "
+                    f"({type(e).__name__}: {e}); point the run's `latest` at an earlier step"
+                ) from None
         self.step = state.get("step", 0)
         self._dispatched, self._inflight, self.last_lr = self.step, None, math.nan
         self.tokens_seen = state.get("tokens_seen", 0)
@@ -176,11 +215,43 @@ class Trainer:
             self.dataset, args.batch_size, self.context, args.eval_batches
         )
         self.bytes_per_token = val_bytes_per_token(self.dataset)
+        self._probe: tuple | None = None  # the batch a checkpoint's weights are tried on
+        resolved = {**args.to_dict(), "streams": self.streams}
+        # The settings `--resume` reuses: a resumed run's replace the saved ones only with its
+        # first checkpoint, so a resume that fails at once leaves the run's settings as they were.
+        self._run_config = {"training": resolved, "model": config.to_dict()}
         if self.rank == 0:
-            resolved = {**args.to_dict(), "streams": self.streams}
-            run.write_run_config({"training": resolved, "model": config.to_dict()})
-            self.metrics = MetricsLog(run.metrics, self.step if args.resume else None)
+            if not args.resume:
+                run.write_run_config(self._run_config)
+                self._run_config = None
+            with run.writing(run.metrics.name):
+                self.metrics = MetricsLog(run.metrics, self.step if args.resume else None)
         self.plotter = Plotter(run.plot)
+
+    def _check_memory(self) -> None:
+        """Refuse a micro-batch that cannot fit, before anything of its size is allocated."""
+        args, config = self.args, self.model.config
+        length = self.context
+        if self.dataset.kind == "finetune":  # batches are as long as their longest example
+            examples = self.dataset.splits["train"].examples
+            if len(examples):
+                length = min(length, max(1, int(examples[:, 3].max()) - 1))
+        trainable = sum(v.size for _, v in tree_flatten(self.model.trainable_parameters()))
+        need = step_memory(config, args.batch_size, length, args.precision, trainable)
+        have = available_memory()
+        if have is None or need <= have:
+            return
+        fits = args.batch_size * have // need  # an upper bound: `need` is a lower one
+        hint = (
+            f"lower --batch-size (more than {fits} cannot fit; --grad-accumulation keeps the "
+            "effective batch)"
+            if fits
+            else "use a smaller model or --context-length"
+        )
+        raise UserError(
+            f"--batch-size {args.batch_size} at {length} tokens per sequence needs at least "
+            f"{_gb(need)} of memory for one training step, and {_gb(have)} is available; {hint}"
+        )
 
     # -- one step ---------------------------------------------------------------------------
 
@@ -217,11 +288,10 @@ class Trainer:
         self.last_lr = lr.item()
         loss_value, norm_value = loss.item(), norm.item()
         if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
-            last = self.run.latest.resolve() if self.run.latest.exists() else None
             raise TrainingDiverged(
                 f"loss {loss_value} (gradient norm {norm_value}) at step {self.step}: stopped "
-                f"without saving; last good checkpoint: {last or 'none yet'} (lower "
-                "--learning-rate, raise --warmup-steps or use float32)"
+                f"without saving; last good checkpoint: {self._last_good()} (lower "
+                "--learning-rate, raise --warmup-steps, set --grad-clip or use float32)"
             )
         return loss_value, norm_value
 
@@ -250,18 +320,68 @@ class Trainer:
             "mlx_version": mx.__version__,
         }
 
-    def save(self, as_step: bool, as_best: bool) -> None:
-        """Write checkpoints/step_N (and point latest at it) and/or best/; rank 0 only."""
-        if self.rank != 0 or not (as_step or as_best):
+    def save(self, as_step: bool, as_best: bool, val_loss: float | None = None) -> None:
+        """Write checkpoints/step_N (and point latest at it) and/or best/; rank 0 writes.
+
+        Only weights that pass `check_finite` are written (every rank checks: they all stop
+        together); val_loss: this step's validation loss, if one was just measured.
+        """
+        if not (as_step or as_best):
+            return
+        self.check_finite(val_loss)
+        if self.rank != 0:
             return
         state = self.training_state()
         parts = (self.model, self.optimizer, state, self.tokenizer_path, self.lora_config)
         if as_step:
             folder = self.run.save(self.step, *parts, keep_last=self.args.keep_last)
+            if self._run_config is not None:
+                self.run.write_run_config(self._run_config)
+                self._run_config = None
             if as_best:
                 self.run.save_best(folder)
         else:
-            write_checkpoint(self.run.best, *parts)
+            with self.run.writing("best/"):
+                write_checkpoint(self.run.best, *parts)
+
+    def check_finite(self, val_loss: float | None = None) -> None:
+        """Raise TrainingDiverged unless the weights and optimizer state are finite and the
+        model's loss on a fixed batch is too. A step's own loss is measured before its update,
+        so an update that blows the weights up (finite, 1e29) shows only in the next loss: this
+        measures it now, with one forward pass per save (none when val_loss was just measured).
+        """
+        leaves = [v for _, v in tree_flatten(self.model.parameters())]
+        leaves += [
+            v
+            for _, v in tree_flatten(self.optimizer.state)
+            if isinstance(v, mx.array) and mx.issubdtype(v.dtype, mx.floating)
+        ]
+        finite = mx.stack([mx.isfinite(v).all() for v in leaves]).all()
+        loss = self._probe_loss() if val_loss is None else mx.array(val_loss)
+        mx.eval(finite, loss)
+        if finite.item() and math.isfinite(loss.item()):
+            return
+        what = "are not finite" if not finite.item() else f"give loss {loss.item()}"
+        raise TrainingDiverged(
+            f"after step {self.step} the weights {what}: stopped without saving; last good "
+            f"checkpoint: {self._last_good()} (lower --learning-rate, raise --warmup-steps, "
+            "set --grad-clip or use float32)"
+        )
+
+    def _probe_loss(self) -> mx.array:
+        """Mean loss of the current weights on a fixed batch (the first validation batch, or
+        the first training batch), without dropout; lazy."""
+        if self._probe is None:
+            batch = self.val_batches[0] if self.val_batches else self.batches.batch(0)
+            self._probe = to_mx(batch)
+        was_training = self.model.training
+        self.model.eval()
+        total, count = loss_sum(self.model, self._probe)
+        self.model.train(was_training)
+        return total / mx.maximum(count, 1)
+
+    def _last_good(self) -> Path | str:
+        return self.run.latest.resolve() if self.run.latest.exists() else "none yet"
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -296,6 +416,9 @@ class Trainer:
                         break
         finally:
             self.plotter.close()
+        if self.rank == 0:
+            with self.run.writing(self.run.plot.name):
+                self.plotter.raise_error()
         checkpoint = self.run.latest.resolve() if self.rank == 0 else None
         loss = window.last_loss if loss is not None else None  # a stop may finish one more step
         return TrainResult(self.step, stop.signal or "completed", loss, self.last_val, checkpoint)
@@ -311,14 +434,15 @@ class Trainer:
             window.add(loss, norm, time.perf_counter() - tic)
         final = self.step == args.max_steps
         self._log(bar, window)
-        as_best = False
+        as_best, val_loss = False, None
         if (args.eval_every and self.step % args.eval_every == 0) or final:
             self.last_val = self._eval_and_log(bar)
-            as_best = self.last_val is not None and self.last_val["val_loss"] < self.best_val
+            val_loss = self.last_val["val_loss"] if self.last_val is not None else None
+            as_best = val_loss is not None and val_loss < self.best_val
             if as_best:
-                self.best_val = self.last_val["val_loss"]
+                self.best_val = val_loss
         periodic = args.save_every and self.step % args.save_every == 0
-        self.save(bool(periodic) or final or stopping, as_best)
+        self.save(bool(periodic) or final or stopping, as_best, val_loss)
         if stopping:
             bar.write(
                 f"{stop.signal}: saved step {self.step} to {self.run.latest}", file=sys.stderr
@@ -335,17 +459,18 @@ class Trainer:
         )
         bar.update(1)
         if self.rank == 0 and self.args.log_every and self.step % self.args.log_every == 0:
-            self.metrics.append(
-                {
-                    "step": self.step,
-                    "loss": window.mean_loss(),
-                    "grad_norm": window.last_norm,
-                    "lr": lr,
-                    "tokens_per_sec": tok_s,
-                    "tokens_seen": self.tokens_seen,
-                    "peak_memory_gb": peak,
-                }
-            )
+            with self.run.writing(self.run.metrics.name):
+                self.metrics.append(
+                    {
+                        "step": self.step,
+                        "loss": window.mean_loss(),
+                        "grad_norm": window.last_norm,
+                        "lr": lr,
+                        "tokens_per_sec": tok_s,
+                        "tokens_seen": self.tokens_seen,
+                        "peak_memory_gb": peak,
+                    }
+                )
             window.reset()
 
     @property
@@ -359,8 +484,10 @@ class Trainer:
         val = self.evaluate()
         if self.rank == 0:
             seconds = time.perf_counter() - tic
-            self.metrics.append({"step": self.step, **val, "eval_seconds": seconds})
-            self.plotter.submit(self.metrics.records)
+            with self.run.writing(self.run.metrics.name):
+                self.metrics.append({"step": self.step, **val, "eval_seconds": seconds})
+            with self.run.writing(self.run.plot.name):
+                self.plotter.submit(self.metrics.records)
             bar.write(
                 f"step {self.step}: val loss {val['val_loss']:.4f}, ppl {val['val_ppl']:.2f}, "
                 f"{val['val_bpb']:.4f} bits/byte",
@@ -415,12 +542,18 @@ def train(args: TrainingArgs, on_step=None) -> TrainResult:
     Returns:
         A TrainResult; `exit_code` is 0, or 130 / 143 when stopped by SIGINT / SIGTERM.
     Raises:
-        TrainingDiverged: the loss became NaN or infinite (nothing saved after the last good
-            checkpoint); UserError for bad settings or data.
+        TrainingDiverged: the loss or the weights became NaN or infinite (nothing saved after
+            the last good checkpoint); UserError for bad settings or data, a run folder another
+            `train` is using, a step too large for memory, or a disk that refuses the writes.
     """
-    trainer = Trainer(args)
-    with training_environment(trainer.streams):
+    with Trainer(args) as trainer, training_environment(trainer.streams):
         return trainer.fit(on_step)
+
+
+def _gb(n: int) -> str:
+    if n >= 1e12:
+        return f"{n / 1e12:,.1f} TB"
+    return f"{n / 1e9:,.1f} GB" if n >= 1e8 else f"{n / 1e6:,.1f} MB"
 
 
 # -- CLI ----------------------------------------------------------------------------------------
