@@ -28,10 +28,15 @@ import mlx.core as mx
 
 from ..errors import UserError
 from ..model import Transformer
-from .decode import DynamicCacheDecoder, StaticCacheDecoder, left_pad, prefill
+from .decode import (
+    DynamicCacheDecoder,
+    StaticCacheDecoder,
+    device_memory_available,
+    left_pad,
+    prefill,
+)
 from .rules import (
     OVERFLOW_POLICIES,
-    available_memory,
     check_kv_cache_fits,
     kv_cache_bytes,
     overflow_message,
@@ -107,19 +112,7 @@ def check_cache_memory(model: Transformer, batch: int, tokens: int) -> None:
     needed = kv_cache_bytes(
         c.num_hidden_layers, c.num_key_value_heads, c.head_dim, batch, tokens, itemsize
     )
-    check_kv_cache_fits(needed, tokens, batch, _available_memory())
-
-
-def _available_memory() -> int | None:
-    """What the device running MLX can still allocate, or None if unknown."""
-    if mx.default_device() == mx.gpu:
-        info = mx.device_info()
-        if "free_memory" in info:  # CUDA: the device's own memory
-            return int(info["free_memory"])
-        size = info.get("max_recommended_working_set_size") or info.get("memory_size")
-        if size:  # Metal: a share of the memory it shares with the system
-            return max(0, int(size) - mx.get_active_memory())
-    return available_memory()
+    check_kv_cache_fits(needed, tokens, batch, device_memory_available())
 
 
 def _steps(model, rows, max_tokens, context, options) -> Iterator[list[int]]:

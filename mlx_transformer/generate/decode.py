@@ -27,6 +27,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from ..model import KVCache, Transformer, make_cache
+from .rules import available_memory
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[mx.array, mx.array | None]:
@@ -187,3 +188,16 @@ class DynamicCacheDecoder:
             mask = mx.concatenate([mask, mx.ones((mask.shape[0], 1), mask.dtype)], axis=1)
             self.attention_mask = mask
         return self.model(tokens[:, None], attention_mask=mask, cache=self.cache)[:, -1]
+
+
+def device_memory_available() -> int | None:
+    """Bytes the device running MLX can still allocate, or None if unknown (training's step and
+    generation's KV cache are checked against it before they allocate)."""
+    if mx.default_device() == mx.gpu:
+        info = mx.device_info()
+        if "free_memory" in info:  # CUDA: the device's own memory
+            return int(info["free_memory"])
+        size = info.get("max_recommended_working_set_size") or info.get("memory_size")
+        if size:  # Metal: a share of the memory it shares with the system
+            return max(0, int(size) - mx.get_active_memory())
+    return available_memory()

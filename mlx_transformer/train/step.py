@@ -18,10 +18,8 @@ Precision ("float32" | "bfloat16" | "bfloat16-pure"):
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable
 from functools import partial
-from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -249,41 +247,6 @@ def step_memory(config, batch_size: int, length: int, precision: str, trainable:
     per_token = config.num_hidden_layers * per_layer * act_bytes + 3 * V * 4 + 4 * 4
     state_bytes = 2 if precision == "bfloat16-pure" else 4
     return batch_size * length * per_token + 3 * trainable * state_bytes
-
-
-def available_memory() -> int | None:
-    """Bytes the default device can still allocate, as far as the system says (None: unknown).
-
-    A GPU: what MLX reports for it (CUDA: its free memory; Metal: the recommended working set
-    of the memory it shares with the system, less what MLX holds). The CPU: the kernel's
-    estimate of available memory, capped by a cgroup's memory limit (containers).
-    """
-    if mx.default_device() != mx.cpu:
-        info = mx.device_info() if hasattr(mx, "device_info") else {}
-        if isinstance(info.get("free_memory"), int):
-            return info["free_memory"]
-        size = info.get("max_recommended_working_set_size") or info.get("memory_size")
-        return max(0, int(size) - mx.get_active_memory()) if size else None
-    found = []
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                found.append(int(line.split()[1]) * 1024)
-    except (OSError, ValueError, IndexError):
-        pass
-    if not found:
-        try:
-            found.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-        except (AttributeError, OSError, ValueError):
-            pass
-    try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
-        if limit != "max":
-            found.append(int(limit) - used)
-    except (OSError, ValueError):
-        pass
-    return min(found) if found else None
 
 
 def make_optimizer(args, params: dict) -> optim.Optimizer:

@@ -37,6 +37,7 @@ from ..cpu.blas import cores
 from ..cpu.training import default_streams, training_environment
 from ..data.dataset import Dataset, FinetuneBatches, PretrainBatches, load_dataset
 from ..errors import UserError
+from ..generate.decode import device_memory_available
 from . import args as train_args
 from .args import TrainingArgs
 from .evaluate import (
@@ -56,7 +57,6 @@ from .run_folder import (
 )
 from .step import (
     Stepper,
-    available_memory,
     loss_sum,
     make_optimizer,
     step_memory,
@@ -238,7 +238,7 @@ class Trainer:
                 length = min(length, max(1, int(examples[:, 3].max()) - 1))
         trainable = sum(v.size for _, v in tree_flatten(self.model.trainable_parameters()))
         need = step_memory(config, args.batch_size, length, args.precision, trainable)
-        have = available_memory()
+        have = device_memory_available()
         if have is None or need <= have:
             return
         fits = args.batch_size * have // need  # an upper bound: `need` is a lower one
