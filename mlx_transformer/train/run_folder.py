@@ -16,7 +16,8 @@ temporary name and renamed into place, and `latest` is switched with an atomic r
 crash or Ctrl-C at any moment leaves the previous checkpoint whole; an old step is renamed out of
 the way before it is deleted, and what a killed writer left is cleared at the next start. Only
 checkpoints whose weights were checked finite are written (see `Trainer.save`), so `latest`,
-`best` and every step kept are usable. One `train` at a time: `RunLock`.
+`best` and every step kept are usable. One `train` at a time: `run_lock.RunLock`.
+metrics.jsonl and loss.png are written by `metrics`.
 A LoRA run's checkpoints hold adapters.safetensors + adapter_config.json instead of the model.
 """
 
@@ -24,14 +25,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import io
 import json
 import os
 import re
 import shutil
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -44,11 +41,11 @@ from ..checkpoint.format import TOKENIZER_FILE, TRAINING_STATE_DIR
 from ..checkpoint.mlx_io import save_checkpoint
 from ..errors import UserError
 from .lora import save_adapters
+from .run_lock import RunLock
 
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "state.json"
 STEP_DIR = re.compile(r"^step_(\d+)$")
-LOCK_FILE = "train.lock"
 # What a writer leaves beside its destination while it works (see atomic): `.NAME.KIND-PID`.
 TEMPORARY = re.compile(r"^\.(.+)\.(tmp|old|del)-\d+$")
 
@@ -174,167 +171,6 @@ def _copy_folder(source: Path, dest: Path) -> None:
             shutil.copy2(Path(root) / name, target / name)
 
 
-class RunLock:
-    """OUT/train.lock: one `train` process per run folder at a time.
-
-    The file is created with O_CREAT|O_EXCL and holds {"pid", "host", "started"}; the holder
-    also keeps an flock on it, which the kernel drops when the process dies however it dies.
-    A lock left by a process that no longer runs on this host (killed -9, machine rebooted:
-    its flock is free, or without flock its PID is gone) is stale, and the next run takes it
-    over and says so. Readers (generate, export, evaluation) never lock.
-    """
-
-    def __init__(self, out: Path):
-        self.out = out
-        self.path = out / LOCK_FILE
-        self._fd: int | None = None
-        self._created: Path | None = None  # the first folder of `out` this process created
-
-    def acquire(self) -> str | None:
-        """Take the lock; a UserError naming the holder if a live process has it. Returns a
-        note when a stale lock was taken over."""
-        missing = [p for p in [self.out, *self.out.parents] if not p.exists()]
-        self._created = missing[-1] if missing else None
-        try:
-            self.out.mkdir(parents=True, exist_ok=True)
-            return self._acquire()
-        except OSError as e:
-            self._remove_created()
-            raise UserError(
-                f"cannot write in {self.out} (to lock it for training): {e.strerror}; --out "
-                "must be a folder you can write to"
-            ) from None
-        except BaseException:
-            self._remove_created()
-            raise
-
-    def _acquire(self) -> str | None:
-        for _ in range(100):  # each retry means another process released or took it meanwhile
-            try:
-                fd, created = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), True
-            except FileExistsError:
-                try:
-                    fd, created = os.open(self.path, os.O_RDWR), False
-                except FileNotFoundError:
-                    continue
-            try:
-                locked = _flock(fd)
-                if locked is False:
-                    raise UserError(self._busy(_read_holder(fd, wait=True)))
-                if not _same_file(fd, self.path):  # released and unlinked before our flock
-                    os.close(fd)
-                    continue
-                previous = None if created else _read_holder(fd)
-                if previous is not None and _holder_alive(previous, flocked=locked is True):
-                    raise UserError(self._busy(previous))
-                holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": _now()}
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
-                os.fsync(fd)
-            except BaseException:
-                os.close(fd)
-                raise
-            self._fd = fd
-            if previous is None:
-                return None
-            return (
-                f"{self.out}: took over the lock of PID {previous.get('pid')} (started "
-                f"{previous.get('started', '?')}), which no longer runs"
-            )
-        raise UserError(f"could not lock {self.out}: other processes keep taking {self.path}")
-
-    def release(self) -> None:
-        """Drop the lock (and `out` itself if this process created it and nothing was written)."""
-        if self._fd is None:
-            return
-        try:
-            if _same_file(self._fd, self.path):
-                self.path.unlink()  # before closing: a waiter re-checks the name after its flock
-        except OSError:
-            pass  # e.g. the disk turned read-only: the next run finds the lock stale
-        os.close(self._fd)
-        self._fd = None
-        self._remove_created()
-
-    def _remove_created(self) -> None:
-        if self._created is None:
-            return
-        for folder in [self.out, *self.out.parents]:
-            try:
-                folder.rmdir()  # only if empty: a failed start leaves no trace
-            except OSError:
-                break
-            if folder == self._created:
-                break
-        self._created = None
-
-    def _busy(self, holder: dict | None) -> str:
-        who, hint = "another process", ""
-        if holder is not None:
-            who = f"PID {holder.get('pid')}"
-            if holder.get("host") != socket.gethostname():
-                who += f" on {holder.get('host')}"
-                hint = f"; if it no longer runs there, delete {self.path}"
-            who += f", started {holder.get('started', '?')}"
-        return (
-            f"{self.out} is in use by another training ({who}); wait for it to finish or stop "
-            f"it, or choose another --out{hint}"
-        )
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S")
-
-
-def _flock(fd: int) -> bool | None:
-    """An exclusive flock without waiting: True when taken, False when another process holds
-    it, None where there is no flock (the PID check alone decides)."""
-    try:
-        import fcntl
-    except ImportError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    except OSError:  # a file system without flock
-        return None
-    return True
-
-
-def _same_file(fd: int, path: Path) -> bool:
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        return False
-    own = os.fstat(fd)
-    return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
-
-
-def _read_holder(fd: int, wait: bool = False) -> dict | None:
-    """The lock's content; with `wait`, give its new holder a moment to write it."""
-    for _ in range(20 if wait else 1):
-        try:
-            holder = json.loads(os.pread(fd, 4096, 0))
-        except (OSError, ValueError):
-            holder = None
-        if isinstance(holder, dict):
-            return holder
-        if wait:
-            time.sleep(0.05)
-    return None
-
-
-def _holder_alive(holder: dict, flocked: bool) -> bool:
-    """Whether the process that wrote the lock may still hold it. On this host, an flock we
-    took proves it gone (its PID may live on as a zombie or a recycled number); else its PID
-    decides. Another host's process cannot be checked from here, so it is assumed to run."""
-    if holder.get("host") != socket.gethostname():
-        return True
-    pid = holder.get("pid")
-    return not flocked and isinstance(pid, int) and atomic.writer_alive(pid)
-
-
 def write_checkpoint(
     folder: Path,
     model,
@@ -428,93 +264,3 @@ def restore_optimizer(optimizer, tensors: dict[str, mx.array], parameters: dict)
             )
     optimizer.state = tree_unflatten(list(tensors.items()))
     optimizer.init(parameters)  # marks it initialised; keeps the loaded moments
-
-
-# -- metrics ---------------------------------------------------------------------------------------
-
-
-class MetricsLog:
-    """metrics.jsonl, appended line by line; on resume, lines after the resumed step are dropped."""
-
-    def __init__(self, path: Path, resume_step: int | None):
-        self.path = path
-        self.records: list[dict[str, Any]] = []
-        if resume_step is not None and path.is_file():
-            for line in path.read_bytes().splitlines():
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue  # a line cut short by a crash (or a full disk)
-                if isinstance(record, dict) and _step_of(record) <= resume_step:
-                    self.records.append(record)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic.write_text(path, "".join(json.dumps(r) + "\n" for r in self.records))
-
-    def append(self, record: dict[str, Any]) -> None:
-        self.records.append(record)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-
-def _step_of(record: dict[str, Any]) -> float:
-    step = record.get("step", 0)
-    return step if isinstance(step, (int, float)) else float("inf")
-
-
-def plot_loss(records: list[dict[str, Any]], path: Path) -> None:
-    """Train and val loss against step as a PNG (Agg canvas: never opens a window)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
-    fig = Figure(figsize=(7, 4.5), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    if train:
-        ax.plot(*zip(*train), label="train", linewidth=1, alpha=0.8)
-    if val:
-        ax.plot(*zip(*val), "o-", label="val", markersize=3)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    png = io.BytesIO()
-    fig.savefig(png, format="png")
-    atomic.write_bytes(path, png.getvalue())
-
-
-class Plotter:
-    """Draws loss.png on a background thread, so that the step loop does not wait for
-    matplotlib (its first import alone takes a second or more). `close()` waits for the last;
-    a failed write (full disk) is raised in the loop's thread by the next `submit` or by
-    `raise_error`, never printed by the thread."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self._thread: threading.Thread | None = None
-        self._error: OSError | None = None
-
-    def submit(self, records: list[dict[str, Any]]) -> None:
-        self.close()  # one drawing at a time; evaluations are far apart
-        self.raise_error()
-        snapshot = list(records)
-        self._thread = threading.Thread(target=self._draw, args=(snapshot,), daemon=True)
-        self._thread.start()
-
-    def _draw(self, records: list[dict[str, Any]]) -> None:
-        try:
-            plot_loss(records, self.path)
-        except OSError as e:
-            self._error = e
-
-    def close(self) -> None:
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-
-    def raise_error(self) -> None:
-        error, self._error = self._error, None
-        if error is not None:
-            raise error

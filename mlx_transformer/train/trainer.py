@@ -9,7 +9,7 @@ OUT/metrics.jsonl and OUT/loss.png, checkpoints every `save_every` steps and at 
 (run_folder.RunFolder). Ctrl-C or SIGTERM finish the current step, save, and exit with 130 / 143.
 A NaN or infinite loss stops the run, and so do weights that are not finite, or give a
 non-finite loss, when a checkpoint is due: nothing is saved and `latest` stays on the last good
-checkpoint. One `train` per run folder at a time (run_folder.RunLock); a step that cannot fit in
+checkpoint. One `train` per run folder at a time (run_lock.RunLock); a step that cannot fit in
 memory is refused before anything is allocated. The model is built in model_setup, evaluated
 in evaluate.
 
@@ -46,10 +46,9 @@ from .evaluate import (
     val_bytes_per_token,
     validation_batches,
 )
+from .metrics import MetricsLog, Plotter
 from .model_setup import build_model
 from .run_folder import (
-    MetricsLog,
-    Plotter,
     RunFolder,
     read_training_state,
     restore_optimizer,
