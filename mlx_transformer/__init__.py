@@ -22,6 +22,7 @@ FRAMEWORK_FREE = (
     "mlx_transformer.generate.rules",
     "mlx_transformer.data",
     "mlx_transformer.data.dataset",
+    "mlx_transformer.data.batches",
     "mlx_transformer.data.sources",
     "mlx_transformer.data.encode",
     "mlx_transformer.data.prepare",

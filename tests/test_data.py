@@ -20,12 +20,8 @@ from mlx_transformer.cli import main
 from mlx_transformer.data import encode as prepare_encode
 from mlx_transformer.data import prepare as prepare_module
 from mlx_transformer.data import sources as prepare_sources
-from mlx_transformer.data.dataset import (
-    FinetuneBatches,
-    PretrainBatches,
-    load_dataset,
-    val_windows,
-)
+from mlx_transformer.data.batches import FinetuneBatches, PretrainBatches, val_windows
+from mlx_transformer.data.dataset import load_dataset
 from mlx_transformer.data.prepare import prepare
 from mlx_transformer.errors import UserError
 from mlx_transformer.tokenizer import Tokenizer

@@ -25,7 +25,8 @@ from test_train_step import TINY, concat
 
 from mlx_transformer.checkpoint.mlx_io import load_checkpoint
 from mlx_transformer.config import ModelConfig
-from mlx_transformer.data.dataset import PretrainBatches, load_dataset
+from mlx_transformer.data.batches import PretrainBatches
+from mlx_transformer.data.dataset import load_dataset
 from mlx_transformer.data.prepare import prepare
 from mlx_transformer.errors import UserError
 from mlx_transformer.model import Transformer

@@ -1,5 +1,5 @@
 """Text to tokens: find and read sources, train the tokenizer, encode into shards (`prepare`), and
-read a prepared dataset back as batches (`dataset`). numpy and sentencepiece, no MLX.
+read a prepared dataset back (`dataset`) as batches (`batches`). numpy and sentencepiece, no MLX.
 
 `corpus/` holds the embedded Tiny Shakespeare, the default text.
 May import: errors, atomic, tokenizer.

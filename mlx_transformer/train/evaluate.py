@@ -11,7 +11,8 @@ import mlx.core as mx
 import numpy as np
 
 from ..checkpoint.mlx_io import load_checkpoint
-from ..data.dataset import Batch, Dataset, FinetuneBatches, load_dataset, val_windows
+from ..data.batches import Batch, FinetuneBatches, val_windows
+from ..data.dataset import Dataset, load_dataset
 from ..model import Transformer
 from .step import loss_sum, to_mx
 

@@ -28,7 +28,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
 from .. import ops
-from ..data.dataset import Batch
+from ..data.batches import Batch
 from ..model import Transformer
 
 # A data.Batch as the compiled step takes it: (inputs, targets, loss_mask, attention_mask),

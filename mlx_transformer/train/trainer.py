@@ -35,7 +35,8 @@ from mlx.utils import tree_flatten
 
 from ..cpu.blas import cores
 from ..cpu.training import default_streams, training_environment
-from ..data.dataset import Dataset, FinetuneBatches, PretrainBatches, load_dataset
+from ..data.batches import FinetuneBatches, PretrainBatches
+from ..data.dataset import Dataset, load_dataset
 from ..errors import UserError
 from ..generate.decode import device_memory_available
 from . import args as train_args
