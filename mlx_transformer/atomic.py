@@ -82,8 +82,12 @@ def _place_errors(path: Path) -> Iterator[None]:
     """A full, read-only or forbidden place is the user's to fix: one line, not a traceback."""
     try:
         yield
+    except RuntimeError as e:
+        if not failed_write(e):
+            raise
+        raise UserError(f"cannot write {path}: {_plain(e)}; nothing was changed there") from None
     except OSError as e:
-        if e.errno not in _PLACE_ERRORS:
+        if not failed_write(e):
             raise
         name = str(e.filename or "")
         if f".{path.name}.tmp-" in name or f".{path.name}.old-" in name:
@@ -143,6 +147,21 @@ _PLACE_ERRORS = {
     errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO,
     errno.ENOTDIR, errno.EEXIST, errno.ENAMETOOLONG,
 }  # fmt: skip
+
+
+def failed_write(e: BaseException) -> bool:
+    """Whether `e` is the place's fault (full, read-only, forbidden), not the program's. MLX's
+    safetensors writer reports a failed write as RuntimeError("[write] Unable to write …") with
+    no errno; every other RuntimeError is a bug."""
+    if isinstance(e, OSError):
+        return e.errno in _PLACE_ERRORS
+    return isinstance(e, RuntimeError) and str(e).startswith("[write]")
+
+
+def _plain(e: BaseException) -> str:
+    """A writer's message without MLX's "[write]" prefix, on one line, with the disk's space."""
+    text = " ".join(str(e).removeprefix("[write]").split()).rstrip(".")
+    return f"{text} (is the disk full?)"
 
 
 @dataclass(frozen=True)

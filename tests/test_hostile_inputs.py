@@ -286,3 +286,81 @@ def test_user_error_is_one_line_exit_2_and_nothing_changes(pristine, tmp_path, s
     assert err.startswith(f"mlx-transformer {argv[0]}: error: "), err
     assert fingerprint(world) == before
     assert not (world / "NEW").exists()
+
+
+# -- full and read-only disks, two writers ----------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 kB tmpfs inside the test's folder (root, where `mount` works), unmounted afterwards."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("needs root and mount for a small tmpfs (a full or read-only disk)")
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True
+    )
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.decode().strip()}")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+DISK_CASES = [
+    ("export", ["export", "RUN/latest", "{disk}/EXP"]),
+    ("prepare", ["prepare", "--data", "text.txt", "--out", "{disk}/DATA", "--model-type", "char"]),
+    ("convert", ["convert", "--to-hf", "RUN/latest", "--out", "{disk}/HF"]),
+    ("train", ["train", "--data", "DATA", "--out", "{disk}/RUN", "--max-steps", "2",
+               "--save-every", "1", *TINY_MODEL]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("read_only", [False, True], ids=["full", "read-only"])
+@pytest.mark.parametrize("argv", [c[1] for c in DISK_CASES], ids=[c[0] for c in DISK_CASES])
+def test_a_full_or_read_only_disk_is_one_line_and_leaves_it_as_it_was(
+    pristine, tmp_path, small_disk, argv, read_only
+):
+    world = tmp_path / "world"
+    shutil.copytree(pristine, world, symlinks=True)
+    (small_disk / "kept.txt").write_text("what was on the disk before\n")
+    if read_only:
+        subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    before = fingerprint(world), fingerprint(small_disk)
+    argv = [a.format(disk=small_disk) for a in argv]
+    proc = cli(*argv, cwd=world)
+    err = proc.stderr.decode(errors="replace").strip()
+    assert "Traceback" not in err, err[-3000:]
+    assert proc.returncode == 2, (proc.returncode, err[-2000:])
+    assert err.splitlines()[-1].startswith(f"mlx-transformer {argv[0]}: error: "), err
+    assert len(err.splitlines()) == 1 or argv[0] == "train", err  # train's bar may come first
+    assert (fingerprint(world), fingerprint(small_disk)) == before
+
+
+def test_two_trainings_on_one_folder_the_second_is_refused(pristine, tmp_path):
+    """Started together on one --out: one trains, the other is refused in one line; the run's
+    metrics hold each step once."""
+    world = tmp_path / "world"
+    shutil.copytree(pristine, world, symlinks=True)
+    argv = ["train", "--data", "DATA", "--out", "TWO", "--max-steps", "30", "--save-every", "10",
+            "--eval-every", "0", "--log-every", "1", *TINY_MODEL]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "mlx_transformer", *argv],
+            cwd=world,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for _ in range(2)
+    ]
+    results = [(p.wait(timeout=300), p.stderr.read().decode()) for p in procs]
+    codes = sorted(code for code, _ in results)
+    assert codes == [0, 2], results
+    refused = next(err for code, err in results if code == 2).strip()
+    assert "Traceback" not in refused and len(refused.splitlines()) == 1, refused
+    assert refused.startswith("mlx-transformer train: error: "), refused
+    records = [json.loads(line) for line in (world / "TWO/metrics.jsonl").open()]
+    train_steps = [r["step"] for r in records if "loss" in r]
+    assert train_steps and len(train_steps) == len(set(train_steps)), records

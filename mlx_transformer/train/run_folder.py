@@ -143,7 +143,9 @@ class RunFolder:
         except OSError as e:
             fix = "make it writable" if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM) else ""
             raise UserError(self._write_failure(what, e.strerror or str(e), fix)) from None
-        except RuntimeError as e:  # MLX's safetensors writer reports a failed write this way
+        except RuntimeError as e:
+            if not atomic.failed_write(e):  # only a failed write is the disk's; the rest are bugs
+                raise
             try:
                 free = f" ({shutil.disk_usage(self.out).free / 1e6:,.1f} MB free on that disk)"
             except OSError:
@@ -152,6 +154,7 @@ class RunFolder:
             raise UserError(self._write_failure(what, reason)) from None
 
     def _write_failure(self, what: str, reason: str, fix: str = "") -> str:
+        self._forget_unsaved_run()
         if self.latest.exists():
             kept = f"the saved checkpoints are whole (latest: {os.readlink(self.latest)})"
             then = "then continue with --resume"
@@ -159,6 +162,17 @@ class RunFolder:
             kept, then = "no checkpoint had been saved yet", "then run again"
         fix = fix or "make room there"
         return f"cannot write {what} in {self.out}: {reason}; {kept}; {fix}, {then}"
+
+    def _forget_unsaved_run(self) -> None:
+        """A run that could not write before its first checkpoint, in a folder it created, leaves
+        no half-written folder behind (the lock's release then removes the empty folder)."""
+        if self.latest.exists() or self.step_dirs() or not self.lock.created_here:
+            return
+        for path in (self.run_config, self.metrics, self.plot):
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            self.checkpoints.rmdir()
 
 
 def _copy_folder(source: Path, dest: Path) -> None:

@@ -83,6 +83,11 @@ class RunLock:
             )
         raise UserError(f"could not lock {self.out}: other processes keep taking {self.path}")
 
+    @property
+    def created_here(self) -> bool:
+        """Whether this process created the run folder (it did not exist before this run)."""
+        return self._created is not None
+
     def release(self) -> None:
         """Drop the lock (and `out` itself if this process created it and nothing was written)."""
         if self._fd is None:
