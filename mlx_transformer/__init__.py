@@ -26,6 +26,7 @@ FRAMEWORK_FREE = (
     "mlx_transformer.data.sources",
     "mlx_transformer.data.encode",
     "mlx_transformer.data.prepare",
+    "mlx_transformer.data.tokenizer_training",
     "mlx_transformer.cpu",
     "mlx_transformer.cpu.blas",
     "mlx_transformer.cpu.blas_probe",

@@ -45,7 +45,7 @@ def tiny_corpus_text() -> str:
 @pytest.fixture(scope="session")
 def tiny_tokenizer_path(tmp_path_factory, tiny_corpus_text) -> Path:
     """A BPE sentencepiece model (vocab 400: 256 bytes, 5 specials, ~140 merges)."""
-    from mlx_transformer.tokenizer import train_tokenizer
+    from mlx_transformer.data.tokenizer_training import train_tokenizer
 
     path = tmp_path_factory.mktemp("tokenizer") / "tokenizer.model"
     train_tokenizer([tiny_corpus_text], path, vocab_size=400, num_threads=1)
@@ -55,7 +55,7 @@ def tiny_tokenizer_path(tmp_path_factory, tiny_corpus_text) -> Path:
 @pytest.fixture(scope="session")
 def tiny_char_tokenizer_path(tmp_path_factory, tiny_corpus_text) -> Path:
     """A character-level sentencepiece model (the corpus' characters plus 256 bytes)."""
-    from mlx_transformer.tokenizer import train_tokenizer
+    from mlx_transformer.data.tokenizer_training import train_tokenizer
 
     path = tmp_path_factory.mktemp("char_tokenizer") / "tokenizer.model"
     train_tokenizer([tiny_corpus_text], path, model_type="char", num_threads=1)

@@ -19,9 +19,9 @@ from export.runtime import OnnxGenerator
 from export.session import left_pad
 from mlx_transformer.checkpoint.mlx_io import save_checkpoint
 from mlx_transformer.cli import main
+from mlx_transformer.data.tokenizer_training import train_tokenizer
 from mlx_transformer.generate import sample as mlx_sample
 from mlx_transformer.model import make_cache
-from mlx_transformer.tokenizer import train_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 

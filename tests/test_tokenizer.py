@@ -10,8 +10,9 @@ import sentencepiece as spm
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from mlx_transformer.data.tokenizer_training import train_tokenizer
 from mlx_transformer.errors import UserError
-from mlx_transformer.tokenizer import SPECIAL_IDS, Tokenizer, train_tokenizer
+from mlx_transformer.tokenizer import SPECIAL_IDS, Tokenizer
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

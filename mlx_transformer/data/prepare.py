@@ -35,10 +35,11 @@ from typing import Any
 
 from .. import atomic
 from ..errors import UserError
-from ..tokenizer import MODEL_TYPES, SPECIAL_IDS, TOKENIZER_FILE, Tokenizer, train_tokenizer
+from ..tokenizer import MODEL_TYPES, SPECIAL_IDS, TOKENIZER_FILE, Tokenizer
 from .dataset import FORMAT_VERSION, KINDS, MANIFEST, default_corpus_path
 from .encode import _encode
 from .sources import TEXT_SUFFIXES, _Reader, _Scan, find_sources
+from .tokenizer_training import train_tokenizer
 
 SHARD_TOKENS = 100_000_000  # tokens per shard file (200 MB as uint16)
 # Vocabulary sizes: the pieces every tokenizer holds (256 bytes, unk/bos/eos/pad, the newline)
