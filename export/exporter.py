@@ -84,6 +84,17 @@ def eval_tokens_for(ckpt: Path, config: ModelConfig, eval_text: str | Path | Non
     return ids, "512 random token ids (no tokenizer: perplexity is not meaningful)"
 
 
+def check_flavour(config: ModelConfig, flavour: str) -> None:
+    """Refuse what a flavour's graph could not run. com.microsoft GroupQueryAttention (the ort
+    flavour) rejects every head size that is not a multiple of 8 at run time, so such a graph
+    would be written and then fail on its first call."""
+    if flavour == "ort" and config.head_dim % 8:
+        raise UserError(
+            f"--flavour ort needs a head size that is a multiple of 8 (onnxruntime's "
+            f"GroupQueryAttention); this model's is {config.head_dim}: use --flavour portable"
+        )
+
+
 def special_tokens(ckpt: Path) -> dict | None:
     """The tokenizer's special ids, or None for a checkpoint without a tokenizer."""
     if not (ckpt / TOKENIZER_FILE).is_file():
@@ -129,6 +140,7 @@ def export_onnx(
     # Refused outputs fail here, before the weights are read; write_folder checks again.
     atomic.check_output(out, ONNX_EXPORT, overwrite=overwrite, inputs=inputs)
     config, weights = read_checkpoint(ckpt)
+    check_flavour(config, flavour)
     info = io_json(
         config,
         flavour=flavour,

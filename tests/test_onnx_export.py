@@ -206,3 +206,34 @@ def test_external_data_and_atomic_replacement(tmp_path, tmp_path_factory, monkey
         export_onnx(ckpt, out, precision="fp16", overwrite=True)
     assert json.loads((out / IO_FILE).read_text())["precision"] == "fp32"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["onnx"]
+
+
+def _hashes(root):
+    import hashlib
+
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else ""
+        for p in sorted(root.rglob("*"))
+    }
+
+
+@pytest.mark.parametrize("head_dim", [4, 12])
+def test_ort_flavour_refuses_head_sizes_groupqueryattention_cannot_run(head_dim, tmp_path, capsys):
+    """GroupQueryAttention rejects head sizes that are not a multiple of 8 when it runs; the
+    export says so in one line and leaves an earlier export at OUT as it was."""
+    from mlx_transformer.cli import main
+
+    model = random_model(tiny_config(hidden_size=4 * head_dim, **CONFIGS["llama-gqa"]))
+    ckpt = save_checkpoint(tmp_path / "ckpt", model)
+    out = tmp_path / "onnx"
+    assert main(["export", str(ckpt), str(out)]) == 0  # portable runs any head size
+    ids, mask = left_padded(np.random.default_rng(1), [5, 3], model.config.vocab_size)
+    want = np.array(model(mx.array(ids), attention_mask=mx.array(mask)))
+    assert_logits_close(OnnxModel(out)(ids, mask)[0], want, mask.astype(bool))
+    before = _hashes(tmp_path)
+    capsys.readouterr()
+    assert main(["export", str(ckpt), str(out), "--flavour", "ort", "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert "multiple of 8" in err and f"is {head_dim}: use --flavour portable" in err, err
+    assert _hashes(tmp_path) == before
