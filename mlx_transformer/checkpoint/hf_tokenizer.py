@@ -1,0 +1,222 @@
+"""Hugging Face tokenizer files from our sentencepiece model, giving the same ids as
+`Tokenizer.encode` in `tokenizers`, transformers (`AutoTokenizer`) and transformers.js.
+
+Standard library plus sentencepiece's protobuf only: no MLX, no `tokenizers` needed to write.
+
+    files = hf_tokenizer_files(tokenizer, model_max_length=1024)  # {file name: JSON object}
+    write_hf_tokenizer_files(tokenizer, out_dir)                  # writes them; returns the names
+
+`tokenizer.json` is a BPE model with byte fallback and no normalizer or pre-tokenizer, made
+exact by these choices:
+
+- Its vocabulary spells spaces as " ", not sentencepiece's "▁": a literal "▁" in the text is then
+  a character the vocabulary lacks, so it falls back to its three bytes, as `Tokenizer.encode`
+  does, and nothing adds a leading space. Merges are written as pairs (tokenizers >= 0.20).
+- Merges are every split of a piece into two pieces, ranked by the piece's score: sentencepiece
+  merges the adjacent pair whose result scores highest, so the order of merges is the same.
+- "\\n" and the user-defined tokens are added tokens matched whole, so the text is cut at each
+  newline as `Tokenizer.encode` cuts it into lines.
+- unk/bos/eos/pad are special added tokens, but `split_special_tokens` in tokenizer_config.json
+  makes transformers encode a literal "<s>" in the text as text, as sentencepiece does; nothing
+  adds bos or eos (our prompts carry none).
+
+BPE and char models convert (char: BPE without merges). Unigram models are refused: their
+byte pieces would become matchable text. So are models whose normalization differs from what
+`mlx-transformer prepare` trains (identity rule, no dummy prefix, no whitespace removal, byte
+fallback), which these files could not reproduce exactly.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .. import atomic
+from ..errors import UserError
+from ..tokenizer import Tokenizer
+
+TOKENIZER_JSON = "tokenizer.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+SPECIAL_TOKENS_MAP = "special_tokens_map.json"
+GENERATION_CONFIG = "generation_config.json"
+# The files `write_hf_tokenizer_files` writes, in order.
+HF_TOKENIZER_FILES = (TOKENIZER_JSON, TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP, GENERATION_CONFIG)
+
+_SPACE = "\u2581"
+_NAMES = {"unk": "unk_token", "bos": "bos_token", "eos": "eos_token", "pad": "pad_token"}
+
+
+def hf_tokenizer_files(
+    tokenizer: Tokenizer | str | Path | bytes, model_max_length: int | None = None
+) -> dict[str, dict]:
+    """The four Hugging Face files as {file name: JSON object}, for callers that write them
+    their own way (e.g. into a web page). `tokenizer`: a `Tokenizer`, a path to a
+    `tokenizer.model` (or a folder holding one), or its bytes. `model_max_length`: the longest
+    sequence the model takes (its max_position_embeddings), recorded in tokenizer_config.json.
+
+    Raises:
+        UserError: the model cannot be written exactly (see the module docstring).
+    """
+    tok = _as_tokenizer(tokenizer)
+    proto = _proto(tok)
+    _check_exact(tok, proto)
+    special = {name: i for name, i in tok.special_ids.items() if i >= 0}
+    pieces = [p.piece for p in proto.pieces]
+    types = proto.SentencePiece
+    added, vocab, mergeable = [], {}, {}
+    for i, p in enumerate(proto.pieces):
+        if p.type == types.CONTROL or p.type == types.UNKNOWN:
+            token = p.piece
+            added.append(_added(i, token, special=True))
+        elif p.type == types.BYTE:
+            token = p.piece
+        else:
+            token = p.piece.replace(_SPACE, " ")
+            if p.type == types.USER_DEFINED:
+                added.append(_added(i, token, special=False))
+            else:
+                mergeable[token] = (p.score, i)
+        vocab[token] = i
+    files = {
+        TOKENIZER_JSON: {
+            "version": "1.0",
+            "truncation": None,
+            "padding": None,
+            "added_tokens": added,
+            "normalizer": None,
+            "pre_tokenizer": None,
+            "post_processor": None,
+            "decoder": {
+                "type": "Sequence",
+                "decoders": [{"type": "ByteFallback"}, {"type": "Fuse"}],
+            },
+            "model": {
+                "type": "BPE",
+                "dropout": None,
+                "unk_token": pieces[tok.unk_id],
+                "continuing_subword_prefix": None,
+                "end_of_word_suffix": None,
+                "fuse_unk": False,
+                "byte_fallback": True,
+                "ignore_merges": False,
+                "vocab": vocab,
+                "merges": _merges(mergeable),
+            },
+        },
+    }
+    special_map = {_NAMES[name]: pieces[i] for name, i in special.items()}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **special_map,
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "add_prefix_space": False,
+        "clean_up_tokenization_spaces": False,
+        "split_special_tokens": True,
+    }
+    if model_max_length is not None:
+        config["model_max_length"] = int(model_max_length)
+    files[TOKENIZER_CONFIG] = config
+    files[SPECIAL_TOKENS_MAP] = special_map
+    files[GENERATION_CONFIG] = {
+        f"{name}_token_id": special[name] for name in ("bos", "eos", "pad") if name in special
+    }
+    return files
+
+
+def write_hf_tokenizer_files(
+    tokenizer: Tokenizer | str | Path | bytes,
+    out_dir: str | Path,
+    model_max_length: int | None = None,
+) -> list[str]:
+    """Write tokenizer.json, tokenizer_config.json, special_tokens_map.json and
+    generation_config.json into the existing folder `out_dir` (each file atomically; nothing is
+    written if the model cannot be converted). Returns the file names written."""
+    files = hf_tokenizer_files(tokenizer, model_max_length)
+    for name, content in files.items():
+        atomic.write_text(Path(out_dir) / name, json.dumps(content, indent=2, ensure_ascii=False))
+    return list(files)
+
+
+def _as_tokenizer(tokenizer: Tokenizer | str | Path | bytes) -> Tokenizer:
+    if isinstance(tokenizer, Tokenizer):
+        return tokenizer
+    if isinstance(tokenizer, (bytes, bytearray)):
+        return Tokenizer(bytes(tokenizer))
+    return Tokenizer.load(tokenizer)
+
+
+def _proto(tok: Tokenizer):
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    proto = pb.ModelProto()
+    proto.ParseFromString(tok.model_bytes)
+    return proto
+
+
+def _check_exact(tok: Tokenizer, proto) -> None:
+    """Refuse, in one line, what the files could not reproduce id for id."""
+    where = tok.path if tok.path is not None else "the tokenizer"
+    model_type = proto.trainer_spec.ModelType.Name(proto.trainer_spec.model_type).lower()
+    norm = proto.normalizer_spec
+    problems = []
+    if model_type not in ("bpe", "char"):
+        problems.append(f"it is a {model_type} model (only bpe and char convert exactly)")
+    if norm.precompiled_charsmap or norm.name not in ("identity", ""):
+        problems.append(f"it normalizes text ({norm.name!r})")
+    if norm.add_dummy_prefix:
+        problems.append("it adds a dummy prefix space")
+    if norm.remove_extra_whitespaces:
+        problems.append("it removes extra whitespace")
+    if not norm.escape_whitespaces:
+        problems.append("it does not escape whitespace")
+    if proto.trainer_spec.treat_whitespace_as_suffix:
+        problems.append("it treats whitespace as a suffix")
+    if not proto.trainer_spec.byte_fallback:
+        problems.append("it has no byte fallback")
+    if tok.unk_id < 0:
+        problems.append("it has no <unk> piece")
+    if any(p.type == proto.SentencePiece.UNUSED for p in proto.pieces):
+        problems.append("it has unused pieces")
+    if problems:
+        raise UserError(
+            f"{where} cannot be written as a Hugging Face tokenizer.json that gives the same ids: "
+            f"{'; '.join(problems)}; use a tokenizer trained by `mlx-transformer prepare` "
+            "(--model-type bpe or char)"
+        )
+
+
+def _added(token_id: int, content: str, *, special: bool) -> dict:
+    return {
+        "id": token_id,
+        "content": content,
+        "single_word": False,
+        "lstrip": False,
+        "rstrip": False,
+        "normalized": False,
+        "special": special,
+    }
+
+
+def _merges(mergeable: dict[str, tuple[float, int]]) -> list[list[str]]:
+    """Every split of a normal piece into two normal pieces (the only ones sentencepiece merges),
+    best-scoring result first (ties: by id, then by the left part's length)."""
+    ranked = []
+    for piece, (score, piece_id) in mergeable.items():
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in mergeable and right in mergeable:
+                ranked.append((-score, piece_id, cut, left, right))
+    ranked.sort()
+    return [[left, right] for *_, left, right in ranked]
+
+
+__all__ = [
+    "hf_tokenizer_files",
+    "write_hf_tokenizer_files",
+    "HF_TOKENIZER_FILES",
+    "TOKENIZER_JSON",
+    "TOKENIZER_CONFIG",
+    "SPECIAL_TOKENS_MAP",
+    "GENERATION_CONFIG",
+]
