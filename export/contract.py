@@ -3,10 +3,13 @@
 OUT/
   model.onnx        the decoder graph; its inputs and outputs are `io_table`
   model.onnx.data   the weights, only when they pass ~1.8 GB (a protobuf stops at 2 GB)
-  config.json       the checkpoint's config, byte for byte
+  mlx_transformer_config.json   the checkpoint's config.json, byte for byte
   tokenizer.model   the checkpoint's tokenizer, when it has one
   io.json           `io_json`: the IO table, model dims, special tokens, flavour, precision,
                     notes; for lower precisions the measured cost against fp32
+  config.json, genai_config.json, tokenizer.json, tokenizer_config.json,
+  special_tokens_map.json, generation_config.json
+                    for other runtimes (optimum, onnxruntime-genai, transformers.js): `deploy`
 
 The graph's IO is the Hugging Face (optimum) layout. Batches are left-padded; the KV cache
 goes out as `present.{i}.key/value` and comes back as `past_key_values.{i}.key/value`.
@@ -29,6 +32,8 @@ from mlx_transformer.checkpoint.format import TOKENIZER_FILE as TOKENIZER_FILE
 from mlx_transformer.config import ModelConfig
 from mlx_transformer.errors import UserError
 
+# The checkpoint's own config.json; the export's config.json is Hugging Face's (`deploy`).
+MODEL_CONFIG_FILE = "mlx_transformer_config.json"
 MODEL_FILE = "model.onnx"
 EXTERNAL_DATA = "model.onnx.data"
 IO_FILE = "io.json"

@@ -21,10 +21,12 @@ from .contract import (
     EXTERNAL_DATA,
     FORMAT,
     IO_FILE,
+    MODEL_CONFIG_FILE,
     MODEL_FILE,
     TOKENIZER_FILE,
     io_json,
 )
+from .deploy import GENAI_CONFIG_FILE, HF_CONFIG_FILE, genai_config, hf_config, hf_family
 from .graph import OPSET
 from .quantize import PRECISIONS, compare, to_fp16, to_int4, to_int8
 from .weights import read_checkpoint
@@ -35,7 +37,20 @@ DEFAULT_EVAL_TEXT = Path(__file__).resolve().parent.parent / "mlx_transformer/da
 # What `export` may replace (with --overwrite): an earlier export, verify's reports included.
 ONNX_EXPORT = atomic.FolderKind(
     "ONNX export",
-    entries=(IO_FILE, MODEL_FILE, EXTERNAL_DATA, CONFIG_FILE, TOKENIZER_FILE, "verify.*"),
+    entries=(
+        IO_FILE,
+        MODEL_FILE,
+        EXTERNAL_DATA,
+        CONFIG_FILE,
+        MODEL_CONFIG_FILE,
+        TOKENIZER_FILE,
+        GENAI_CONFIG_FILE,
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "generation_config.json",
+        "verify.*",
+    ),  # fmt: skip
     legacy=(IO_FILE, lambda io: io.get("format") == FORMAT),
 )
 
@@ -179,13 +194,27 @@ def export_onnx(
             shutil.rmtree(scratch)
         info["external_data"] = (tmp / EXTERNAL_DATA).exists()
         info["size_bytes"] = _folder_bytes(tmp, (MODEL_FILE, EXTERNAL_DATA))
-        shutil.copyfile(ckpt / CONFIG_FILE, tmp / CONFIG_FILE)
+        shutil.copyfile(ckpt / CONFIG_FILE, tmp / MODEL_CONFIG_FILE)
         if (ckpt / TOKENIZER_FILE).is_file():
             shutil.copyfile(ckpt / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
-        (tmp / IO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        special = info["special_tokens"]
+        write_json(tmp / HF_CONFIG_FILE, hf_config(config, special))
+        write_json(tmp / GENAI_CONFIG_FILE, genai_config(config, info["model"], special))
+        family, exact = hf_family(config)
+        info["deploy"] = {
+            "config.json": f"Hugging Face {family}"
+            + ("" if exact else " (describes the graph's interface only: no Hugging Face "
+               "family describes this model)"),
+            "genai_config.json": "onnxruntime-genai, type llama",
+        }  # fmt: skip
+        write_json(tmp / IO_FILE, info)
 
     atomic.write_folder(out, fill, ONNX_EXPORT, overwrite=overwrite, inputs=inputs)
     return info
+
+
+def write_json(path: Path, content: dict) -> None:
+    path.write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def _folder_bytes(folder: Path, names: tuple[str, ...] = (MODEL_FILE, EXTERNAL_DATA)) -> int:

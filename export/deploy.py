@@ -1,0 +1,176 @@
+"""The files that let standard runtimes load an export folder unchanged: a Hugging Face
+`config.json` (optimum, transformers.js) and onnxruntime-genai's `genai_config.json`.
+
+Both describe the graph's interface, not a set of weights: the folder holds no PyTorch weights,
+and these clients take every computation from the ONNX graph. What they read is the IO names
+(`contract.io_table`: the Hugging Face layout), the KV-cache dims (layers, key/value heads, head
+size), the context length and the special token ids.
+
+Hugging Face family (`hf_family`): "gpt2" when the model is exactly GPT-2 (learned positions,
+pre-norm LayerNorm, biases, tied embeddings, multi-head, head size = width / heads); otherwise
+"llama", whose config states every KV dim explicitly (num_key_value_heads, head_dim). For a
+Llama-shaped model that config is also a faithful description of the model; for the others (the
+paper's post-norm, sinusoidal, ReLU decoder among them) no Hugging Face family describes the
+model, so the Llama config describes only the graph's interface: a client that runs the graph
+is exact, one that rebuilds the model from config.json alone (with other weights) is not.
+
+onnxruntime-genai: "type": "llama" for every model. Its llama path feeds input_ids,
+attention_mask, position_ids and past/present by the names given here, which is all our graph
+takes; its "gpt2" type expects another input set (measured: "Model input was not found").
+The cache is not shared between past and present (our graph concatenates), and search defaults
+to greedy up to the context length.
+"""
+
+from __future__ import annotations
+
+from mlx_transformer.config import ModelConfig
+
+from .contract import ATTENTION_MASK, INPUT_IDS, LOGITS, PAST, POSITION_IDS, PRESENT
+
+HF_CONFIG_FILE = "config.json"  # the Hugging Face one; ours is contract.MODEL_CONFIG_FILE
+GENAI_CONFIG_FILE = "genai_config.json"
+
+_HF_ACT = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu", "swiglu": "silu"}
+
+
+def is_gpt2(c: ModelConfig) -> bool:
+    """Exactly GPT-2's architecture (any activation Hugging Face's GPT-2 takes)."""
+    return (
+        c.norm_position == "pre"
+        and not c.scale_embeddings
+        and c.position_encoding == "learned"
+        and c.norm_type == "layernorm"
+        and c.hidden_act != "swiglu"
+        and c.attention_bias
+        and c.mlp_bias
+        and c.tie_word_embeddings
+        and c.num_key_value_heads == c.num_attention_heads
+        and c.head_dim * c.num_attention_heads == c.hidden_size
+    )
+
+
+def is_llama(c: ModelConfig) -> bool:
+    """Exactly Llama's architecture (rotary in halves, pre-norm RMSNorm, SwiGLU)."""
+    return (
+        c.norm_position == "pre"
+        and not c.scale_embeddings
+        and c.position_encoding == "rope"
+        and not c.rope_traditional
+        and c.norm_type == "rmsnorm"
+        and c.hidden_act == "swiglu"
+    )
+
+
+def hf_family(config: ModelConfig) -> tuple[str, bool]:
+    """(model_type of config.json, whether that family describes the model itself and not only
+    the graph's interface)."""
+    if is_gpt2(config):
+        return "gpt2", True
+    return "llama", is_llama(config)
+
+
+def _token_ids(special: dict | None) -> dict:
+    special = special or {}
+    return {
+        f"{name}_token_id": special[name]
+        for name in ("bos", "eos", "pad")
+        if special.get(name, -1) >= 0
+    }
+
+
+def hf_config(config: ModelConfig, special_tokens: dict | None) -> dict:
+    """The Hugging Face config.json that describes the exported graph (see the module doc)."""
+    c = config
+    family, exact = hf_family(c)
+    if family == "gpt2":
+        hf = {
+            "architectures": ["GPT2LMHeadModel"],
+            "model_type": "gpt2",
+            "vocab_size": c.vocab_size,
+            "n_embd": c.hidden_size,
+            "n_layer": c.num_hidden_layers,
+            "n_head": c.num_attention_heads,
+            "n_inner": c.intermediate_size,
+            "n_positions": c.max_position_embeddings,
+            "n_ctx": c.max_position_embeddings,
+            "activation_function": _HF_ACT[c.hidden_act],
+            "layer_norm_epsilon": c.norm_eps,
+            "tie_word_embeddings": True,
+        }
+    else:
+        hf = {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": c.vocab_size,
+            "hidden_size": c.hidden_size,
+            "intermediate_size": c.intermediate_size,
+            "num_hidden_layers": c.num_hidden_layers,
+            "num_attention_heads": c.num_attention_heads,
+            "num_key_value_heads": c.num_key_value_heads,
+            "head_dim": c.head_dim,
+            "max_position_embeddings": c.max_position_embeddings,
+            "hidden_act": _HF_ACT[c.hidden_act],
+            "rms_norm_eps": c.norm_eps,
+            "rope_theta": c.rope_theta,
+            "attention_bias": c.attention_bias,
+            "mlp_bias": c.mlp_bias,
+            "tie_word_embeddings": c.tie_word_embeddings,
+        }
+    hf.update(_token_ids(special_tokens), use_cache=True)
+    if not exact:
+        hf["mlx_transformer_note"] = (
+            "no Hugging Face family describes this model; this config describes the ONNX "
+            "graph's interface only (KV-cache dims, context, token ids)"
+        )
+    return hf
+
+
+def genai_config(config: ModelConfig, model_file: str, special_tokens: dict | None) -> dict:
+    """onnxruntime-genai's genai_config.json for the graph in `model_file` (relative path)."""
+    c = config
+    ids = _token_ids(special_tokens)
+    return {
+        "model": {
+            "type": "llama",
+            "context_length": c.max_position_embeddings,
+            "vocab_size": c.vocab_size,
+            **ids,
+            "decoder": {
+                "filename": model_file,
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "head_size": c.head_dim,
+                "hidden_size": c.hidden_size,
+                "num_attention_heads": c.num_attention_heads,
+                "num_key_value_heads": c.num_key_value_heads,
+                "num_hidden_layers": c.num_hidden_layers,
+                "inputs": {
+                    "input_ids": INPUT_IDS,
+                    "attention_mask": ATTENTION_MASK,
+                    "position_ids": POSITION_IDS,
+                    "past_key_names": f"{PAST}.%d.key",
+                    "past_value_names": f"{PAST}.%d.value",
+                },
+                "outputs": {
+                    "logits": LOGITS,
+                    "present_key_names": f"{PRESENT}.%d.key",
+                    "present_value_names": f"{PRESENT}.%d.value",
+                },
+            },
+        },
+        "search": {
+            "do_sample": False,
+            "num_beams": 1,
+            "num_return_sequences": 1,
+            "max_length": c.max_position_embeddings,
+            "min_length": 0,
+            "temperature": 1.0,
+            "top_k": 1,
+            "top_p": 1.0,
+            "repetition_penalty": 1.0,
+            "length_penalty": 1.0,
+            "diversity_penalty": 0.0,
+            "no_repeat_ngram_size": 0,
+            "early_stopping": True,
+            "past_present_share_buffer": False,
+        },
+    }

@@ -1,0 +1,150 @@
+"""The export folder loads, unchanged, in the standard runtimes (the real clients, installed by
+the `test` extra): onnxruntime-genai and optimum reproduce MLX's greedy generation token for
+token, and their logits match MLX's within the fp32 tolerance where the client exposes them.
+
+Shapes: GPT-2, Llama with grouped-query attention, and the paper's decoder (post-norm,
+sinusoidal, ReLU), each in both flavours, with a BPE tokenizer (so eos/bos/pad ids are real).
+"""
+
+from __future__ import annotations
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from test_model import CONFIGS, random_model, tiny_config
+
+from export import export_onnx
+from export.deploy import GENAI_CONFIG_FILE, HF_CONFIG_FILE
+from mlx_transformer.checkpoint.mlx_io import save_checkpoint
+from mlx_transformer.generate.api import generate_step
+from mlx_transformer.tokenizer import Tokenizer
+
+SHAPES = ["gpt2", "llama-gqa", "paper"]
+FLAVOURS = ["portable", "ort"]
+TOKENS = 32
+ATOL, RTOL = 1e-4, 1e-3  # fp32 logits, as verify
+PROMPT = "ROMEO: But soft,"
+_cache: dict = {}
+
+
+def deployed(name: str, flavour: str, tokenizer_path, tmp_path_factory):
+    """(MLX model, tokenizer, export folder) for a shape, built once per session."""
+    key = (name, flavour)
+    if key not in _cache:
+        tokenizer = Tokenizer.load(tokenizer_path)
+        config = tiny_config(
+            **CONFIGS[name], vocab_size=tokenizer.vocab_size, max_position_embeddings=64
+        )
+        model = random_model(config, seed=3)
+        ckpt = tmp_path_factory.mktemp(f"ckpt-{name}")
+        save_checkpoint(ckpt, model, tokenizer_path=tokenizer_path)
+        out = tmp_path_factory.mktemp(f"deploy-{name}-{flavour}")
+        export_onnx(ckpt, out, flavour=flavour)
+        _cache[key] = (model, tokenizer, out)
+    return _cache[key]
+
+
+@pytest.fixture(params=[(s, f) for s in SHAPES for f in FLAVOURS], ids=lambda p: "-".join(p))
+def case(request, tiny_tokenizer_path, tmp_path_factory):
+    return deployed(*request.param, tiny_tokenizer_path, tmp_path_factory)
+
+
+def mlx_greedy(model, tokenizer, prompt: list[int]) -> list[int]:
+    """`mlx-transformer generate --temp 0`'s tokens: greedy, up to EOS (not included)."""
+    tokens = []
+    for token in generate_step(prompt, model, max_tokens=TOKENS):
+        if token == tokenizer.eos_id:
+            break
+        tokens.append(int(token))
+    return tokens
+
+
+def mlx_logits(model, ids: list[int]) -> np.ndarray:
+    return np.array(model(mx.array([ids]), attention_mask=mx.array([[1] * len(ids)])))[0]
+
+
+def test_folder_holds_the_files_each_runtime_reads(case):
+    model, tokenizer, out = case
+    hf = json.loads((out / HF_CONFIG_FILE).read_text())
+    genai = json.loads((out / GENAI_CONFIG_FILE).read_text())
+    c = model.config
+    assert hf["model_type"] in ("gpt2", "llama")
+    assert hf["eos_token_id"] == tokenizer.eos_id == genai["model"]["eos_token_id"]
+    assert genai["model"]["type"] == "llama"
+    assert genai["model"]["context_length"] == c.max_position_embeddings
+    decoder = genai["model"]["decoder"]
+    assert (decoder["head_size"], decoder["num_key_value_heads"]) == (
+        c.head_dim,
+        c.num_key_value_heads,
+    )
+    assert (out / decoder["filename"]).is_file()
+    ours = json.loads((out / "mlx_transformer_config.json").read_text())
+    assert ours["num_hidden_layers"] == c.num_hidden_layers
+
+
+def test_hugging_face_config_loads_in_transformers(case):
+    """AutoConfig reads it as a standard family, with the KV-cache dims of the graph."""
+    transformers = pytest.importorskip("transformers")
+    model, _, out = case
+    hf = transformers.AutoConfig.from_pretrained(out)
+    c = model.config
+    assert hf.num_hidden_layers == c.num_hidden_layers
+    assert hf.num_attention_heads == c.num_attention_heads
+    assert getattr(hf, "num_key_value_heads", hf.num_attention_heads) == c.num_key_value_heads
+    assert getattr(hf, "head_dim", hf.hidden_size // hf.num_attention_heads) == c.head_dim
+
+
+def test_onnxruntime_genai_greedy_matches_mlx(case):
+    og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai (the test extra)")
+    model, tokenizer, out = case
+    prompt = tokenizer.encode_prompt(PROMPT)
+    want = mlx_greedy(model, tokenizer, prompt)
+    genai_model = og.Model(str(out))
+    params = og.GeneratorParams(genai_model)
+    params.set_search_options(max_length=len(prompt) + TOKENS)  # greedy: the config's default
+    generator = og.Generator(genai_model, params)
+    generator.append_tokens(prompt)
+    # The prompt's logits (genai exposes the last call's output) against MLX's.
+    prefill = np.asarray(generator.get_output("logits"))[0, -1]
+    np.testing.assert_allclose(prefill, mlx_logits(model, prompt)[-1], atol=ATOL, rtol=RTOL)
+    while not generator.is_done():
+        generator.generate_next_token()
+    got = [int(t) for t in generator.get_sequence(0)[len(prompt) :]]
+    if got and got[-1] == tokenizer.eos_id:
+        got = got[:-1]
+    assert got == want
+    step = np.asarray(generator.get_output("logits"))[0, -1]  # the last decode step's
+    np.testing.assert_allclose(step, mlx_logits(model, prompt + got[:-1])[-1], atol=ATOL, rtol=RTOL)
+
+
+OPTIMUM_MISSING = (
+    "optimum's ORTModelForCausalLM (package optimum-onnx, latest 0.1.0) requires "
+    "transformers < 4.58, and this project tests against transformers 5.x: the two cannot be "
+    "installed together"
+)
+
+
+@pytest.mark.slow
+def test_optimum_generate_matches_mlx(case):
+    try:
+        from optimum.onnxruntime import ORTModelForCausalLM
+    except ImportError:
+        pytest.skip(OPTIMUM_MISSING)
+    import torch
+
+    model, tokenizer, out = case
+    prompt = tokenizer.encode_prompt(PROMPT)
+    want = mlx_greedy(model, tokenizer, prompt)
+    ort_model = ORTModelForCausalLM.from_pretrained(out, use_io_binding=False)
+    ids = torch.tensor([prompt])
+    result = ort_model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=TOKENS, do_sample=False
+    )
+    got = [int(t) for t in result[0, len(prompt) :]]
+    if tokenizer.eos_id in got:
+        got = got[: got.index(tokenizer.eos_id)]
+    assert got == want
+    logits = ort_model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0].numpy()
+    np.testing.assert_allclose(logits, mlx_logits(model, prompt), atol=ATOL, rtol=RTOL)
