@@ -4,7 +4,14 @@ Import lets users fine-tune a pretrained model; export lets `transformers` and `
 when its configuration is one of theirs. Parity with `transformers` is our correctness anchor.
 
     mlx-transformer convert --from-hf HF_DIR --out CKPT [--tokenizer tokenizer.model]
-    mlx-transformer convert --to-hf CKPT --out HF_DIR
+    mlx-transformer convert --to-hf CKPT --out HF_DIR [--for mlx-lm]
+
+The Hugging Face folder holds config.json (with bos/eos/pad ids), model.safetensors, the
+tokenizer files `AutoTokenizer` loads (hf_tokenizer.py: the same ids as ours), tokenizer.model
+(for our own runtime and `--from-hf`), and a README.md saying which runtimes load it. GPT-2
+tensors are named as openai's GPT-2 names them (no "transformer." prefix) and config.json has
+`n_ctx`, which mlx-lm needs; mlx-lm's GPT-2 is fixed to a 4x-wide tanh-GELU MLP, so other GPT-2
+shapes are refused with `--for mlx-lm` and flagged in the README otherwise.
 
 Either writes a new or empty folder; `--overwrite` replaces only one it wrote before (a
 checkpoint, or a Hugging Face folder), never a folder it did not write or an input.
@@ -13,7 +20,6 @@ checkpoint, or a Hugging Face folder), never a folder it did not write or an inp
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import mlx.core as mx
@@ -23,6 +29,7 @@ from .. import atomic
 from ..config import MODEL_TYPE, ConfigError, ModelConfig
 from ..errors import UserError
 from ..model import Transformer
+from ..tokenizer import SPECIAL_IDS, Tokenizer
 from .format import (  # a Hugging Face folder uses the same file names as ours
     CONFIG_FILE,
     TOKENIZER_FILE,
@@ -31,6 +38,7 @@ from .format import (  # a Hugging Face folder uses the same file names as ours
     check_tensor_shapes,
     read_safetensors_header,
 )
+from .hf_tokenizer import HF_TOKENIZER_FILES, hf_tokenizer_files
 from .mlx_io import load_checkpoint, save_checkpoint
 
 # The output folders `convert` and `fuse` write, and so may replace with --overwrite. A
@@ -42,10 +50,13 @@ CHECKPOINT = atomic.FolderKind(
     entries=(CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE),
     legacy=(CONFIG_FILE, lambda config: config.get("model_type") == MODEL_TYPE),
 )
+README_FILE = "README.md"
 HF_MODEL = atomic.FolderKind(
     "Hugging Face model",
-    entries=(CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE, "tokenizer_config.json"),
+    entries=(CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE, *HF_TOKENIZER_FILES, README_FILE),
 )
+# The runtimes `convert --to-hf --for` can promise; the folder always loads in transformers.
+RUNTIMES = ("transformers", "mlx-lm")
 
 GPT2_ACTIVATIONS = {
     "gelu_new": "gelu_tanh",
@@ -277,9 +288,37 @@ def hf_family(config: ModelConfig) -> str:
     )
 
 
-def to_hf(model: Transformer) -> tuple[dict, dict[str, mx.array]]:
-    """The Hugging Face config.json and tensors of our model."""
+def mlx_lm_limits(config: ModelConfig) -> list[str]:
+    """What mlx-lm would load wrong in this model's Hugging Face folder (empty: nothing).
+    Its GPT-2 builds the MLP as 4 x hidden_size with tanh GELU whatever config.json says."""
+    if hf_family(config) != "gpt2":
+        return []
+    limits = []
+    if config.intermediate_size != 4 * config.hidden_size:
+        limits.append(
+            f"its MLP is {config.intermediate_size} wide, and mlx-lm's GPT-2 is always "
+            f"4 x hidden_size = {4 * config.hidden_size}"
+        )
+    if config.hidden_act != "gelu_tanh":
+        limits.append(
+            f"its activation is {config.hidden_act}, and mlx-lm's GPT-2 always uses tanh GELU"
+        )
+    return limits
+
+
+def to_hf(
+    model: Transformer, special_ids: dict[str, int] | None = None
+) -> tuple[dict, dict[str, mx.array]]:
+    """The Hugging Face config.json and tensors of our model. `special_ids` ({"bos": 1, ...},
+    as `Tokenizer.special_ids`; default: the ids tokenizers trained here have) go into
+    config.json as bos/eos/pad_token_id."""
     c, w = model.config, dict(tree_flatten(model.parameters()))
+    special = SPECIAL_IDS if special_ids is None else special_ids
+    token_ids = {
+        f"{name}_token_id": special[name]
+        for name in ("bos", "eos", "pad")
+        if 0 <= special.get(name, -1) < c.vocab_size
+    }
     if hf_family(c) == "llama":
         hf = {
             "architectures": ["LlamaForCausalLM"],
@@ -299,6 +338,7 @@ def to_hf(model: Transformer) -> tuple[dict, dict[str, mx.array]]:
             "attention_bias": c.attention_bias,
             "mlp_bias": c.mlp_bias,
             "tie_word_embeddings": c.tie_word_embeddings,
+            **token_ids,
         }
         return hf, {llama_name(k): v for k, v in w.items()}
     act = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}[c.hidden_act]
@@ -311,18 +351,22 @@ def to_hf(model: Transformer) -> tuple[dict, dict[str, mx.array]]:
         "n_head": c.num_attention_heads,
         "n_inner": c.intermediate_size,
         "n_positions": c.max_position_embeddings,
+        "n_ctx": c.max_position_embeddings,  # mlx-lm requires it (transformers ignores it)
         "activation_function": act,
         "layer_norm_epsilon": c.norm_eps,
         "tie_word_embeddings": True,
+        **token_ids,
     }
+    # Named as openai's GPT-2 checkpoint names them: transformers adds its "transformer."
+    # prefix itself, and mlx-lm accepts only these names.
     out = {
-        "transformer.wte.weight": w["embed_tokens.weight"],
-        "transformer.wpe.weight": w["embed_positions.weight"],
-        "transformer.ln_f.weight": w["norm.weight"],
-        "transformer.ln_f.bias": w["norm.bias"],
+        "wte.weight": w["embed_tokens.weight"],
+        "wpe.weight": w["embed_positions.weight"],
+        "ln_f.weight": w["norm.weight"],
+        "ln_f.bias": w["norm.bias"],
     }
     for i in range(c.num_hidden_layers):
-        h, p = f"transformer.h.{i}", f"layers.{i}"
+        h, p = f"h.{i}", f"layers.{i}"
         for hf_norm, norm in (("ln_1", "attn_norm"), ("ln_2", "mlp_norm")):
             out[f"{h}.{hf_norm}.weight"] = w[f"{p}.{norm}.weight"]
             out[f"{h}.{hf_norm}.bias"] = w[f"{p}.{norm}.bias"]
@@ -346,15 +390,37 @@ def save_hf(
     *,
     overwrite: bool = False,
     inputs: tuple[str | Path | None, ...] = (),
+    runtime: str = "transformers",
 ) -> Path:
     """Write `out_dir` in the Hugging Face layout (loadable by transformers and mlx_lm).
 
+    With `tokenizer_path` (a sentencepiece model), the folder also holds the Hugging Face
+    tokenizer files and generation_config.json. `runtime="mlx-lm"` refuses a model mlx-lm
+    would load wrong (`mlx_lm_limits`); otherwise the README.md written into the folder says so.
     `out_dir` must be new or empty, or (with `overwrite`) a Hugging Face folder written here;
     `inputs` (with the tokenizer) are the paths it was made from, which it may not be or hold.
+
+    Raises:
+        UserError: the model is of neither family, mlx-lm was asked for and cannot load it, or
+            the tokenizer does not fit the model or cannot be written exactly.
     """
-    hf, weights = to_hf(model)
+    if runtime not in RUNTIMES:
+        raise UserError(f"unknown runtime {runtime!r}; use one of {', '.join(RUNTIMES)}")
+    limits = mlx_lm_limits(model.config)
+    if runtime == "mlx-lm" and limits:
+        raise UserError(
+            f"mlx-lm cannot load this model correctly: {'; '.join(limits)}; convert without "
+            "--for mlx-lm to use it with transformers"
+        )
+    tokenizer = Tokenizer.load(tokenizer_path) if tokenizer_path is not None else None
+    files: dict[str, dict] = {}
+    if tokenizer is not None:
+        tokenizer.check_fits(model.config.vocab_size)
+        files = hf_tokenizer_files(tokenizer, model.config.max_position_embeddings)
+    hf, weights = to_hf(model, tokenizer.special_ids if tokenizer is not None else None)
     dtype = next(iter(weights.values())).dtype
     hf["torch_dtype"] = {mx.float16: "float16", mx.bfloat16: "bfloat16"}.get(dtype, "float32")
+    readme = _readme(model.config, hf, limits, tokenizer is not None)
 
     def fill(tmp: Path) -> None:
         (tmp / CONFIG_FILE).write_text(json.dumps(hf, indent=2) + "\n")
@@ -364,23 +430,67 @@ def save_hf(
             {k: mx.contiguous(v) for k, v in weights.items()},
             metadata={"format": "pt"},
         )
-        if tokenizer_path is not None and Path(tokenizer_path).is_file():
-            shutil.copyfile(tokenizer_path, tmp / TOKENIZER_FILE)
-            (tmp / "tokenizer_config.json").write_text(
-                json.dumps(
-                    {
-                        "tokenizer_class": "LlamaTokenizer",
-                        "add_bos_token": False,
-                        "add_eos_token": False,
-                        "legacy": False,
-                    },
-                    indent=2,
-                )
-                + "\n"
-            )
+        if tokenizer is not None:
+            (tmp / TOKENIZER_FILE).write_bytes(tokenizer.model_bytes)
+            for name, content in files.items():
+                text = json.dumps(content, indent=2, ensure_ascii=False) + "\n"
+                (tmp / name).write_text(text, encoding="utf-8")
+        (tmp / README_FILE).write_text(readme, encoding="utf-8")
 
     inputs = (*inputs, tokenizer_path)
     return atomic.write_folder(out_dir, fill, HF_MODEL, overwrite=overwrite, inputs=inputs)
+
+
+def _readme(config: ModelConfig, hf: dict, mlx_lm_limits: list[str], has_tokenizer: bool) -> str:
+    """The output folder's README.md: what it is and which runtimes load it."""
+    family = hf["model_type"]
+    lines = [
+        f"# {family} model written by mlx-transformer",
+        "",
+        f"`{hf['architectures'][0]}`: {config.num_hidden_layers} layers, hidden size "
+        f"{config.hidden_size}, {config.num_attention_heads} heads, vocabulary "
+        f"{config.vocab_size}, context {config.max_position_embeddings} tokens "
+        f"({config.num_parameters() / 1e6:.2f} M parameters, {hf['torch_dtype']}).",
+        "",
+        "## Load it",
+        "",
+        "transformers:",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        'model = AutoModelForCausalLM.from_pretrained("PATH")',
+    ]
+    if has_tokenizer:
+        lines.append('tokenizer = AutoTokenizer.from_pretrained("PATH")')
+    lines += ["```", ""]
+    if mlx_lm_limits:
+        lines += [
+            "mlx-lm: **does not load this model correctly** ("
+            + "; ".join(mlx_lm_limits)
+            + "). Use transformers, or mlx-transformer itself (`convert --from-hf`).",
+            "",
+        ]
+    else:
+        lines += ["mlx-lm:", "", "```python"]
+        if has_tokenizer:
+            lines += ["from mlx_lm import load", 'model, tokenizer = load("PATH")']
+        else:
+            lines += [
+                "from pathlib import Path",
+                "from mlx_lm.utils import load_model",
+                'model, config = load_model(Path("PATH"))',
+            ]
+        lines += ["```", ""]
+    if has_tokenizer:
+        lines += [
+            "The tokenizer files give the same ids as the sentencepiece model in tokenizer.model,",
+            "which mlx-transformer uses: no bos/eos is added, spaces and newlines are kept as",
+            "they are. With the `tokenizers` library alone, set",
+            "`tokenizer.encode_special_tokens = True` to encode a literal `<s>` in text as text.",
+        ]
+    else:
+        lines += ["No tokenizer was given, so this folder has no tokenizer files."]
+    return "\n".join(lines) + "\n"
 
 
 def load_pretrained(path: str | Path) -> tuple[Transformer, Path | None]:
@@ -407,7 +517,14 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--overwrite", action="store_true", help="replace a folder an earlier convert wrote"
     )
-    parser.add_argument("--tokenizer", help="sentencepiece model to put in the checkpoint")
+    parser.add_argument("--tokenizer", help="sentencepiece model to put in the output")
+    parser.add_argument(
+        "--for",
+        dest="runtime",
+        choices=RUNTIMES,
+        help="with --to-hf: refuse a model this runtime cannot load correctly (mlx-lm's GPT-2 "
+        "needs a 4x-wide tanh-GELU MLP); transformers loads every --to-hf output",
+    )
     parser.add_argument(
         "--dtype",
         choices=["float32", "bfloat16", "float16"],
@@ -418,6 +535,10 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     source = args.from_hf or args.to_hf
     kind = CHECKPOINT if args.from_hf else HF_MODEL
+    if args.from_hf and args.runtime:
+        raise UserError("--for applies to --to-hf only; drop it with --from-hf")
+    if args.tokenizer and not Path(args.tokenizer).is_file():
+        raise UserError(f"{args.tokenizer}: not found; pass a tokenizer.model file")
     inputs = (source, args.tokenizer)
     # Refused outputs fail here, before the weights are read; the writer checks again.
     atomic.check_output(args.out, kind, overwrite=args.overwrite, inputs=inputs)
@@ -425,8 +546,6 @@ def run(args) -> int:
         model = import_hf(args.from_hf)
         tokenizer = args.tokenizer or Path(args.from_hf) / TOKENIZER_FILE
         tokenizer = tokenizer if Path(tokenizer).is_file() else None
-        if args.tokenizer and tokenizer is None:
-            raise UserError(f"{args.tokenizer}: not found")
         save_checkpoint(
             args.out,
             model,
@@ -441,7 +560,15 @@ def run(args) -> int:
         model = load_checkpoint(args.to_hf, dtype=args.dtype)
         family = hf_family(model.config)
         tokenizer = args.tokenizer or Path(args.to_hf) / TOKENIZER_FILE
-        save_hf(model, args.out, tokenizer, overwrite=args.overwrite, inputs=inputs)
+        tokenizer = tokenizer if Path(tokenizer).is_file() else None
+        save_hf(
+            model,
+            args.out,
+            tokenizer,
+            overwrite=args.overwrite,
+            inputs=inputs,
+            runtime=args.runtime or "transformers",
+        )
     n = model.config.num_parameters()
     print(f"wrote {args.out} ({family}, {n / 1e6:.2f} M parameters)")
     return 0
@@ -453,6 +580,7 @@ __all__ = [
     "save_hf",
     "to_hf",
     "hf_family",
+    "mlx_lm_limits",
     "CheckpointError",
     "CHECKPOINT",
     "HF_MODEL",
