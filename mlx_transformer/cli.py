@@ -41,9 +41,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "export": ("export.exporter", "export a checkpoint to ONNX (portable or onnxruntime ops)"),
     "onnx-generate": ("export.runtime", "generate text from an exported ONNX folder (no MLX)"),
     "verify": ("mlx_transformer.verify", "check an ONNX export against MLX on every provider"),
+    "web": ("export.web", "write a static web page that generates text from an ONNX export"),
 }
 # Commands that never run MLX: no BLAS to preload for them (and no re-execution).
-WITHOUT_MLX = {"prepare", "info", "export", "onnx-generate"}
+WITHOUT_MLX = {"prepare", "info", "export", "onnx-generate", "web"}
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:

@@ -10,6 +10,7 @@ if [[ "$(uname -s)-$(uname -m)" == Linux-x86_64 && -z "${MLX_TRANSFORMER_NO_WEBG
   scripts/install_webgpu_ep.sh "${VIRTUAL_ENV:-.venv}/bin/python" ||
     echo "test: WebGPU provider not installed; its tests will be skipped" >&2
 fi
+scripts/install_web_clients.sh || echo "test: web clients not installed; their tests will be skipped" >&2
 py="${VIRTUAL_ENV:-.venv}/bin/python"
 # MLX's Linux CPU matmuls on an optimized OpenBLAS: the command line re-executes itself with it
 # preloaded; pytest cannot, so the preload is set here, before pytest starts.

@@ -1,0 +1,304 @@
+"""The JavaScript clients of an export, run for real: the web page (`mlx-transformer web`) in
+headless Chromium driven by puppeteer-core against `python -m http.server` on 127.0.0.1, and
+Node (onnxruntime-node, tokenizers.js, transformers.js). Each must give `generate --temp 0`'s
+text token for token. scripts/test.sh installs the clients (scripts/install_web_clients.sh);
+the tests skip, saying why, only where they are not installed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_model import CONFIGS, random_model, tiny_config
+
+from export.web import NPM_PACKAGES, page_tokenizer_files, web_home
+
+REPO = Path(__file__).resolve().parent.parent
+NODE = shutil.which("node")
+CHROMIUM = shutil.which("chromium")
+NODE_MODULES = web_home() / "node_modules"
+INSTALL = "run scripts/install_web_clients.sh (scripts/test.sh does)"
+PROMPT = "ROMEO:\nWhat light"
+MAX_TOKENS = 32
+SHAPES = {"gpt2": CONFIGS["gpt2"], "llama": CONFIGS["llama-gqa"]}
+
+
+def _need(*packages: str) -> None:
+    if NODE is None:
+        pytest.skip(f"node is not installed; {INSTALL}")
+    for name in packages:
+        if not (NODE_MODULES / name / "package.json").is_file():
+            pytest.skip(f"{name} is not installed in {NODE_MODULES}; {INSTALL}")
+
+
+def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    done = subprocess.run(
+        [sys.executable, "-m", "mlx_transformer", *args], capture_output=True, text=True, cwd=REPO
+    )
+    if check:
+        assert done.returncode == 0, done.stderr
+    return done
+
+
+def node(script: str, *args: str, timeout: int = 240) -> dict:
+    """Run a Node ES module (its imports resolve in the private node_modules); its last stdout
+    line is JSON."""
+    folder = web_home()
+    path = folder / f".test-{os.getpid()}.mjs"  # beside node_modules, so imports resolve there
+    path.write_text(script)
+    try:
+        done = subprocess.run(
+            [NODE, str(path), *args], capture_output=True, text=True, timeout=timeout
+        )
+    finally:
+        path.unlink()
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def export_random(root: Path, shape: str, tokenizer: Path) -> tuple[Path, Path]:
+    """(checkpoint, ONNX export) of a random model of `shape` with `tokenizer`."""
+    from export.exporter import export_onnx
+    from mlx_transformer.checkpoint.mlx_io import save_checkpoint
+    from mlx_transformer.tokenizer import Tokenizer
+
+    vocab = Tokenizer.load(tokenizer).vocab_size
+    config = tiny_config(vocab_size=vocab, max_position_embeddings=64, **SHAPES[shape])
+    ckpt = save_checkpoint(root / "ckpt", random_model(config), tokenizer_path=tokenizer)
+    export_onnx(ckpt, root / "onnx", measure=False)
+    return ckpt, root / "onnx"
+
+
+@pytest.fixture(scope="module", params=list(SHAPES))
+def exported(request, tmp_path_factory, tiny_tokenizer_path):
+    """(checkpoint, ONNX export, the text `generate --temp 0` writes) of a random model."""
+    root = tmp_path_factory.mktemp(request.param)
+    ckpt, onnx_dir = export_random(root, request.param, tiny_tokenizer_path)
+    done = cli("generate", "--model", str(ckpt), "--prompt", PROMPT, "--temp", "0",
+               "--max-tokens", str(MAX_TOKENS))  # fmt: skip
+    assert done.stdout.endswith("\n")
+    return ckpt, onnx_dir, done.stdout[:-1]
+
+
+# -- the web page in headless Chromium ---------------------------------------------------------
+
+PAGE_SCRIPT = r"""
+import puppeteer from "puppeteer-core";
+const [url, userDataDir, requests] = process.argv.slice(2);
+const browser = await puppeteer.launch({
+  executablePath: process.env.CHROMIUM, userDataDir, headless: true,
+  args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--no-first-run", "--disable-sync"],
+});
+try {
+  const page = await browser.newPage();
+  const errors = [];
+  page.on("pageerror", (e) => errors.push(String(e)));
+  page.on("requestfailed", (r) => errors.push(`${r.url()}: ${r.failure()?.errorText}`));
+  await page.goto(url, { waitUntil: "load" });
+  await page.waitForFunction(() => window.mlxTransformer, { timeout: 60000 });
+  const results = await page.evaluate(async (requests) => {
+    const ready = await window.mlxTransformer.ready;
+    const results = [];
+    for (const request of requests) results.push(await window.mlxTransformer.generate(request));
+    return { ...ready, results, status: document.getElementById("status").textContent };
+  }, JSON.parse(requests));
+  console.log(JSON.stringify({ ...results, errors }));
+} finally {
+  await browser.close();
+}
+"""
+
+
+def _serve(folder: Path) -> tuple[subprocess.Popen, str]:
+    """`python -m http.server` on 127.0.0.1 at a free port, and its URL."""
+    server = subprocess.Popen(
+        [sys.executable, "-u", "-m", "http.server", "0", "--bind", "127.0.0.1", "-d", str(folder)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    line = server.stdout.readline()
+    port = re.search(r"port (\d+)", line)
+    assert port, line
+    return server, f"http://127.0.0.1:{port.group(1)}/"
+
+
+def run_page(folder: Path, tmp_path: Path, requests: list[dict]) -> dict:
+    """Open the page in headless Chromium; run `requests` through its generate()."""
+    if CHROMIUM is None:
+        pytest.skip(f"chromium is not installed; {INSTALL}")
+    _need("puppeteer-core")
+    server, url = _serve(folder)
+    try:
+        os.environ["CHROMIUM"] = CHROMIUM
+        profile = tmp_path / "chromium-profile"
+        return node(PAGE_SCRIPT, url, str(profile), json.dumps(requests))
+    finally:
+        server.terminate()
+        server.wait()
+
+
+@pytest.mark.slow
+def test_web_page_greedy_matches_generate(exported, tmp_path):
+    """The page in Chromium (WASM) gives `generate --temp 0`'s text and the ONNX runtime's ids;
+    sampling with a seed repeats, top-k 1 is greedy, no tokens is no text."""
+    from export.runtime import OnnxGenerator
+
+    ckpt, onnx_dir, want = exported
+    web = tmp_path / "web"
+    cli("web", str(onnx_dir), str(web))
+    for name in ("index.html", "generate.js", "web.json", "model.onnx", "tokenizer.json"):
+        assert (web / name).is_file(), name
+    greedy = dict(prompt=PROMPT, maxTokens=MAX_TOKENS, temp=0)
+    sampled = dict(prompt=PROMPT, maxTokens=MAX_TOKENS, temp=1.0, topK=20, seed=7)
+    requests = [greedy, sampled, sampled, {**sampled, "topK": 1}, {**greedy, "maxTokens": 0}]
+    got = run_page(web, tmp_path, requests)
+    assert got["errors"] == []
+    assert got["provider"] == "wasm"  # --disable-gpu: no adapter
+    page, first, again, top1, none = got["results"]
+    assert len(page["tokens"]) == MAX_TOKENS and page["finishReason"] == "length"
+    assert page["text"] == want
+    ids = OnnxGenerator(onnx_dir).generate(PROMPT, MAX_TOKENS, stop_at_eos=False)[0].tokens
+    assert page["tokens"] == ids
+    assert first["tokens"] == again["tokens"] != page["tokens"]
+    assert top1["tokens"] == page["tokens"]
+    assert (none["tokens"], none["text"]) == ([], "")
+
+
+# -- Node: tokenizers.js (the page's tokenizer) and transformers.js -----------------------------
+
+TOKENIZER_SCRIPT = r"""
+import fs from "node:fs";
+import path from "node:path";
+import { Tokenizer } from "@huggingface/tokenizers";
+import { AutoTokenizer, env } from "@huggingface/transformers";
+const [pageDir, exportDir, probesFile] = process.argv.slice(2);
+const read = (name) => JSON.parse(fs.readFileSync(path.join(pageDir, name), "utf8"));
+const page = new Tokenizer(read("tokenizer.json"), read("tokenizer_config.json"));
+env.allowRemoteModels = false;
+env.localModelPath = path.dirname(exportDir) + "/";
+const auto = await AutoTokenizer.from_pretrained(path.basename(exportDir));
+const result = JSON.parse(fs.readFileSync(probesFile, "utf8")).map((text) => {
+  const ids = page.encode(text, { add_special_tokens: false }).ids;
+  return {
+    page: ids,
+    page_text: ids.length ? page.decode(ids) : "",
+    auto: auto.encode(text, { add_special_tokens: false }),
+  };
+});
+console.log(JSON.stringify(result));
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["bpe", "char"])
+def test_js_tokenizers_give_our_ids(kind, tmp_path, tiny_tokenizer_path, tiny_char_tokenizer_path):
+    """The page's tokenizer (tokenizers.js on web's tokenizer.json) gives sentencepiece's ids on
+    every probe, and transformers.js's AutoTokenizer on the export's files on every probe but
+    literal special tokens: it ignores `split_special_tokens` and reads "<s>" as BOS."""
+    from test_hf_tokenizer import PROBES
+
+    from mlx_transformer.checkpoint.hf_tokenizer import write_hf_tokenizer_files
+    from mlx_transformer.tokenizer import Tokenizer
+
+    _need("@huggingface/tokenizers", "@huggingface/transformers")
+    path = tiny_tokenizer_path if kind == "bpe" else tiny_char_tokenizer_path
+    page, export = tmp_path / "page", tmp_path / "export"
+    page.mkdir(), export.mkdir()
+    for name, content in page_tokenizer_files(path, 64).items():
+        (page / name).write_bytes(content)
+    write_hf_tokenizer_files(path, export, model_max_length=64)
+    (tmp_path / "probes.json").write_text(json.dumps(PROBES))
+    got = node(TOKENIZER_SCRIPT, str(page), str(export), str(tmp_path / "probes.json"))
+    ours = Tokenizer.load(path)
+    specials = ("<s>", "</s>", "<unk>", "<pad>")
+    for text, js in zip(PROBES, got, strict=True):
+        want = ours.encode(text)
+        assert js["page"] == want, text
+        assert js["page_text"] == ours.decode(want), text
+        if not any(s in text for s in specials):
+            assert js["auto"] == want, text
+        else:
+            assert js["auto"] != want, f"transformers.js now splits special tokens: {text!r}"
+
+
+# -- what `web` refuses, in one line, touching nothing ---------------------------------------------
+
+
+def _tree(folder: Path) -> dict[str, str]:
+    if not folder.exists():
+        return {}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _refused(done: subprocess.CompletedProcess, says: str) -> None:
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mlx-transformer web: error: "), lines
+    assert says in lines[0], lines[0]
+
+
+@pytest.mark.slow
+def test_web_refuses_bad_input_in_one_line(tmp_path):
+    from export.exporter import export_onnx
+    from mlx_transformer.checkpoint.mlx_io import save_checkpoint
+
+    no_tokenizer = tmp_path / "no-tokenizer"
+    ckpt = save_checkpoint(tmp_path / "ckpt", random_model(tiny_config()))
+    export_onnx(ckpt, no_tokenizer, measure=False)
+    users = tmp_path / "users"
+    users.mkdir()
+    (users / "notes.txt").write_text("mine")
+    cases = [
+        ([str(tmp_path / "missing"), str(tmp_path / "out")], "io.json: not found"),
+        ([str(no_tokenizer), str(tmp_path / "out")], "no tokenizer.model"),
+        ([str(no_tokenizer), str(users)], "users"),
+        ([str(no_tokenizer), str(no_tokenizer)], "no-tokenizer"),
+    ]
+    for args, says in cases:
+        before = {p: _tree(p) for p in (tmp_path / "out", users, no_tokenizer)}
+        _refused(cli("web", *args, check=False), says)
+        assert {p: _tree(p) for p in before} == before
+        assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_web_offline_is_one_line(tmp_path, tiny_tokenizer_path):
+    """No npm cache and no registry: one line that says so; nothing is written."""
+    if shutil.which("npm") is None:
+        pytest.skip(f"npm is not installed; {INSTALL}")
+    onnx_dir = export_random(tmp_path, "gpt2", tiny_tokenizer_path)[1]
+    env = {
+        **os.environ,
+        "MLX_TRANSFORMER_WEB_HOME": str(tmp_path / "cache"),
+        "npm_config_registry": "http://127.0.0.1:9/",  # nothing listens: as offline
+        "npm_config_fetch_retries": "0",
+        "npm_config_cache": str(tmp_path / "npm-cache"),
+    }
+    out = tmp_path / "web"
+    done = subprocess.run(
+        [sys.executable, "-m", "mlx_transformer", "web", str(onnx_dir), str(out)],
+        capture_output=True, text=True, cwd=REPO, env=env,
+    )  # fmt: skip
+    _refused(done, "could not install onnxruntime-web@")
+    assert "offline" in done.stderr and not out.exists()
+
+
+def test_install_script_pins_the_pages_versions():
+    script = (REPO / "scripts/install_web_clients.sh").read_text()
+    for name, version in NPM_PACKAGES.items():
+        assert f"{name}@{version}" in script
