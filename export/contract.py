@@ -1,8 +1,10 @@
 """The export folder's contract: what `export` writes and `onnx-generate` and `verify` read.
 
 OUT/
-  model.onnx        the decoder graph; its inputs and outputs are `io_table`
-  model.onnx.data   the weights, only when they pass ~1.8 GB (a protobuf stops at 2 GB)
+  onnx/model.onnx   the decoder graph (`model_file`: model.onnx, model_fp16.onnx,
+                    model_quantized.onnx or model_q4.onnx by precision, the names
+                    transformers.js looks for); its inputs and outputs are `io_table`
+  onnx/model.onnx_data  the weights, only when they pass ~1.8 GB (a protobuf stops at 2 GB)
   mlx_transformer_config.json   the checkpoint's config.json, byte for byte
   tokenizer.model   the checkpoint's tokenizer, when it has one
   io.json           `io_json`: the IO table, model dims, special tokens, flavour, precision,
@@ -34,9 +36,29 @@ from mlx_transformer.errors import UserError
 
 # The checkpoint's own config.json; the export's config.json is Hugging Face's (`deploy`).
 MODEL_CONFIG_FILE = "mlx_transformer_config.json"
-MODEL_FILE = "model.onnx"
-EXTERNAL_DATA = "model.onnx.data"
+MODEL_FILE = "model.onnx"  # an fp32 graph; earlier exports kept it beside io.json
+EXTERNAL_DATA = "model.onnx.data"  # of earlier exports
 IO_FILE = "io.json"
+ONNX_FOLDER = "onnx"
+# The graph's file name per precision: transformers.js's dtype suffixes (q8 = its default).
+MODEL_FILES = {
+    "fp32": "model.onnx",
+    "fp16": "model_fp16.onnx",
+    "int8": "model_quantized.onnx",
+    "int4": "model_q4.onnx",
+}
+
+
+def model_file(precision: str) -> str:
+    """The graph's path in the folder for a precision, e.g. "onnx/model_fp16.onnx"."""
+    return f"{ONNX_FOLDER}/{MODEL_FILES[precision]}"
+
+
+def external_data(model: str) -> str:
+    """The external-data file name beside graph `model` (the `_data` suffix of optimum and
+    transformers.js)."""
+    return f"{Path(model).name}_data"
+
 
 FORMAT = "mlx-transformer-onnx"
 FORMAT_VERSION = 1
@@ -109,7 +131,7 @@ def io_json(
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "model": MODEL_FILE,
+        "model": model_file(precision),
         "flavour": flavour,
         "precision": precision,
         "dtype": "float32",  # of the float inputs and outputs, in every precision
@@ -168,7 +190,8 @@ def read_io(onnx_dir: str | Path) -> dict:
             what = "missing" if value is None else f"{value!r}, not a positive integer"
             raise broken(f"{key} is {what}")
     model = io.get("model", MODEL_FILE)
-    if not (isinstance(model, str) and Path(model).name == model and model not in ("", "..")):
+    inside = isinstance(model, str) and "\\" not in model and not Path(model).is_absolute()
+    if not (inside and all(part not in ("", ".", "..") for part in model.split("/"))):
         raise broken(f"model is {model!r}, not a file name in the folder")
     if not isinstance(io.get("flavour", ""), str):
         raise broken(f"flavour is {io['flavour']!r}, not a string")

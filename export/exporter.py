@@ -23,8 +23,11 @@ from .contract import (
     IO_FILE,
     MODEL_CONFIG_FILE,
     MODEL_FILE,
+    ONNX_FOLDER,
     TOKENIZER_FILE,
+    external_data,
     io_json,
+    model_file,
 )
 from .deploy import GENAI_CONFIG_FILE, HF_CONFIG_FILE, genai_config, hf_config, hf_family
 from .graph import OPSET
@@ -39,6 +42,7 @@ ONNX_EXPORT = atomic.FolderKind(
     "ONNX export",
     entries=(
         IO_FILE,
+        ONNX_FOLDER,
         MODEL_FILE,
         EXTERNAL_DATA,
         CONFIG_FILE,
@@ -56,7 +60,7 @@ ONNX_EXPORT = atomic.FolderKind(
 
 
 def save(model: onnx.ModelProto, path: Path, external: bool) -> None:
-    """Write model.onnx; external data in one file beside it (small tensors stay inline).
+    """Write the graph; external data in one file beside it (small tensors stay inline).
 
     Saving with external data rewrites `model` in place, so this is the last use of it.
     """
@@ -66,7 +70,7 @@ def save(model: onnx.ModelProto, path: Path, external: bool) -> None:
             path,
             save_as_external_data=True,
             all_tensors_to_one_file=True,
-            location=EXTERNAL_DATA,
+            location=external_data(path.name),
             size_threshold=1024,  # 0 would also move int64 shape constants: ORT then fails
         )
     else:
@@ -139,7 +143,8 @@ def export_onnx(
         precision: "fp32", "fp16", "int8" or "int4".
         eval_text / eval_tokens: what to measure lower precisions on (default: see io.json).
         measure: measure lower precisions against fp32 (adds a few seconds).
-        external_data_threshold: weights above this many bytes go to model.onnx.data.
+        external_data_threshold: weights above this many bytes go to external data
+            (onnx/model.onnx_data beside onnx/model.onnx).
         overwrite: replace an earlier ONNX export at `out` (nothing else is ever replaced).
     Returns:
         The io.json contents, with "size_bytes" and, below fp32, "precision_report".
@@ -169,17 +174,18 @@ def export_onnx(
     def fill(tmp: Path) -> None:
         model = build_model(config, weights, flavour, head_copy=precision in ("int8", "int4"))
         external = weight_bytes(model) > external_data_threshold
-        target = tmp / MODEL_FILE
+        target = tmp / info["model"]
+        target.parent.mkdir()
         if precision == "fp32":
             save(model, target, external)
         else:
-            scratch = tmp / ".fp32"
-            scratch.mkdir()
-            save(model, scratch / MODEL_FILE, external)
+            scratch, fp32 = tmp / ".fp32", model_file("fp32")
+            (scratch / fp32).parent.mkdir(parents=True)
+            save(model, scratch / fp32, external)
             if precision == "int8":
-                to_int8(scratch / MODEL_FILE, target, external)
+                to_int8(scratch / fp32, target, external)
             else:
-                model = onnx.load(scratch / MODEL_FILE)
+                model = onnx.load(scratch / fp32)
                 lowered = to_fp16(model) if precision == "fp16" else to_int4(model)
                 save(lowered, target, external)
             if measure:
@@ -188,12 +194,12 @@ def export_onnx(
                     if eval_tokens is not None
                     else eval_tokens_for(ckpt, config, eval_text)
                 )
-                report = compare(scratch, tmp, info, tokens)
+                report = compare(scratch, tmp, info, tokens, reference_model=fp32)
                 info["precision_report"] = {"eval_source": source, **report}
-                info["precision_report"]["size_bytes_fp32"] = _folder_bytes(scratch)
+                info["precision_report"]["size_bytes_fp32"] = _graph_bytes(scratch)
             shutil.rmtree(scratch)
-        info["external_data"] = (tmp / EXTERNAL_DATA).exists()
-        info["size_bytes"] = _folder_bytes(tmp, (MODEL_FILE, EXTERNAL_DATA))
+        info["external_data"] = len(list(target.parent.iterdir())) > 1
+        info["size_bytes"] = _graph_bytes(tmp)
         shutil.copyfile(ckpt / CONFIG_FILE, tmp / MODEL_CONFIG_FILE)
         if (ckpt / TOKENIZER_FILE).is_file():
             shutil.copyfile(ckpt / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
@@ -217,8 +223,9 @@ def write_json(path: Path, content: dict) -> None:
     path.write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def _folder_bytes(folder: Path, names: tuple[str, ...] = (MODEL_FILE, EXTERNAL_DATA)) -> int:
-    return sum((folder / n).stat().st_size for n in names if (folder / n).exists())
+def _graph_bytes(folder: Path) -> int:
+    """The bytes of the graph and its external data (the onnx/ subfolder)."""
+    return sum(f.stat().st_size for f in (folder / ONNX_FOLDER).iterdir())
 
 
 # -- CLI ------------------------------------------------------------------------------------------

@@ -148,20 +148,27 @@ def eval_windows(tokens: np.ndarray, context: int, windows: int = 4) -> np.ndarr
 
 
 def compare(
-    reference: Path, candidate: Path, io: dict, tokens: np.ndarray, greedy_n: int = 32
+    reference: Path,
+    candidate: Path,
+    io: dict,
+    tokens: np.ndarray,
+    greedy_n: int = 32,
+    reference_model: str | None = None,
 ) -> dict:
     """Errors of the candidate graph against the reference (fp32) graph, on the CPU EP.
 
     Args:
-        reference, candidate: folders holding a model.onnx each (no io.json needed).
-        io: the io.json contents that both graphs share.
+        reference, candidate: export folders (no io.json needed).
+        io: the io.json contents that both graphs share; its "model" is the candidate's path
+            in its folder, `reference_model` the reference's (default: the same).
         tokens: evaluation token ids (1-D); cut into windows (`eval_windows`).
     Returns:
         max_abs_logit_error, logit_error, argmax_agreement (next-token, teacher-forced),
         greedy_match (identical greedy tokens before the first difference, of greedy_n),
         perplexities.
     """
-    ref_gen, cand_gen = OnnxGenerator(reference, io=io), OnnxGenerator(candidate, io=io)
+    ref_io = {**io, "model": reference_model or io["model"]}
+    ref_gen, cand_gen = OnnxGenerator(reference, io=ref_io), OnnxGenerator(candidate, io=io)
     ids = eval_windows(tokens, io["context_length"])
     ref = ref_gen.model(ids, np.ones_like(ids))[0]
     cand = cand_gen.model(ids, np.ones_like(ids))[0]

@@ -282,7 +282,8 @@ def run_provider(checks: Checks, name: str, ckpt_model, onnx_dir: Path, budget, 
         try:
             quiet = providers.session_options()
             quiet.log_severity_level = 4  # the failure is reported in the table, not logged
-            providers.create_session(onnx_dir / MODEL_FILE, name, options=quiet, strict=True)
+            graph = onnx_dir / onnx_model.io.get("model", MODEL_FILE)
+            providers.create_session(graph, name, options=quiet, strict=True)
         except Exception as e:
             strict_error = str(e).splitlines()[0][:200]
     fallback = name != "CPUExecutionProvider" and placement.status == "none"

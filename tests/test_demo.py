@@ -53,7 +53,7 @@ def test_demo_runs_the_whole_journey(tmp_path):
         "inspect/logit_lens.png",
         "inspect/ablation.png",
         "onnx-ort/verify.md",
-        "onnx-portable/model.onnx",
+        "onnx-portable/onnx/model.onnx",
     ):
         assert (out / name).stat().st_size > 0, name
     assert "identical text" in (out / "report.md").read_text()

@@ -14,7 +14,7 @@ from test_model import CONFIGS, random_model, tiny_config
 import reference
 from export import export_onnx
 from export.builder import build_model
-from export.contract import EXTERNAL_DATA, IO_FILE, LOGITS, MODEL_FILE, feeds, io_table
+from export.contract import IO_FILE, LOGITS, external_data, feeds, io_table, model_file
 from export.session import OnnxModel, left_pad, positions_from_mask
 from export.weights import read_checkpoint
 from mlx_transformer.checkpoint.format import CheckpointError
@@ -122,7 +122,7 @@ def test_reference_evaluator_agrees(name, tmp_path_factory):
     model, ckpt, onnx_model = exported(name, "portable", tmp_path_factory)
     ids, mask = left_padded(np.random.default_rng(4), [7, 4], model.config.vocab_size)
     inputs = feeds(ids, mask, positions_from_mask(mask, 7), onnx_model.empty_past(2))
-    evaluator = ReferenceEvaluator(str(onnx_model.dir / MODEL_FILE))
+    evaluator = ReferenceEvaluator(str(onnx_model.dir / onnx_model.io["model"]))
     logits = evaluator.run([LOGITS], inputs)[0]
     expected, _ = reference.forward(model.config, read_checkpoint(ckpt)[1].arrays, ids, mask)
     assert_logits_close(logits, expected, mask.astype(bool))
@@ -131,7 +131,7 @@ def test_reference_evaluator_agrees(name, tmp_path_factory):
 @pytest.mark.parametrize("flavour", FLAVOURS)
 def test_graph_is_valid_and_io_is_declared(flavour, tmp_path_factory):
     model, _, onnx_model = exported("llama-gqa", flavour, tmp_path_factory)
-    proto = onnx.load(onnx_model.dir / MODEL_FILE)
+    proto = onnx.load(onnx_model.dir / onnx_model.io["model"])
     onnx.checker.check_model(proto, full_check=True)
     if flavour == "portable":  # onnx cannot infer com.microsoft ops
         onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
@@ -192,7 +192,8 @@ def test_external_data_and_atomic_replacement(tmp_path, tmp_path_factory, monkey
     model, ckpt, onnx_model = exported("llama-gqa", "ort", tmp_path_factory)
     out = tmp_path / "onnx"
     info = export_onnx(ckpt, out, flavour="ort", external_data_threshold=0)
-    assert info["external_data"] and (out / EXTERNAL_DATA).is_file()
+    assert info["external_data"] and (out / "onnx" / external_data(info["model"])).is_file()
+    assert info["model"] == model_file("fp32") == "onnx/model.onnx"
     ids, mask = left_padded(np.random.default_rng(5), [6, 3], model.config.vocab_size)
     np.testing.assert_array_equal(OnnxModel(out)(ids, mask)[0], onnx_model(ids, mask)[0])
     # A failure while writing leaves the previous export untouched.

@@ -18,7 +18,7 @@ from onnx import TensorProto, helper
 from test_model import CONFIGS, random_model, tiny_config
 
 from export import export_onnx
-from export.contract import MODEL_FILE
+from export.contract import model_file
 from export.dequantize import stored_weights
 from export.weights import read_checkpoint
 from mlx_transformer.checkpoint.mlx_io import save_checkpoint
@@ -92,12 +92,12 @@ def test_verify_passes_and_writes_reports(ckpt, flavour, tmp_path):
 def test_verify_catches_a_wrong_weight(ckpt, tmp_path, capsys):
     out = tmp_path / "onnx"
     export_onnx(ckpt, out)
-    proto = onnx.load(out / MODEL_FILE)
+    proto = onnx.load(out / model_file("fp32"))
     for t in proto.graph.initializer:
         if t.name == "layers.1.mlp.down_proj.weight.T":
             value = onnx.numpy_helper.to_array(t) * np.float32(1.01)
             t.CopyFrom(onnx.numpy_helper.from_array(value, t.name))
-    onnx.save(proto, out / MODEL_FILE)
+    onnx.save(proto, out / model_file("fp32"))
     assert main(["verify", str(ckpt), str(out), "--tokens", "8"]) == 1
     failed = {
         r["check"]
@@ -167,7 +167,7 @@ def through_onnxruntime(model: onnx.ModelProto, node: onnx.NodeProto) -> np.ndar
 
 @pytest.mark.parametrize("precision", ["int8", "int4"])
 def test_dequantized_weights_are_what_onnxruntime_multiplies_by(precision, exports):
-    model = onnx.load(exports[precision] / MODEL_FILE)
+    model = onnx.load(exports[precision] / model_file(precision))
     stored = dict(stored_weights(model))
     nodes = [n for n in model.graph.node if n.op_type in ("MatMulInteger", "MatMulNBits")]
     assert len(nodes) == 13  # 6 per layer and the LM head
