@@ -485,8 +485,9 @@ def _readme(config: ModelConfig, hf: dict, mlx_lm_limits: list[str], has_tokeniz
         lines += [
             "The tokenizer files give the same ids as the sentencepiece model in tokenizer.model,",
             "which mlx-transformer uses: no bos/eos is added, spaces and newlines are kept as",
-            "they are. With the `tokenizers` library alone, set",
-            "`tokenizer.encode_special_tokens = True` to encode a literal `<s>` in text as text.",
+            "they are. A literal `<s>`, `</s>`, `<unk>` or `<pad>` in text is text to it;",
+            "transformers agrees (`split_special_tokens`), the `tokenizers` library does with",
+            "`tokenizer.encode_special_tokens = True`, transformers.js reads it as the token.",
         ]
     else:
         lines += ["No tokenizer was given, so this folder has no tokenizer files."]
