@@ -5,6 +5,9 @@ OUT/logit_lens.png logit_lens.json  P(actual next token) by layer x position; to
 OUT/ablation.png   ablation.json    loss increase when each head / MLP is knocked out
 OUT/heads.json                      previous-token, first-token and induction scores per head
 
+`--trace` instead traces one answer (causal tracing, direct logit attribution, head patching):
+see `trace_report`.
+
 Texts start with EOS, the token every document starts after in training (`prepare` joins documents
 with EOS and never writes BOS), so position 0 is one the model has seen in that place.
 """
@@ -256,6 +259,20 @@ def add_arguments(parser) -> None:
     parser.add_argument("--ablate", help="one component only: LAYER.HEAD or mlp.LAYER")
     parser.add_argument("--ablation-mode", choices=["zero", "mean"], default="zero")
     parser.add_argument("--top-k", type=int, default=5)
+    trace = parser.add_argument_group(
+        "causal tracing (--trace): where the model carries what it needs to say --answer"
+    )
+    trace.add_argument("--trace", action="store_true", help="trace --answer instead (see below)")
+    trace.add_argument("--answer", help="the text the model says after the prompt")
+    trace.add_argument("--subject", help="part of the prompt to corrupt with noise")
+    trace.add_argument("--corrupt", help="or: a counterfactual prompt of as many tokens")
+    trace.add_argument("--samples", type=int, default=10, help="noise samples (default 10)")
+    trace.add_argument("--noise", type=float, default=3.0, help="x the embedding std (default 3)")
+    trace.add_argument("--window", type=int, help="MLP layers restored together (default 3)")
+    trace.add_argument("--seed", type=int, default=0, help="of the noise")
+    trace.add_argument(
+        "--overwrite", action="store_true", help="replace a folder an earlier --trace wrote"
+    )
 
 
 def run(args) -> int:
@@ -263,6 +280,12 @@ def run(args) -> int:
     from ..checkpoint.mlx_io import load_checkpoint
     from ..tokenizer import Tokenizer
 
+    trace_only = {"--answer": args.answer, "--subject": args.subject, "--corrupt": args.corrupt}
+    if args.trace:
+        return run_trace(args)
+    stray = [flag for flag, value in trace_only.items() if value is not None]
+    if stray:
+        raise UserError(f"{stray[0]} is for causal tracing; add --trace")
     check_top_k(args.top_k)  # the settings first, before anything is loaded
     check_out(Path(args.out))
     text = None
@@ -277,4 +300,27 @@ def run(args) -> int:
     inspect_model(
         model, tokenizer, args.prompt, args.out, text, args.ablate, args.ablation_mode, args.top_k
     )
+    return 0
+
+
+def run_trace(args) -> int:
+    from .. import atomic
+    from ..checkpoint.format import TOKENIZER_FILE
+    from ..checkpoint.mlx_io import load_checkpoint
+    from ..tokenizer import Tokenizer
+    from .trace_report import TRACE, check_settings, trace_model
+
+    if args.answer is None:
+        raise UserError("--trace needs --answer: the text the model should say after the prompt")
+    if args.text or args.ablate:
+        raise UserError("--text and --ablate are for the default inspect; drop them with --trace")
+    check_settings(args.subject, args.corrupt, args.samples, args.noise, args.window)
+    atomic.check_output(args.out, TRACE, overwrite=args.overwrite, inputs=[args.model])
+    model = load_checkpoint(args.model)
+    tokenizer = Tokenizer.load(Path(args.model) / TOKENIZER_FILE)
+    tokenizer.check_fits(model.config.vocab_size)
+    trace_model(
+        model, tokenizer, args.prompt, args.answer, args.out, args.subject, args.corrupt,
+        args.samples, args.noise, args.window, args.seed, args.overwrite, inputs=[args.model],
+    )  # fmt: skip
     return 0
