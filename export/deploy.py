@@ -23,12 +23,17 @@ to greedy up to the context length.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from mlx_transformer.config import ModelConfig
 
 from .contract import ATTENTION_MASK, INPUT_IDS, LOGITS, PAST, POSITION_IDS, PRESENT
 
 HF_CONFIG_FILE = "config.json"  # the Hugging Face one; ours is contract.MODEL_CONFIG_FILE
 GENAI_CONFIG_FILE = "genai_config.json"
+README_FILE = "README.md"
+# transformers.js's `dtype` option for each precision's file name (contract.MODEL_FILES).
+TRANSFORMERS_JS_DTYPES = {"fp32": "fp32", "fp16": "fp16", "int8": "q8", "int4": "q4"}
 
 _HF_ACT = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu", "swiglu": "silu"}
 
@@ -174,3 +179,79 @@ def genai_config(config: ModelConfig, model_file: str, special_tokens: dict | No
             "past_present_share_buffer": False,
         },
     }
+
+
+def readme(config: ModelConfig, io: dict) -> str:
+    """The folder's README.md: what each file is for and one way to load it per runtime."""
+    family, exact = hf_family(config)
+    model, precision = io["model"], io["precision"]
+    dtype = TRANSFORMERS_JS_DTYPES[precision]
+    rows = [
+        (model, f"every runtime (transformers.js's file for dtype {dtype!r})"),
+        ("io.json, mlx_transformer_config.json, tokenizer.model", "onnx-generate, verify"),
+        ("config.json", "optimum, transformers.js"),
+        ("genai_config.json", "onnxruntime-genai"),
+        (
+            "tokenizer.json, tokenizer_config.json, special_tokens_map.json, "
+            "generation_config.json",
+            "transformers, transformers.js, onnxruntime-genai",
+        ),
+    ]
+    table = "\n".join(f"| {files} | {who} |" for files, who in rows)
+    tokenizer = io.get("deploy", {}).get("tokenizer.json", "-")
+    describes = (
+        f"`config.json` is a Hugging Face **{family}** config and describes this model."
+        if exact
+        else f"No Hugging Face family describes this model ({describe(config)}): "
+        f"`config.json` is a **{family}** config that describes the ONNX graph's interface "
+        "only (its inputs and outputs, KV-cache dims, context, token ids). Runtimes that run "
+        "the graph (onnxruntime-genai, optimum, transformers.js) are exact with it; do not "
+        "build a PyTorch model from it."
+    )
+    return f"""# ONNX export ({io["flavour"]} flavour, {precision})
+
+Written by `mlx-transformer export`. {describes}
+
+| file | read by |
+| --- | --- |
+{table}
+
+Inputs: `input_ids`, `attention_mask`, `position_ids`, `past_key_values.{{i}}.key/value`;
+outputs: `logits`, `present.{{i}}.key/value` (float32, Hugging Face layout).
+Tokenizer files: {tokenizer}.
+
+```sh
+mlx-transformer onnx-generate THIS_FOLDER --prompt "Hello" --max-tokens 50
+```
+
+```python
+import onnxruntime_genai as og  # pip install onnxruntime-genai
+
+model = og.Model("THIS_FOLDER")
+tokenizer = og.Tokenizer(model)
+params = og.GeneratorParams(model)
+params.set_search_options(max_length=64)  # greedy by default
+generator = og.Generator(model, params)
+generator.append_tokens(tokenizer.encode("Hello"))
+while not generator.is_done():
+    generator.generate_next_token()
+print(tokenizer.decode(generator.get_sequence(0)))
+```
+
+```python
+# optimum-onnx 0.1.0 needs transformers < 4.58: not run by our tests, which use 5.x
+from optimum.onnxruntime import ORTModelForCausalLM
+
+model = ORTModelForCausalLM.from_pretrained("THIS_FOLDER", subfolder="onnx",
+                                            file_name="{Path(model).name}")
+```
+
+```js
+import {{ pipeline }} from "@huggingface/transformers";
+const generate = await pipeline("text-generation", "THIS_FOLDER", {{ dtype: "{dtype}" }});
+```
+"""
+
+
+def describe(c: ModelConfig) -> str:
+    return f"{c.norm_position}-norm {c.norm_type}, {c.position_encoding} positions, {c.hidden_act}"

@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 
 from mlx_transformer import atomic
+from mlx_transformer.checkpoint.hf_tokenizer import HF_TOKENIZER_FILES, hf_tokenizer_files
 from mlx_transformer.config import ModelConfig
 from mlx_transformer.errors import UserError
 
@@ -29,7 +30,15 @@ from .contract import (
     io_json,
     model_file,
 )
-from .deploy import GENAI_CONFIG_FILE, HF_CONFIG_FILE, genai_config, hf_config, hf_family
+from .deploy import (
+    GENAI_CONFIG_FILE,
+    HF_CONFIG_FILE,
+    README_FILE,
+    genai_config,
+    hf_config,
+    hf_family,
+    readme,
+)
 from .graph import OPSET
 from .quantize import PRECISIONS, compare, to_fp16, to_int4, to_int8
 from .weights import read_checkpoint
@@ -49,12 +58,10 @@ ONNX_EXPORT = atomic.FolderKind(
         MODEL_CONFIG_FILE,
         TOKENIZER_FILE,
         GENAI_CONFIG_FILE,
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "special_tokens_map.json",
-        "generation_config.json",
+        *HF_TOKENIZER_FILES,
+        README_FILE,
         "verify.*",
-    ),  # fmt: skip
+    ),
     legacy=(IO_FILE, lambda io: io.get("format") == FORMAT),
 )
 
@@ -112,6 +119,22 @@ def check_flavour(config: ModelConfig, flavour: str) -> None:
             f"--flavour ort needs a head size that is a multiple of 8 (onnxruntime's "
             f"GroupQueryAttention); this model's is {config.head_dim}: use --flavour portable"
         )
+
+
+def write_tokenizer_files(ckpt: Path, out: Path, config: ModelConfig) -> str:
+    """tokenizer.json, tokenizer_config.json, special_tokens_map.json, generation_config.json
+    from the checkpoint's sentencepiece model, for the clients that read those (transformers,
+    transformers.js, onnxruntime-genai's tokenizer). Returns what io.json says about them: a
+    model those files cannot reproduce id for id (e.g. unigram) gets none, and the reason."""
+    if not (ckpt / TOKENIZER_FILE).is_file():
+        return "not written: the checkpoint has no tokenizer.model"
+    try:
+        files = hf_tokenizer_files(ckpt / TOKENIZER_FILE, config.max_position_embeddings)
+    except UserError as e:
+        return f"not written: {e}"
+    for name, content in files.items():
+        write_json(out / name, content)
+    return "written (ids equal tokenizer.model's)"
 
 
 def special_tokens(ckpt: Path) -> dict | None:
@@ -212,8 +235,10 @@ def export_onnx(
             + ("" if exact else " (describes the graph's interface only: no Hugging Face "
                "family describes this model)"),
             "genai_config.json": "onnxruntime-genai, type llama",
+            "tokenizer.json": write_tokenizer_files(ckpt, tmp, config),
         }  # fmt: skip
         write_json(tmp / IO_FILE, info)
+        (tmp / README_FILE).write_text(readme(config, info), encoding="utf-8")
 
     atomic.write_folder(out, fill, ONNX_EXPORT, overwrite=overwrite, inputs=inputs)
     return info
