@@ -49,8 +49,9 @@ WEB_PAGE = atomic.FolderKind(
         WEB_CONFIG,
         "ort",
         TOKENIZERS_FILE,
-        MODEL_FILE,
+        "model.onnx*",  # the graph and its external data
         "*.data",
+        "*_data",
         *HF_FILES,
     ),
 )
@@ -366,55 +367,70 @@ function decode(model, ids) {
 
 const int64 = (values, dims) => new ort.Tensor("int64", BigInt64Array.from(values, BigInt), dims);
 
+function emptyCache(config) {
+  const past = {};
+  const shape = [1, config.num_key_value_heads, 0, config.head_dim];
+  for (let i = 0; i < config.num_hidden_layers; i++) {
+    for (const part of ["key", "value"]) {
+      past[`past_key_values.${i}.${part}`] = new ort.Tensor("float32", new Float32Array(0), shape);
+    }
+  }
+  return past;
+}
+
+function dispose(tensors) {
+  for (const tensor of Object.values(tensors)) tensor.dispose?.();
+}
+
+// One step: `input` (ids) after `total` cached positions. Returns the last position's logits
+// and the new cache; the old cache is released.
+async function forward(model, input, total, past) {
+  const n = total + input.length;
+  const out = await model.session.run({
+    input_ids: int64(input, [1, input.length]),
+    attention_mask: int64(new Array(n).fill(1), [1, n]),
+    position_ids: int64(input.map((_, j) => total + j), [1, input.length]),
+    ...past,
+  });
+  dispose(past);
+  const V = out.logits.dims[2];
+  const logits = out.logits.data.slice((input.length - 1) * V, input.length * V);
+  out.logits.dispose?.();
+  const present = {};
+  for (let i = 0; i < model.config.num_hidden_layers; i++) {
+    present[`past_key_values.${i}.key`] = out[`present.${i}.key`];
+    present[`past_key_values.${i}.value`] = out[`present.${i}.value`];
+  }
+  return { logits, past: present };
+}
+
+function promptIds(model, prompt) {
+  const ids = model.tokenizer.encode(prompt, { add_special_tokens: false }).ids;
+  return ids.length ? ids : [model.config.eos];  // an empty prompt starts a new document
+}
+
 // Generate from `prompt` (text) or `ids`; onText(segment) gets the text as it becomes final.
 // Returns { ids, tokens, text, finishReason }. Stops at EOS, maxTokens, the context, or stop().
 async function generate(model, {
   prompt = "", ids = null, maxTokens = 100, temp = 0, topK = 0, topP = 1, seed = null,
   onText = () => {}, stopped = () => false,
 }) {
-  const { config, tokenizer, session } = model;
-  if (ids === null) {
-    ids = tokenizer.encode(prompt, { add_special_tokens: false }).ids;
-    if (ids.length === 0) ids = [config.eos];  // an empty prompt starts a new document
-  }
-  ids = ids.map(Number);
-  const context = config.context_length;
+  ids = (ids ?? promptIds(model, prompt)).map(Number);
+  const context = model.config.context_length;
   if (ids.length >= context) {
     throw new Error(`the prompt has ${ids.length} tokens; the context holds ${context}`);
   }
   const steps = Math.min(maxTokens, context - ids.length);
   const random = randomSource(seed);
-  const K = config.num_key_value_heads, D = config.head_dim;
-  let past = {};
-  for (let i = 0; i < config.num_hidden_layers; i++) {
-    for (const part of ["key", "value"]) {
-      const empty = new ort.Tensor("float32", new Float32Array(0), [1, K, 0, D]);
-      past[`past_key_values.${i}.${part}`] = empty;
-    }
-  }
   const tokens = [];
-  let text = "", finishReason = "length", input = ids, total = 0;
+  let text = "", finishReason = "length", input = ids, total = 0, past = emptyCache(model.config);
   for (let step = 0; step < steps; step++) {
     if (stopped()) { finishReason = "stopped"; break; }
-    const feeds = {
-      input_ids: int64(input, [1, input.length]),
-      attention_mask: int64(new Array(total + input.length).fill(1), [1, total + input.length]),
-      position_ids: int64(input.map((_, j) => total + j), [1, input.length]),
-      ...past,
-    };
-    const out = await session.run(feeds);
+    let logits;
+    ({ logits, past } = await forward(model, input, total, past));
     total += input.length;
-    const V = out.logits.dims[2];
-    const logits = out.logits.data.subarray((input.length - 1) * V, input.length * V);
     const token = sample(logits, { temp, topK, topP }, random);
-    for (const tensor of Object.values(past)) tensor.dispose?.();
-    out.logits.dispose?.();
-    past = {};
-    for (let i = 0; i < config.num_hidden_layers; i++) {
-      past[`past_key_values.${i}.key`] = out[`present.${i}.key`];
-      past[`past_key_values.${i}.value`] = out[`present.${i}.value`];
-    }
-    if (token === config.eos) { finishReason = "eos"; break; }
+    if (token === model.config.eos) { finishReason = "eos"; break; }
     tokens.push(token);
     input = [token];
     // Decode everything so far; a trailing U+FFFD may be an unfinished UTF-8 sequence: held back.
@@ -427,10 +443,18 @@ async function generate(model, {
     await new Promise((resolve) => setTimeout(resolve, 0));  // let the page draw
   }
   if (finishReason === "length" && steps < maxTokens) finishReason = "context";
-  for (const tensor of Object.values(past)) tensor.dispose?.();
+  dispose(past);
   const full = decode(model, tokens);
   if (full.length > text.length && full.startsWith(text)) onText(full.slice(text.length));
   return { ids, tokens, text: full, finishReason };
+}
+
+// The logits after `prompt` (or `ids`), for checking the page against other runtimes.
+async function lastLogits(model, { prompt = "", ids = null }) {
+  const { logits, past } = await forward(model, ids ?? promptIds(model, prompt), 0,
+                                         emptyCache(model.config));
+  dispose(past);
+  return Array.from(logits);
 }
 
 // -- the page ----------------------------------------------------------------------------------
@@ -439,6 +463,7 @@ const ready = load();
 window.mlxTransformer = {  // for scripts and tests: await ready, then generate(options)
   ready: ready.then((m) => ({ provider: m.provider, precision: m.config.precision })),
   generate: async (options) => generate(await ready, options),
+  logits: async (options) => lastLogits(await ready, options),
 };
 
 ready.then((model) => {

@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from test_model import CONFIGS, random_model, tiny_config
 
@@ -92,11 +93,12 @@ def exported(request, tmp_path_factory, tiny_tokenizer_path):
 
 PAGE_SCRIPT = r"""
 import puppeteer from "puppeteer-core";
-const [url, userDataDir, requests] = process.argv.slice(2);
+const [url, userDataDir, requests, gpuFlags] = process.argv.slice(2);
 const browser = await puppeteer.launch({
   executablePath: process.env.CHROMIUM, userDataDir, headless: true,
-  args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--no-first-run", "--disable-sync"],
+  args: ["--headless", "--no-sandbox", "--disable-background-networking",
+         "--disable-component-update", "--no-first-run", "--disable-sync",
+         ...JSON.parse(gpuFlags)],
 });
 try {
   const page = await browser.newPage();
@@ -108,7 +110,10 @@ try {
   const results = await page.evaluate(async (requests) => {
     const ready = await window.mlxTransformer.ready;
     const results = [];
-    for (const request of requests) results.push(await window.mlxTransformer.generate(request));
+    for (const { logits, ...request } of requests) {
+      const run = logits ? window.mlxTransformer.logits : window.mlxTransformer.generate;
+      results.push(await run(request));
+    }
     return { ...ready, results, status: document.getElementById("status").textContent };
   }, JSON.parse(requests));
   console.log(JSON.stringify({ ...results, errors }));
@@ -132,8 +137,11 @@ def _serve(folder: Path) -> tuple[subprocess.Popen, str]:
     return server, f"http://127.0.0.1:{port.group(1)}/"
 
 
-def run_page(folder: Path, tmp_path: Path, requests: list[dict]) -> dict:
-    """Open the page in headless Chromium; run `requests` through its generate()."""
+def run_page(
+    folder: Path, tmp_path: Path, requests: list[dict], query: str = "", gpu=("--disable-gpu",)
+) -> dict:
+    """Open the page (index.html`query`) in headless Chromium, with `gpu` flags; run each of
+    `requests` through its generate(), or its logits() where the request says `logits`."""
     if CHROMIUM is None:
         pytest.skip(f"chromium is not installed; {INSTALL}")
     _need("puppeteer-core")
@@ -141,7 +149,7 @@ def run_page(folder: Path, tmp_path: Path, requests: list[dict]) -> dict:
     try:
         os.environ["CHROMIUM"] = CHROMIUM
         profile = tmp_path / "chromium-profile"
-        return node(PAGE_SCRIPT, url, str(profile), json.dumps(requests))
+        return node(PAGE_SCRIPT, url + query, str(profile), json.dumps(requests), json.dumps(gpu))
     finally:
         server.terminate()
         server.wait()
@@ -149,8 +157,8 @@ def run_page(folder: Path, tmp_path: Path, requests: list[dict]) -> dict:
 
 @pytest.mark.slow
 def test_web_page_greedy_matches_generate(exported, tmp_path):
-    """The page in Chromium (WASM) gives `generate --temp 0`'s text and the ONNX runtime's ids;
-    sampling with a seed repeats, top-k 1 is greedy, no tokens is no text."""
+    """The page in Chromium (WASM) gives `generate --temp 0`'s text, the ONNX runtime's ids and
+    logits; sampling with a seed repeats, top-k 1 is greedy, no tokens is no text."""
     from export.runtime import OnnxGenerator
 
     ckpt, onnx_dir, want = exported
@@ -160,11 +168,12 @@ def test_web_page_greedy_matches_generate(exported, tmp_path):
         assert (web / name).is_file(), name
     greedy = dict(prompt=PROMPT, maxTokens=MAX_TOKENS, temp=0)
     sampled = dict(prompt=PROMPT, maxTokens=MAX_TOKENS, temp=1.0, topK=20, seed=7)
-    requests = [greedy, sampled, sampled, {**sampled, "topK": 1}, {**greedy, "maxTokens": 0}]
+    last = dict(prompt=PROMPT, logits=True)
+    requests = [greedy, sampled, sampled, {**sampled, "topK": 1}, {**greedy, "maxTokens": 0}, last]
     got = run_page(web, tmp_path, requests)
     assert got["errors"] == []
     assert got["provider"] == "wasm"  # --disable-gpu: no adapter
-    page, first, again, top1, none = got["results"]
+    page, first, again, top1, none, logits = got["results"]
     assert len(page["tokens"]) == MAX_TOKENS and page["finishReason"] == "length"
     assert page["text"] == want
     ids = OnnxGenerator(onnx_dir).generate(PROMPT, MAX_TOKENS, stop_at_eos=False)[0].tokens
@@ -172,6 +181,34 @@ def test_web_page_greedy_matches_generate(exported, tmp_path):
     assert first["tokens"] == again["tokens"] != page["tokens"]
     assert top1["tokens"] == page["tokens"]
     assert (none["tokens"], none["text"]) == ([], "")
+    np.testing.assert_allclose(logits, _onnx_logits(onnx_dir), atol=1e-5, rtol=1e-5)
+
+
+def _onnx_logits(onnx_dir: Path) -> np.ndarray:
+    """The last logits after PROMPT on onnxruntime's CPU provider."""
+    from export.runtime import OnnxGenerator
+
+    gen = OnnxGenerator(onnx_dir)
+    ids = gen.encode(PROMPT)
+    return gen.model(np.array([ids]), np.ones((1, len(ids)), np.int64))[0][0, -1]
+
+
+@pytest.mark.slow
+def test_web_page_on_webgpu(exported, tmp_path):
+    """The page on Chromium's software WebGPU adapter (SwiftShader): greedy text and logits."""
+    ckpt, onnx_dir, want = exported
+    web = tmp_path / "web"
+    cli("web", str(onnx_dir), str(web))
+    requests = [dict(prompt=PROMPT, maxTokens=MAX_TOKENS, temp=0), dict(prompt=PROMPT, logits=True)]
+    got = run_page(web, tmp_path, requests, "?ep=webgpu", gpu=("--enable-unsafe-webgpu",))
+    if any("no WebGPU adapter" in e for e in got["errors"]):
+        pytest.skip("this Chromium gives no WebGPU adapter")
+    assert got["errors"] == [] and got["provider"] == "webgpu"
+    page, logits = got["results"]
+    error = np.abs(np.array(logits) - _onnx_logits(onnx_dir)).max()
+    print(f"webgpu: max |logit error| {error:.2e}")
+    assert page["text"] == want
+    assert error < 1e-3
 
 
 # -- Node: tokenizers.js (the page's tokenizer) and transformers.js -----------------------------
@@ -302,3 +339,47 @@ def test_install_script_pins_the_pages_versions():
     script = (REPO / "scripts/install_web_clients.sh").read_text()
     for name, version in NPM_PACKAGES.items():
         assert f"{name}@{version}" in script
+
+
+# -- transformers.js in Node, on the export folder as written ------------------------------------
+
+TRANSFORMERS_JS_SCRIPT = r"""
+import path from "node:path";
+import { AutoModelForCausalLM, AutoTokenizer, env } from "@huggingface/transformers";
+const [dir, prompt, maxTokens] = process.argv.slice(2);
+env.allowRemoteModels = false;
+env.localModelPath = path.dirname(dir) + "/";
+const id = path.basename(dir);
+const tokenizer = await AutoTokenizer.from_pretrained(id);
+const model = await AutoModelForCausalLM.from_pretrained(id, { dtype: "fp32" });
+const inputs = tokenizer(prompt, { add_special_tokens: false });
+const n = inputs.input_ids.dims[1];
+const { logits } = await model(inputs);
+const V = logits.dims[2];
+const last = Array.from(logits.data.subarray((n - 1) * V, n * V));
+const max_new_tokens = Number(maxTokens);
+const out = await model.generate({ ...inputs, max_new_tokens, do_sample: false });
+const tokens = Array.from(out.data, Number).slice(n);
+const text = tokenizer.decode(tokens, { skip_special_tokens: true });
+const prompt_ids = Array.from(inputs.input_ids.data, Number);
+console.log(JSON.stringify({ prompt_ids, last, tokens, text }));
+"""
+
+
+@pytest.mark.slow
+def test_transformers_js_greedy_matches_generate(exported):
+    """transformers.js (onnxruntime-node) loads the export folder as written, with its defaults:
+    the prompt's ids, the last logits (fp32 tolerance) and the greedy text of `generate`."""
+    import numpy as np
+
+    from export.runtime import OnnxGenerator
+
+    _need("@huggingface/transformers")
+    _, onnx_dir, want = exported
+    got = node(TRANSFORMERS_JS_SCRIPT, str(onnx_dir), PROMPT, str(MAX_TOKENS))
+    gen = OnnxGenerator(onnx_dir)
+    ids = gen.encode(PROMPT)
+    assert got["prompt_ids"] == ids
+    logits, _ = gen.model(np.array([ids]), np.ones((1, len(ids)), np.int64))
+    np.testing.assert_allclose(got["last"], logits[0, -1], atol=1e-5, rtol=1e-5)
+    assert got["text"] == want
