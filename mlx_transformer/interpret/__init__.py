@@ -1,5 +1,7 @@
 """Looking inside a model: attention maps, logit lens, ablations and head scores as numbers
-(`analysis`), and the `inspect` command's pictures, JSON and summary (`report`).
+(`analysis`); an activation cache and patching under TransformerLens's hook names (`hooks`);
+causal tracing, direct logit attribution and per-head patching (`tracing`); and the `inspect`
+command's pictures, JSON and summaries (`report`, `trace_report` for `--trace`).
 
-May import: errors, model, checkpoint, tokenizer.
+May import: errors, atomic, model, checkpoint, tokenizer.
 """

@@ -22,25 +22,9 @@ import numpy as np
 
 from ..errors import UserError
 from . import analysis as interpret
+from .tokens import document_ids, token_labels
 
 MAX_LABELLED_TOKENS = 64  # beyond this, tick labels are unreadable
-
-
-def document_ids(tokenizer, text: str) -> list[int]:
-    """Ids of `text` read as the start of a document: EOS first (where the tokenizer has one)."""
-    return ([tokenizer.eos_id] if tokenizer.eos_id >= 0 else []) + tokenizer.encode(text)
-
-
-def token_labels(tokenizer, ids: list[int]) -> list[str]:
-    """Readable labels: ▁ shown as a leading space mark, byte pieces decoded where printable."""
-    labels = []
-    for i in ids:
-        piece = tokenizer.id_to_piece(i)
-        if piece.startswith("<0x") and piece.endswith(">"):
-            char = chr(int(piece[3:-1], 16))
-            piece = repr(char)[1:-1] if char.isprintable() or char in "\n\t" else piece
-        labels.append(piece.replace("\u2581", "\u2423") or "∅")
-    return labels
 
 
 def plot_attention(weights: np.ndarray, labels: list[str], path: Path) -> None:

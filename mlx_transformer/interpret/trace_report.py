@@ -22,7 +22,7 @@ import numpy as np
 from .. import atomic
 from ..errors import UserError
 from . import tracing
-from .report import document_ids, token_labels
+from .tokens import document_ids, token_labels
 
 TRACE = atomic.FolderKind(
     "causal trace",
