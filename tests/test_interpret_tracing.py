@@ -135,6 +135,17 @@ def test_causal_trace_ends(model):
         tracing.window_layers(3, 3, 6)) == [2, 3, 4]  # fmt: skip
 
 
+def test_causal_trace_in_chunks_is_the_same(model, monkeypatch):
+    assert tracing.positions_per_run(1024, 10, 12) == 1
+    assert tracing.positions_per_run(12, 10, 4) == 12
+    corruption = tracing.Corruption(OTHER)
+    whole = tracing.causal_trace(model, IDS, ANSWER, corruption, window=2)
+    monkeypatch.setattr(tracing, "positions_per_run", lambda *a: 5)  # 12 positions: 5 + 5 + 2
+    chunked = tracing.causal_trace(model, IDS, ANSWER, corruption, window=2)
+    for kind in ("resid", "mlp", "attn", "mlp_window"):
+        np.testing.assert_allclose(chunked[kind], whole[kind], rtol=1e-5, atol=1e-7)
+
+
 def test_direct_logit_attribution_sums_to_the_logit():
     for name in ("gpt2", "llama-gqa"):
         model = random_model(tiny_config(**CONFIGS[name]))

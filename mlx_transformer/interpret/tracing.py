@@ -91,16 +91,22 @@ def causal_trace(
         "clean_prob": _answer_prob(clean_logits, answer).item(),
         "corrupt_prob": float(_mean_over_samples(_answer_prob(corrupt_logits, answer), rows)[0]),
     }
-    # One batched run per (kind, layer): row block j restores position j.
-    which = mx.repeat(mx.eye(L, dtype=mx.bool_), rows, axis=0)  # (L * rows, L)
+    # Batched runs per (kind, layer): row block j restores position j, a chunk of positions at
+    # a time so that long prompts and many samples stay within memory.
+    chunk = positions_per_run(L, rows, model.config.num_attention_heads)
 
     def restore(layers: list[int], kind: str) -> np.ndarray:
-        hooks = corruption.hooks(L)
-        for i in layers:
-            name = f"blocks.{i}.{KINDS[kind]}"
-            hooks[name] = patch(clean[name], which)
-        logits, _ = run_with_cache(model, corruption.batch(L), hooks, names=())
-        return _mean_over_samples(_answer_prob(logits, answer), rows)
+        probs = []
+        for start in range(0, L, chunk):
+            n = min(chunk, L - start)
+            which = mx.repeat(mx.eye(L, dtype=mx.bool_)[start : start + n], rows, axis=0)
+            hooks = corruption.hooks(n)
+            for i in layers:
+                name = f"blocks.{i}.{KINDS[kind]}"
+                hooks[name] = patch(clean[name], which)
+            logits, _ = run_with_cache(model, corruption.batch(n), hooks, names=())
+            probs.append(_mean_over_samples(_answer_prob(logits, answer), rows))
+        return np.concatenate(probs)
 
     for kind in KINDS:
         result[kind] = np.stack([restore([i], kind) for i in range(n_layers)])
@@ -108,6 +114,14 @@ def causal_trace(
         [restore(list(window_layers(i, window, n_layers)), "mlp") for i in range(n_layers)]
     )
     return result
+
+
+def positions_per_run(length: int, rows: int, heads: int) -> int:
+    """How many positions one batched run restores: at most 2^16 tokens and 2^27 attention
+    weights per run (about 0.5 GB of float32 weights)."""
+    by_tokens = (1 << 16) // (rows * length)
+    by_weights = (1 << 27) // (rows * heads * length * length)
+    return max(1, min(length, by_tokens, by_weights))
 
 
 def window_layers(layer: int, window: int, n_layers: int) -> range:
