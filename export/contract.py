@@ -189,10 +189,14 @@ def read_io(onnx_dir: str | Path) -> dict:
         if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
             what = "missing" if value is None else f"{value!r}, not a positive integer"
             raise broken(f"{key} is {what}")
-    model = io.get("model", MODEL_FILE)
-    inside = isinstance(model, str) and "\\" not in model and not Path(model).is_absolute()
-    if not (inside and all(part not in ("", ".", "..") for part in model.split("/"))):
-        raise broken(f"model is {model!r}, not a file name in the folder")
+    if not _inside(io.get("model", MODEL_FILE)):
+        raise broken(f"model is {io.get('model')!r}, not a file name in the folder")
+    precisions = io.get("precisions", {})
+    if not (
+        isinstance(precisions, dict)
+        and all(isinstance(e, dict) and _inside(e.get("model")) for e in precisions.values())
+    ):
+        raise broken("precisions is not an object of {precision: {model: file in the folder}}")
     if not isinstance(io.get("flavour", ""), str):
         raise broken(f"flavour is {io['flavour']!r}, not a string")
     special = io.get("special_tokens")
@@ -202,3 +206,28 @@ def read_io(onnx_dir: str | Path) -> dict:
     ):
         raise broken(f"special_tokens is {special!r}, not an object of token ids")
     return io
+
+
+def _inside(model) -> bool:
+    """Whether `model` is a relative path that stays inside the folder ("onnx/model.onnx")."""
+    if not isinstance(model, str) or "\\" in model or Path(model).is_absolute():
+        return False
+    return all(part not in ("", ".", "..") for part in model.split("/"))
+
+
+def select_precision(io: dict, precision: str | None, onnx_dir: str | Path = "") -> dict:
+    """io.json as seen by a runtime loading one of the folder's precisions (None: its default):
+    "model", "precision" and the measurements become that precision's."""
+    if precision is None or precision == io.get("precision"):
+        return io
+    held = io.get("precisions") or {}
+    if precision not in held:
+        have = ", ".join(held) or str(io.get("precision"))
+        raise UserError(
+            f"{onnx_dir or 'the export'} holds {have}, not {precision}; export it with "
+            f"--precision {precision} (repeat --precision for several in one folder)"
+        )
+    entry = held[precision]
+    chosen = {k: v for k, v in io.items() if k not in ("precision_report",)}
+    chosen.update(entry, precision=precision)
+    return chosen

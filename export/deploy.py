@@ -186,8 +186,16 @@ def readme(config: ModelConfig, io: dict) -> str:
     family, exact = hf_family(config)
     model, precision = io["model"], io["precision"]
     dtype = TRANSFORMERS_JS_DTYPES[precision]
+    held = io.get("precisions") or {precision: {"model": model}}
     rows = [
-        (model, f"every runtime (transformers.js's file for dtype {dtype!r})"),
+        (
+            entry["model"],
+            f"{p}: every runtime (transformers.js's dtype {TRANSFORMERS_JS_DTYPES[p]!r})"
+            + (", the default" if p == precision else ""),
+        )
+        for p, entry in held.items()
+    ]
+    rows += [
         ("io.json, mlx_transformer_config.json, tokenizer.model", "onnx-generate, verify"),
         ("config.json", "optimum, transformers.js"),
         ("genai_config.json", "onnxruntime-genai"),
@@ -208,7 +216,7 @@ def readme(config: ModelConfig, io: dict) -> str:
         "the graph (onnxruntime-genai, optimum, transformers.js) are exact with it; do not "
         "build a PyTorch model from it."
     )
-    return f"""# ONNX export ({io["flavour"]} flavour, {precision})
+    return f"""# ONNX export ({io["flavour"]} flavour, {", ".join(held)})
 
 Written by `mlx-transformer export`. {describes}
 

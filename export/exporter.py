@@ -6,6 +6,7 @@ import argparse
 import json
 import shutil
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +62,7 @@ ONNX_EXPORT = atomic.FolderKind(
         *HF_TOKENIZER_FILES,
         README_FILE,
         "verify.*",
+        "verify-*",
     ),
     legacy=(IO_FILE, lambda io: io.get("format") == FORMAT),
 )
@@ -150,7 +152,7 @@ def export_onnx(
     ckpt: str | Path,
     out: str | Path,
     flavour: str = "portable",
-    precision: str = "fp32",
+    precision: str | Sequence[str] = "fp32",
     eval_text: str | Path | None = None,
     eval_tokens: np.ndarray | None = None,
     measure: bool = True,
@@ -163,19 +165,25 @@ def export_onnx(
         ckpt: checkpoint folder (config.json + model.safetensors [+ tokenizer.model]).
         out: the ONNX folder to write.
         flavour: "portable" (standard ONNX ops) or "ort" (onnxruntime fused ops).
-        precision: "fp32", "fp16", "int8" or "int4".
+        precision: "fp32", "fp16", "int8" or "int4", or several: one folder holds a graph per
+            precision (`contract.model_file`); the first is the default that runtimes load.
         eval_text / eval_tokens: what to measure lower precisions on (default: see io.json).
         measure: measure lower precisions against fp32 (adds a few seconds).
         external_data_threshold: weights above this many bytes go to external data
             (onnx/model.onnx_data beside onnx/model.onnx).
         overwrite: replace an earlier ONNX export at `out` (nothing else is ever replaced).
     Returns:
-        The io.json contents, with "size_bytes" and, below fp32, "precision_report".
+        The io.json contents: "size_bytes" and, below fp32, "precision_report" of the default
+        precision, and the same for each under "precisions".
     """
     if flavour not in FLAVOURS:
         raise UserError(f"--flavour must be one of {', '.join(FLAVOURS)}, got {flavour!r}")
-    if precision not in PRECISIONS:
-        raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    precisions = [precision] if isinstance(precision, str) else list(dict.fromkeys(precision))
+    if not precisions:
+        raise UserError("give at least one --precision")
+    for p in precisions:
+        if p not in PRECISIONS:
+            raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {p!r}")
     ckpt, out = Path(ckpt), Path(out)
     if eval_text is not None and not Path(eval_text).is_file():
         raise UserError(f"--eval-text {eval_text}: not a file; give a text file to measure on")
@@ -187,18 +195,29 @@ def export_onnx(
     info = io_json(
         config,
         flavour=flavour,
-        precision=precision,
+        precision=precisions[0],
         checkpoint_dtype=weights.dtype,
         opset=OPSET,
         special_tokens=special_tokens(ckpt),
         notes=fallbacks(config, flavour),
     )
+    eval_cache: list = []
 
-    def fill(tmp: Path) -> None:
+    def measured_on() -> tuple:
+        if not eval_cache:
+            eval_cache.append(
+                (np.asarray(eval_tokens), "given token ids")
+                if eval_tokens is not None
+                else eval_tokens_for(ckpt, config, eval_text)
+            )
+        return eval_cache[0]
+
+    def write_precision(tmp: Path, precision: str) -> dict:
+        """One precision's graph into tmp/onnx/; its io.json entry."""
         model = build_model(config, weights, flavour, head_copy=precision in ("int8", "int4"))
         external = weight_bytes(model) > external_data_threshold
-        target = tmp / info["model"]
-        target.parent.mkdir()
+        entry = {"model": model_file(precision)}
+        target = tmp / entry["model"]
         if precision == "fp32":
             save(model, target, external)
         else:
@@ -212,17 +231,25 @@ def export_onnx(
                 lowered = to_fp16(model) if precision == "fp16" else to_int4(model)
                 save(lowered, target, external)
             if measure:
-                tokens, source = (
-                    (np.asarray(eval_tokens), "given token ids")
-                    if eval_tokens is not None
-                    else eval_tokens_for(ckpt, config, eval_text)
-                )
-                report = compare(scratch, tmp, info, tokens, reference_model=fp32)
-                info["precision_report"] = {"eval_source": source, **report}
-                info["precision_report"]["size_bytes_fp32"] = _graph_bytes(scratch)
+                tokens, source = measured_on()
+                graph_io = {**info, "model": entry["model"]}
+                report = compare(scratch, tmp, graph_io, tokens, reference_model=fp32)
+                entry["precision_report"] = {"eval_source": source, **report}
+                entry["precision_report"]["size_bytes_fp32"] = _graph_bytes(scratch / fp32)
             shutil.rmtree(scratch)
-        info["external_data"] = len(list(target.parent.iterdir())) > 1
-        info["size_bytes"] = _graph_bytes(tmp)
+        files = _graph_files(target)
+        entry["external_data"] = len(files) > 1
+        entry["size_bytes"] = sum(f.stat().st_size for f in files)
+        return entry
+
+    def fill(tmp: Path) -> None:
+        (tmp / ONNX_FOLDER).mkdir()
+        entries = {p: write_precision(tmp, p) for p in precisions}
+        default = entries[precisions[0]]
+        for key in ("precision_report", "external_data", "size_bytes"):
+            if key in default:
+                info[key] = default[key]
+        info["precisions"] = entries
         shutil.copyfile(ckpt / CONFIG_FILE, tmp / MODEL_CONFIG_FILE)
         if (ckpt / TOKENIZER_FILE).is_file():
             shutil.copyfile(ckpt / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
@@ -234,7 +261,7 @@ def export_onnx(
             "config.json": f"Hugging Face {family}"
             + ("" if exact else " (describes the graph's interface only: no Hugging Face "
                "family describes this model)"),
-            "genai_config.json": "onnxruntime-genai, type llama",
+            "genai_config.json": f"onnxruntime-genai, type llama, {info['model']}",
             "tokenizer.json": write_tokenizer_files(ckpt, tmp, config),
         }  # fmt: skip
         write_json(tmp / IO_FILE, info)
@@ -248,9 +275,13 @@ def write_json(path: Path, content: dict) -> None:
     path.write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def _graph_bytes(folder: Path) -> int:
-    """The bytes of the graph and its external data (the onnx/ subfolder)."""
-    return sum(f.stat().st_size for f in (folder / ONNX_FOLDER).iterdir())
+def _graph_files(graph: Path) -> list[Path]:
+    """A graph file and its external data (named after it, beside it)."""
+    return [f for f in graph.parent.iterdir() if f.name.startswith(graph.name)]
+
+
+def _graph_bytes(graph: Path) -> int:
+    return sum(f.stat().st_size for f in _graph_files(graph))
 
 
 # -- CLI ------------------------------------------------------------------------------------------
@@ -261,7 +292,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out", metavar="OUT", help="ONNX folder to write (a new or empty one)")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier export")
     parser.add_argument("--flavour", choices=FLAVOURS, default="portable")
-    parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        action="append",
+        help="fp32 (default); repeat for one folder holding several (the first is the default)",
+    )
     parser.add_argument("--eval-text", help="held-out text to measure lower precisions on")
     parser.add_argument("--no-measure", action="store_true", help="skip the precision report")
 
@@ -271,19 +307,23 @@ def run(args: argparse.Namespace) -> int:
         args.checkpoint,
         args.out,
         flavour=args.flavour,
-        precision=args.precision,
+        precision=args.precision or ["fp32"],
         eval_text=args.eval_text,
         measure=not args.no_measure,
         overwrite=args.overwrite,
     )
-    print(f"wrote {args.out}: {info['flavour']} {info['precision']}, {info['size_bytes']:,} bytes")
+    print(f"wrote {args.out}: {info['flavour']}")
+    for precision, entry in info["precisions"].items():
+        print(f"  {precision}: {entry['model']}, {entry['size_bytes']:,} bytes")
+        report = entry.get("precision_report")
+        if report:
+            print(f"    vs fp32 on {report['eval_source']}:")
+            for key in (
+                "max_abs_logit_error", "argmax_agreement", "greedy_match", "perplexity_change"
+            ):  # fmt: skip
+                print(f"      {key}: {report[key]}")
+            print(f"      size: {report['size_bytes_fp32']:,} → {entry['size_bytes']:,} bytes")
     for note in info["notes"]:
         print(f"  note: {note}")
-    report = info.get("precision_report")
-    if report:
-        print(f"  vs fp32 on {report['eval_source']}:")
-        for key in ("max_abs_logit_error", "argmax_agreement", "greedy_match", "perplexity_change"):
-            print(f"    {key}: {report[key]}")
-        print(f"    size: {report['size_bytes_fp32']:,} → {info['size_bytes']:,} bytes")
     sys.stdout.flush()
     return 0

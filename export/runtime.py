@@ -51,7 +51,7 @@ class OnnxGenerator:
 
     Args:
         onnx_dir: an exported folder; its tokenizer.model is used when present.
-        provider, io_binding, provider_options, strict: see `OnnxModel`.
+        provider, io_binding, provider_options, strict, precision: see `OnnxModel`.
     """
 
     def __init__(self, onnx_dir: str | Path, provider: str = "cpu", **model_options):
@@ -264,6 +264,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--provider", default="cpu", help="cpu, cuda, webgpu, openvino, ...")
     parser.add_argument(
+        "--precision", help="which of the folder's precisions to run (default: its first)"
+    )
+    parser.add_argument(
         "--overflow",
         choices=OVERFLOW_POLICIES,
         default="error",
@@ -279,7 +282,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise UserError(str(e)) from None
     prompts = [read_prompt(p) for p in args.prompt]
-    gen = OnnxGenerator(args.model, provider=args.provider)
+    gen = OnnxGenerator(args.model, provider=args.provider, precision=args.precision)
     ids = [gen.encode(p) for p in prompts]
     gen.check_request(ids, args.max_tokens, args.stop, args.overflow)
     # Only now, with every error ruled out, where the graph runs: the error line comes alone.

@@ -21,7 +21,7 @@ import numpy as np
 
 from mlx_transformer.errors import UserError
 
-from .contract import LOGITS, MODEL_FILE, PRESENT, feeds, kv_names, read_io
+from .contract import LOGITS, MODEL_FILE, PRESENT, feeds, kv_names, read_io, select_precision
 from .providers import DEVICE_TYPES, create_session, full_name
 
 
@@ -58,6 +58,7 @@ class OnnxModel:
         provider_options: passed to the provider.
         strict: no silent CPU fallback (`session.disable_cpu_ep_fallback`).
         io: the io.json contents, for a folder that has none yet (during export).
+        precision: which of the folder's precisions to load (default: its first).
     """
 
     def __init__(
@@ -68,9 +69,10 @@ class OnnxModel:
         provider_options: dict | None = None,
         strict: bool = False,
         io: dict | None = None,
+        precision: str | None = None,
     ):
         self.dir = Path(onnx_dir)
-        self.io = read_io(onnx_dir) if io is None else io
+        self.io = select_precision(read_io(onnx_dir) if io is None else io, precision, onnx_dir)
         self.session, self.placement = create_session(
             self.dir / self.io.get("model", MODEL_FILE),
             provider,

@@ -32,7 +32,7 @@ import onnx
 import onnxruntime as ort
 
 from export import providers
-from export.contract import LOGITS, MODEL_FILE, feeds, io_table, read_io
+from export.contract import LOGITS, MODEL_FILE, feeds, io_table, read_io, select_precision
 from export.dequantize import stored_weights
 from export.quantize import logit_error
 from export.runtime import OnnxGenerator
@@ -272,7 +272,7 @@ def case_text(model, generator, budget, n: int) -> dict:
 
 def run_provider(checks: Checks, name: str, ckpt_model, onnx_dir: Path, budget, args) -> None:
     try:
-        onnx_model = OnnxModel(onnx_dir, provider=name)
+        onnx_model = OnnxModel(onnx_dir, provider=name, precision=args.precision)
     except Exception as e:
         checks.add("session", False, name, error=str(e).splitlines()[0])
         return
@@ -301,7 +301,7 @@ def run_provider(checks: Checks, name: str, ckpt_model, onnx_dir: Path, budget, 
         checks.add("parity", None, name, skipped="all nodes fell back to the CPU EP")
         return
     rng = np.random.default_rng(0)
-    generator = OnnxGenerator(onnx_dir, provider=name)
+    generator = OnnxGenerator(onnx_dir, provider=name, precision=args.precision)
     m, om = ckpt_model, onnx_model
     cases = {
         "prefill, empty past": lambda: case_prefill(m, om, budget, rng),
@@ -323,11 +323,14 @@ def verify(ckpt: str | Path, onnx_dir: str | Path, **options) -> dict:
         ckpt: the checkpoint folder that was exported.
         onnx_dir: the export folder.
         options: providers (list of names; default all available), tokens (greedy length, 64),
-            decode_steps (8), report (folder for verify.json / verify.md; default onnx_dir).
+            decode_steps (8), report (folder for verify.json / verify.md; default onnx_dir),
+            precision (which of the folder's precisions; default its first; the report of
+            another is verify-PRECISION.json / .md).
     """
     args = checked_options(options)
     ckpt, onnx_dir = Path(ckpt), Path(onnx_dir)
-    io = read_io(onnx_dir)
+    folder_io = read_io(onnx_dir)
+    io = select_precision(folder_io, args.precision, onnx_dir)
     path = onnx_dir / io.get("model", MODEL_FILE)
     precision = io.get("precision")
     if precision not in BUDGETS:
@@ -361,16 +364,17 @@ def verify(ckpt: str | Path, onnx_dir: str | Path, **options) -> dict:
         "checks": checks.rows,
     }
     out = Path(args.report or onnx_dir)
+    name = "verify" if precision == folder_io.get("precision") else f"verify-{precision}"
     try:
         out.mkdir(parents=True, exist_ok=True)
-        atomic.write_text(out / "verify.json", json.dumps(report, indent=2, default=str) + "\n")
-        atomic.write_text(out / "verify.md", markdown(report))
+        atomic.write_text(out / f"{name}.json", json.dumps(report, indent=2, default=str) + "\n")
+        atomic.write_text(out / f"{name}.md", markdown(report))
     except OSError as e:
         raise UserError(f"cannot write the report to {out}: {e.strerror or e}") from None
     return report
 
 
-DEFAULTS = {"providers": None, "tokens": 64, "decode_steps": 8, "report": None}
+DEFAULTS = {"providers": None, "tokens": 64, "decode_steps": 8, "report": None, "precision": None}
 
 
 def checked_options(options: dict) -> argparse.Namespace:
@@ -440,6 +444,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokens", type=int, default=64, help="greedy tokens to compare")
     parser.add_argument("--decode-steps", type=int, default=8)
     parser.add_argument("--report", help="folder for verify.json/verify.md (default ONNX_DIR)")
+    parser.add_argument(
+        "--precision", help="which of the folder's precisions to verify (default: its first)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -450,6 +457,7 @@ def run(args: argparse.Namespace) -> int:
         tokens=args.tokens,
         decode_steps=args.decode_steps,
         report=args.report,
+        precision=args.precision,
     )
     print(markdown(report))
     return 0 if report["ok"] else 1

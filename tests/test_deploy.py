@@ -214,3 +214,41 @@ def test_onnxruntime_genai_runs_lower_precisions(precision, tiny_tokenizer_path,
         got = got[:-1]
     assert got == want
     assert "argmax_agreement" in info["precision_report"]
+
+
+@pytest.mark.slow
+def test_one_folder_holds_several_precisions(tiny_tokenizer_path, tmp_path, capsys):
+    """`--precision` repeated: a graph per precision under transformers.js's names; the first
+    is what runtimes load by default; onnx-generate and verify pick one with --precision."""
+    from export.contract import model_file
+    from export.runtime import OnnxGenerator
+    from mlx_transformer.cli import main
+
+    tokenizer = Tokenizer.load(tiny_tokenizer_path)
+    config = tiny_config(**CONFIGS["gpt2"], vocab_size=tokenizer.vocab_size)
+    model = random_model(config, seed=3)
+    ckpt = save_checkpoint(tmp_path / "ckpt", model, tiny_tokenizer_path)
+    out = tmp_path / "onnx"
+    argv = ["export", str(ckpt), str(out)]
+    assert main(argv + ["--precision", "fp32", "--precision", "fp16", "--precision", "int4"]) == 0
+    io = json.loads((out / "io.json").read_text())
+    assert list(io["precisions"]) == ["fp32", "fp16", "int4"]
+    assert io["model"] == model_file("fp32") and "precision_report" in io["precisions"]["int4"]
+    files = sorted(p.name for p in (out / "onnx").iterdir())
+    assert files == ["model.onnx", "model_fp16.onnx", "model_q4.onnx"]
+    readme = (out / "README.md").read_text()
+    assert "onnx/model_q4.onnx" in readme and "onnx/model.onnx" in readme
+    prompt = tokenizer.encode_prompt(PROMPT)
+    want = mlx_greedy(model, tokenizer, prompt)
+    assert OnnxGenerator(out).generate_tokens([prompt], max_tokens=TOKENS)[0].tokens == want
+    int4 = OnnxGenerator(out, precision="int4")
+    assert int4.model.io["model"] == model_file("int4") and int4.model.io["precision"] == "int4"
+    # (int4 of a random model is past verify's int4 budget, as for any other checkpoint)
+    verify = ["verify", str(ckpt), str(out), "--provider", "cpu", "--tokens", "8"]
+    assert main([*verify, "--precision", "fp16"]) == 0
+    assert (out / "verify-fp16.md").is_file() and not (out / "verify.md").exists()
+    capsys.readouterr()
+    argv = ["onnx-generate", str(out), "--prompt", "x", "--precision", "int8"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds fp32, fp16, int4, not int8" in err, err
