@@ -23,12 +23,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import onnx
+from onnx import helper, numpy_helper
 
 from mlx_transformer import atomic
 from mlx_transformer.errors import UserError
 
-from .contract import MODEL_FILE, TOKENIZER_FILE, read_io
+from .contract import MODEL_FILE, POSITION_IDS, TOKENIZER_FILE, read_io
 
 # Pinned; scripts/install_web_clients.sh installs the same versions.
 NPM_PACKAGES = {"onnxruntime-web": "1.30.0", "@huggingface/tokenizers": "0.2.0"}
@@ -116,8 +118,9 @@ def runtime_files(home: Path | None = None) -> dict[str, Path]:
     return files
 
 
-def _external_files(model_path: Path) -> list[str]:
-    """The files that hold the graph's external data (names relative to the graph)."""
+def read_graph(model_path: Path) -> tuple[onnx.ModelProto, list[str]]:
+    """The graph without its weights, and the files that hold its external data (names
+    relative to the graph)."""
     try:
         model = onnx.load(model_path, load_external_data=False)
     except Exception as e:  # a cut or foreign file: onnx raises DecodeError and others
@@ -130,7 +133,74 @@ def _external_files(model_path: Path) -> list[str]:
     for name in names:
         if Path(name).name != name or not (model_path.parent / name).is_file():
             raise UserError(f"{model_path}: its external data {name!r} is not in the folder")
-    return sorted(names)
+    return model, sorted(names)
+
+
+def tabulate_positions(model: onnx.ModelProto, context: int) -> int:
+    """Replace the run-time sin/cos of positions by tables looked up by position: WebGPU's
+    sin/cos are far less exact than a CPU's (max logit error measured on Chromium's software
+    adapter: 3e-4 to 6e-4 with RoPE or sinusoidal positions, 2e-6 with tables).
+
+    Rewrites Sin/Cos(Mul(Unsqueeze(Cast(position_ids), axes), c)), c a 1-D constant, the form
+    the exporter writes for both, into Unsqueeze(Gather(table, position_ids)), the table
+    (context, len(c)) computed from the same float32 angles in float64. Returns how many.
+    """
+    graph = model.graph
+    producer = {out: node for node in graph.node for out in node.output}
+    constants = {t.name: t for t in graph.initializer if not t.external_data}
+
+    def constant(name: str):
+        return numpy_helper.to_array(constants[name]) if name in constants else None
+
+    def angles(node):  # c, the positions' axes of Unsqueeze, and its output rank; or None
+        mul = producer.get(node.input[0])
+        if mul is None or mul.op_type != "Mul":
+            return None
+        for x, c in (mul.input, reversed(mul.input)):
+            c, unsqueeze = constant(c), producer.get(x)
+            if c is None or c.ndim != 1 or unsqueeze is None or unsqueeze.op_type != "Unsqueeze":
+                continue
+            cast = producer.get(unsqueeze.input[0])
+            axes = constant(unsqueeze.input[1]) if len(unsqueeze.input) > 1 else None
+            if cast is None or cast.op_type != "Cast" or cast.input[0] != POSITION_IDS:
+                continue
+            if axes is None:
+                continue
+            rank = 2 + len(axes)  # position_ids is (batch, sequence)
+            axes = sorted(int(a) % rank for a in axes)
+            if axes[-1] == rank - 1:  # the last axis broadcasts against c
+                return c.astype(np.float32), axes[:-1]
+        return None
+
+    nodes, count = [], 0
+    for node in graph.node:
+        found = angles(node) if node.op_type in ("Sin", "Cos") else None
+        if found is None:
+            nodes.append(node)
+            continue
+        c, axes = found
+        angle = np.arange(context, dtype=np.float32)[:, None] * c[None, :]  # as the graph does
+        table = (np.sin if node.op_type == "Sin" else np.cos)(angle.astype(np.float64))
+        name = f"{node.output[0]}/table"
+        graph.initializer.append(numpy_helper.from_array(table.astype(np.float32), name))
+        looked_up = node.output[0] if not axes else f"{name}/gathered"
+        nodes.append(helper.make_node("Gather", [name, POSITION_IDS], [looked_up], axis=0))
+        if axes:
+            graph.initializer.append(
+                numpy_helper.from_array(np.array(axes, np.int64), name + "/axes")
+            )
+            nodes.append(helper.make_node("Unsqueeze", [looked_up, name + "/axes"], node.output))
+        count += 1
+    # Drop what computed the angles and is no longer used.
+    while True:
+        used = {i for n in nodes for i in n.input} | {o.name for o in graph.output}
+        kept = [n for n in nodes if any(o in used for o in n.output)]
+        if len(kept) == len(nodes):
+            break
+        nodes = kept
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return count
 
 
 def page_tokenizer_files(tokenizer_model: Path, context: int) -> dict[str, bytes]:
@@ -162,7 +232,8 @@ def write_web(onnx_dir: str | Path, out: str | Path, overwrite: bool = False) ->
     model_path = onnx_dir / io.get("model", MODEL_FILE)
     if not model_path.is_file():
         raise UserError(f"{model_path}: not found; re-export the model")
-    external = _external_files(model_path)
+    graph, external = read_graph(model_path)
+    tables = tabulate_positions(graph, io["context_length"])
     if not (onnx_dir / TOKENIZER_FILE).is_file():
         raise UserError(
             f"{onnx_dir} has no {TOKENIZER_FILE}; the page needs the tokenizer: export a "
@@ -175,6 +246,7 @@ def write_web(onnx_dir: str | Path, out: str | Path, overwrite: bool = False) ->
         "model": MODEL_FILE,
         "external_data": external,
         "precision": io.get("precision", "fp32"),
+        "position_tables": tables,
         "num_hidden_layers": io["num_hidden_layers"],
         "num_key_value_heads": io["num_key_value_heads"],
         "head_dim": io["head_dim"],
@@ -192,7 +264,7 @@ def write_web(onnx_dir: str | Path, out: str | Path, overwrite: bool = False) ->
             shutil.copyfile(source, tmp / name)
         for name, content in tokenizer.items():
             (tmp / name).write_bytes(content)
-        shutil.copyfile(model_path, tmp / MODEL_FILE)
+        onnx.save_model(graph, tmp / MODEL_FILE)  # weights stay where they are: external_data
         for name in external:
             shutil.copyfile(model_path.parent / name, tmp / name)
         (tmp / WEB_CONFIG).write_text(json.dumps(config, indent=2) + "\n")

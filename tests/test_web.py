@@ -29,7 +29,7 @@ NODE_MODULES = web_home() / "node_modules"
 INSTALL = "run scripts/install_web_clients.sh (scripts/test.sh does)"
 PROMPT = "ROMEO:\nWhat light"
 MAX_TOKENS = 32
-SHAPES = {"gpt2": CONFIGS["gpt2"], "llama": CONFIGS["llama-gqa"]}
+SHAPES = {"gpt2": CONFIGS["gpt2"], "llama": CONFIGS["llama-gqa"], "paper": CONFIGS["paper"]}
 
 
 def _need(*packages: str) -> None:
@@ -208,7 +208,7 @@ def test_web_page_on_webgpu(exported, tmp_path):
     error = np.abs(np.array(logits) - _onnx_logits(onnx_dir)).max()
     print(f"webgpu: max |logit error| {error:.2e}")
     assert page["text"] == want
-    assert error < 1e-3
+    assert error < 1e-5  # sin/cos run on the GPU instead of tables: 3e-4 (RoPE)
 
 
 # -- Node: tokenizers.js (the page's tokenizer) and transformers.js -----------------------------
