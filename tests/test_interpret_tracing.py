@@ -71,6 +71,13 @@ def test_module_tree_is_restored_when_a_hook_fails(model):
     assert module_tree(model) == tree and all(type(b) is Block for b in model.layers)
     with pytest.raises(ValueError, match="unknown hook name"):
         run_with_hooks(model, IDS[None], {"blocks.9.hook_mlp_out": lambda x: x})
+    _, cache = run_with_cache(model, IDS[None], names=["blocks.0.attn.hook_z"])
+    z = cache["blocks.0.attn.hook_z"]
+    with pytest.raises(ValueError, match="outside"):
+        run_with_hooks(model, IDS[None], {"blocks.0.attn.hook_z": patch(z, [12])})
+    with pytest.raises(ValueError, match="outside"):
+        run_with_hooks(model, IDS[None], {"blocks.0.attn.hook_z": patch(z, None, [4])})
+    assert module_tree(model) == tree
     with pytest.raises(ValueError, match="read only"):
         run_with_hooks(model, IDS[None], {"blocks.0.attn.hook_pattern": lambda x: x * 0})
 

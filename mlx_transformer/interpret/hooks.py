@@ -212,6 +212,8 @@ def patch(
         if isinstance(positions, mx.array) and positions.dtype == mx.bool_:
             keep = mx.broadcast_to(positions, x.shape[:2])
         elif positions is not None:
+            if not all(-x.shape[1] <= p < x.shape[1] for p in positions):
+                raise ValueError(f"positions {list(positions)} outside 0..{x.shape[1] - 1}")
             hit = mx.zeros((x.shape[1],), dtype=mx.bool_)
             hit[mx.array(list(positions))] = True
             keep = keep & hit
@@ -219,6 +221,8 @@ def patch(
         if heads is not None:
             if x.ndim != 4:
                 raise ValueError("heads= needs a per-head activation (hook_z, hook_q/k/v)")
+            if not all(0 <= h < x.shape[2] for h in heads):
+                raise ValueError(f"heads {list(heads)} outside 0..{x.shape[2] - 1}")
             hit = mx.zeros((x.shape[2],), dtype=mx.bool_)
             hit[mx.array(list(heads))] = True
             keep = keep & hit[:, None]
