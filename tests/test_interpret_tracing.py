@@ -395,11 +395,14 @@ def test_trace_flags_are_one_line_errors_and_leave_the_output_alone(
     assert snapshot(out) == {"keep.txt": hashlib.sha256(b"mine").hexdigest()}
 
 
-def test_trace_flags_without_trace_are_refused(checkpoint, tmp_path, capsys):
+@pytest.mark.parametrize("flag", [["--answer", "x"], ["--subject", "x"], ["--overwrite"]])
+def test_trace_flags_without_trace_are_refused(checkpoint, tmp_path, capsys, flag):
     args = ["inspect", "--model", str(checkpoint), "--prompt", PROMPT, "--out",
-            str(tmp_path / "o"), "--answer", "x"]  # fmt: skip
+            str(tmp_path / "o"), *flag]  # fmt: skip
     assert cli_main(args) == 2
-    assert "add --trace" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    err = capsys.readouterr().err
+    assert f"{flag[0]} is for causal tracing; add --trace" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o").exists()
 
 
 def test_a_multi_token_answer_traces_its_first_token_and_says_so(checkpoint, tmp_path, capsys):

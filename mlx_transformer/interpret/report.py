@@ -246,7 +246,7 @@ def add_arguments(parser) -> None:
     trace = parser.add_argument_group(
         "causal tracing (--trace): where the model carries what it needs to say --answer"
     )
-    trace.add_argument("--trace", action="store_true", help="trace --answer instead of the maps above")
+    trace.add_argument("--trace", action="store_true", help="trace --answer, not the maps above")
     trace.add_argument("--answer", help="the text the model says after the prompt")
     trace.add_argument("--subject", help="part of the prompt to corrupt with noise")
     trace.add_argument("--corrupt", help="or: a counterfactual prompt of as many tokens")
@@ -264,7 +264,8 @@ def run(args) -> int:
     from ..checkpoint.mlx_io import load_checkpoint
     from ..tokenizer import Tokenizer
 
-    trace_only = {"--answer": args.answer, "--subject": args.subject, "--corrupt": args.corrupt}
+    trace_only = {"--answer": args.answer, "--subject": args.subject, "--corrupt": args.corrupt,
+                  "--window": args.window, "--overwrite": args.overwrite or None}  # fmt: skip
     if args.trace:
         return run_trace(args)
     stray = [flag for flag, value in trace_only.items() if value is not None]
