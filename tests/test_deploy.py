@@ -252,3 +252,23 @@ def test_one_folder_holds_several_precisions(tiny_tokenizer_path, tmp_path, caps
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "holds fp32, fp16, int4, not int8" in err, err
+
+
+def test_io_json_precisions_outside_the_folder_are_one_line(
+    tiny_tokenizer_path, tmp_path_factory, tmp_path, capsys
+):
+    """A precision's file must lie inside the folder, as io.json's "model" must."""
+    import shutil
+
+    from mlx_transformer.cli import main
+
+    _, _, out = deployed("gpt2", "portable", tiny_tokenizer_path, tmp_path_factory)
+    folder = tmp_path / "export"
+    shutil.copytree(out, folder)
+    io = json.loads((folder / "io.json").read_text())
+    io["precisions"]["fp32"]["model"] = "../../etc/passwd"
+    (folder / "io.json").write_text(json.dumps(io))
+    capsys.readouterr()
+    assert main(["onnx-generate", str(folder), "--prompt", "a", "--precision", "fp32"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "precisions is not an object" in err, err
