@@ -359,13 +359,7 @@ async function chooseProvider() {
   return adapter ? "webgpu" : "wasm";
 }
 
-async function load() {
-  const config = await fetchJson("web.json");
-  const tokenizer = new Tokenizer(
-    await fetchJson("tokenizer.json"), await fetchJson("tokenizer_config.json"));
-  const provider = await chooseProvider();
-  ort.env.wasm.wasmPaths = new URL("ort/", location.href).href;
-  if (!crossOriginIsolated) ort.env.wasm.numThreads = 1;  // threads need COOP/COEP headers
+function createSession(config, provider) {
   const options = {
     executionProviders: [provider],
     externalData: config.external_data.map((name) => ({ path: name, data: name })),
@@ -377,8 +371,29 @@ async function load() {
       options.preferredOutputLocation[`present.${i}.value`] = "gpu-buffer";
     }
   }
-  const session = await ort.InferenceSession.create(config.model, options);
-  return { config, tokenizer, session, provider };
+  return ort.InferenceSession.create(config.model, options);
+}
+
+async function load() {
+  const config = await fetchJson("web.json");
+  const tokenizer = new Tokenizer(
+    await fetchJson("tokenizer.json"), await fetchJson("tokenizer_config.json"));
+  ort.env.wasm.wasmPaths = new URL("ort/", location.href).href;
+  if (!crossOriginIsolated) ort.env.wasm.numThreads = 1;  // threads need COOP/COEP headers
+  let provider = await chooseProvider(), session = null, fallback = null;
+  if (provider === "webgpu") {
+    // One step before use: an adapter may lack what the graph needs (fp16 shaders, say).
+    try {
+      session = await createSession(config, provider);
+      dispose((await forward({ config, session }, [0], 0, emptyCache(config))).past);
+    } catch (e) {
+      if (new URLSearchParams(location.search).get("ep") === "webgpu") throw e;
+      await session?.release().catch(() => {});
+      [provider, session, fallback] = ["wasm", null, `WebGPU failed (${e.message})`];
+    }
+  }
+  session ??= await createSession(config, provider);
+  return { config, tokenizer, session, provider, fallback };
 }
 
 // -- sampling: temperature, then top-k and top-p, then an inverse-CDF draw; argmax at temp 0.
@@ -533,14 +548,16 @@ async function lastLogits(model, { prompt = "", ids = null }) {
 
 const ready = load();
 window.mlxTransformer = {  // for scripts and tests: await ready, then generate(options)
-  ready: ready.then((m) => ({ provider: m.provider, precision: m.config.precision })),
+  ready: ready.then((m) => ({ provider: m.provider, precision: m.config.precision,
+                              fallback: m.fallback })),
   generate: async (options) => generate(await ready, options),
   logits: async (options) => lastLogits(await ready, options),
 };
 
 ready.then((model) => {
   const where = model.provider === "webgpu" ? "WebGPU" : "WASM";
-  status(`ready: ${model.config.precision} model on ${where}`);
+  const why = model.fallback ? ` (${model.fallback})` : "";
+  status(`ready: ${model.config.precision} model on ${where}${why}`);
   let stop = false;
   $("generate").disabled = false;
   $("stop").onclick = () => { stop = true; };

@@ -65,7 +65,7 @@ def node(script: str, *args: str, timeout: int = 240) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def export_random(root: Path, shape: str, tokenizer: Path) -> tuple[Path, Path]:
+def export_random(root: Path, shape: str, tokenizer: Path, precision="fp32") -> tuple[Path, Path]:
     """(checkpoint, ONNX export) of a random model of `shape` with `tokenizer`."""
     from export.exporter import export_onnx
     from mlx_transformer.checkpoint.mlx_io import save_checkpoint
@@ -74,7 +74,7 @@ def export_random(root: Path, shape: str, tokenizer: Path) -> tuple[Path, Path]:
     vocab = Tokenizer.load(tokenizer).vocab_size
     config = tiny_config(vocab_size=vocab, max_position_embeddings=64, **SHAPES[shape])
     ckpt = save_checkpoint(root / "ckpt", random_model(config), tokenizer_path=tokenizer)
-    export_onnx(ckpt, root / "onnx", measure=False)
+    export_onnx(ckpt, root / "onnx", precision=precision, measure=False)
     return ckpt, root / "onnx"
 
 
@@ -209,6 +209,25 @@ def test_web_page_on_webgpu(exported, tmp_path):
     print(f"webgpu: max |logit error| {error:.2e}")
     assert page["text"] == want
     assert error < 1e-5  # sin/cos run on the GPU instead of tables: 3e-4 (RoPE)
+
+
+@pytest.mark.slow
+def test_web_page_falls_back_to_wasm(tmp_path, tiny_tokenizer_path):
+    """An fp16 graph on a WebGPU adapter without fp16 shaders (Chromium's software one): the
+    page says so and generates on WASM, the ONNX runtime's greedy ids."""
+    from export.runtime import OnnxGenerator
+
+    _, onnx_dir = export_random(tmp_path, "llama", tiny_tokenizer_path, precision="fp16")
+    web = tmp_path / "web"
+    cli("web", str(onnx_dir), str(web))
+    request = dict(prompt=PROMPT, maxTokens=MAX_TOKENS, temp=0)
+    got = run_page(web, tmp_path, [request], gpu=("--enable-unsafe-webgpu",))
+    assert got["errors"] == []
+    if got["provider"] == "webgpu":
+        pytest.skip("this WebGPU adapter runs fp16: nothing to fall back from")
+    assert "WebGPU failed" in got["fallback"] and "WebGPU failed" in got["status"]
+    ids = OnnxGenerator(onnx_dir).generate(PROMPT, MAX_TOKENS, stop_at_eos=False)[0].tokens
+    assert got["results"][0]["tokens"] == ids
 
 
 # -- Node: tokenizers.js (the page's tokenizer) and transformers.js -----------------------------
