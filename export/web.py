@@ -30,7 +30,7 @@ from onnx import helper, numpy_helper
 from mlx_transformer import atomic
 from mlx_transformer.errors import UserError
 
-from .contract import MODEL_FILE, POSITION_IDS, TOKENIZER_FILE, read_io
+from .contract import MODEL_FILE, POSITION_IDS, TOKENIZER_FILE, read_io, select_precision
 
 # Pinned; scripts/install_web_clients.sh installs the same versions.
 NPM_PACKAGES = {"onnxruntime-web": "1.30.0", "@huggingface/tokenizers": "0.2.0"}
@@ -220,15 +220,18 @@ def page_tokenizer_files(tokenizer_model: Path, context: int) -> dict[str, bytes
     return {name: json.dumps(files[name], ensure_ascii=False).encode() for name in HF_FILES}
 
 
-def write_web(onnx_dir: str | Path, out: str | Path, overwrite: bool = False) -> dict:
-    """Write the web page for the export at `onnx_dir` into `out` (atomically).
+def write_web(
+    onnx_dir: str | Path, out: str | Path, precision: str | None = None, overwrite: bool = False
+) -> dict:
+    """Write the web page for the export at `onnx_dir` into `out` (atomically), with the graph
+    of `precision` (default: the folder's first).
 
     Returns:
         web.json's contents.
     """
     onnx_dir, out = Path(onnx_dir), Path(out)
     atomic.check_output(out, WEB_PAGE, overwrite=overwrite, inputs=(onnx_dir,))
-    io = read_io(onnx_dir)
+    io = select_precision(read_io(onnx_dir), precision, onnx_dir)
     model_path = onnx_dir / io.get("model", MODEL_FILE)
     if not model_path.is_file():
         raise UserError(f"{model_path}: not found; re-export the model")
@@ -281,11 +284,14 @@ def write_web(onnx_dir: str | Path, out: str | Path, overwrite: bool = False) ->
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="ONNX_DIR", help="folder written by `export`")
     parser.add_argument("out", metavar="OUT", help="web folder to write (a new or empty one)")
+    parser.add_argument(
+        "--precision", help="which of the folder's precisions the page runs (default: its first)"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier web folder")
 
 
 def run(args: argparse.Namespace) -> int:
-    config = write_web(args.model, args.out, overwrite=args.overwrite)
+    config = write_web(args.model, args.out, args.precision, overwrite=args.overwrite)
     print(f"wrote {args.out}: {config['precision']} model, onnxruntime-web (WASM; WebGPU if any)")
     print(f"  serve it: python -m http.server -d {args.out} 8000, then open http://localhost:8000/")
     sys.stdout.flush()

@@ -213,20 +213,23 @@ def test_web_page_on_webgpu(exported, tmp_path):
 
 @pytest.mark.slow
 def test_web_page_falls_back_to_wasm(tmp_path, tiny_tokenizer_path):
-    """An fp16 graph on a WebGPU adapter without fp16 shaders (Chromium's software one): the
-    page says so and generates on WASM, the ONNX runtime's greedy ids."""
+    """The fp16 graph of an fp32 + fp16 export (`web --precision fp16`) on a WebGPU adapter
+    without fp16 shaders (Chromium's software one): the page says so and generates on WASM,
+    the ONNX runtime's greedy ids at that precision."""
     from export.runtime import OnnxGenerator
 
-    _, onnx_dir = export_random(tmp_path, "llama", tiny_tokenizer_path, precision="fp16")
+    _, onnx_dir = export_random(tmp_path, "llama", tiny_tokenizer_path, ["fp32", "fp16"])
     web = tmp_path / "web"
-    cli("web", str(onnx_dir), str(web))
+    cli("web", str(onnx_dir), str(web), "--precision", "fp16")
+    assert json.loads((web / "web.json").read_text())["precision"] == "fp16"
     request = dict(prompt=PROMPT, maxTokens=MAX_TOKENS, temp=0)
     got = run_page(web, tmp_path, [request], gpu=("--enable-unsafe-webgpu",))
     assert got["errors"] == []
     if got["provider"] == "webgpu":
         pytest.skip("this WebGPU adapter runs fp16: nothing to fall back from")
     assert "WebGPU failed" in got["fallback"] and "WebGPU failed" in got["status"]
-    ids = OnnxGenerator(onnx_dir).generate(PROMPT, MAX_TOKENS, stop_at_eos=False)[0].tokens
+    gen = OnnxGenerator(onnx_dir, precision="fp16")
+    ids = gen.generate(PROMPT, MAX_TOKENS, stop_at_eos=False)[0].tokens
     assert got["results"][0]["tokens"] == ids
 
 
@@ -322,6 +325,7 @@ def test_web_refuses_bad_input_in_one_line(tmp_path):
     cases = [
         ([str(tmp_path / "missing"), str(tmp_path / "out")], "io.json: not found"),
         ([str(no_tokenizer), str(tmp_path / "out")], "no tokenizer.model"),
+        ([str(no_tokenizer), str(tmp_path / "out"), "--precision", "int4"], "not int4"),
         ([str(no_tokenizer), str(users)], "users"),
         ([str(no_tokenizer), str(no_tokenizer)], "no-tokenizer"),
     ]
