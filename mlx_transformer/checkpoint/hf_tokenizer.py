@@ -6,12 +6,13 @@ Standard library plus sentencepiece's protobuf only: no MLX, no `tokenizers` nee
     files = hf_tokenizer_files(tokenizer, model_max_length=1024)  # {file name: JSON object}
     write_hf_tokenizer_files(tokenizer, out_dir)                  # writes them; returns the names
 
-`tokenizer.json` is a BPE model with byte fallback and no normalizer or pre-tokenizer, made
-exact by these choices:
+`tokenizer.json` is a BPE model with byte fallback, laid out as Llama 2's (the layout every
+client reads, onnxruntime-genai's tokenizer included), made exact by these choices:
 
-- Its vocabulary spells spaces as " ", not sentencepiece's "▁": a literal "▁" in the text is then
-  a character the vocabulary lacks, so it falls back to its three bytes, as `Tokenizer.encode`
-  does, and nothing adds a leading space. Merges are written as pairs (tokenizers >= 0.20).
+- The vocabulary keeps sentencepiece's "▁" for a space; a normalizer replaces " " by "▁" (and
+  nothing else: no leading space is added) and the decoder turns "▁" back into " ". The one
+  difference from `Tokenizer.encode`: a literal "▁" in the text, which ours encodes as its three
+  bytes, is read as a space piece here. Merges are written as pairs (tokenizers >= 0.20).
 - Merges are every split of a piece into two pieces, ranked by the piece's score: sentencepiece
   merges the adjacent pair whose result scores highest, so the order of merges is the same.
 - "\\n" and the user-defined tokens are added tokens matched whole, so the text is cut at each
@@ -22,7 +23,7 @@ exact by these choices:
   library unless `encode_special_tokens = True`, tokenizers.js and transformers.js) read a
   literal "<s>", "</s>", "<unk>" or "<pad>" in the text as that token: the one difference.
 
-Measured on a probe set (newlines, spaces, unicode, emoji, byte fallback, literal "▁") and the
+Measured on a probe set (newlines, spaces, unicode, emoji, byte fallback) and the
 embedded corpus: the same ids in transformers 4.57 and 5.x, tokenizers, tokenizers.js and
 transformers.js, for BPE and char models; decoding valid text round-trips. Invalid UTF-8 byte
 runs decode to U+FFFD in both, but not always as many of them.
@@ -78,7 +79,7 @@ def hf_tokenizer_files(
         elif p.type == types.BYTE:
             token = p.piece
         else:
-            token = p.piece.replace(_SPACE, " ")
+            token = p.piece
             if p.type == types.USER_DEFINED:
                 added.append(_added(i, token, special=False))
             else:
@@ -90,12 +91,16 @@ def hf_tokenizer_files(
             "truncation": None,
             "padding": None,
             "added_tokens": added,
-            "normalizer": None,
+            "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": _SPACE},
             "pre_tokenizer": None,
             "post_processor": None,
             "decoder": {
                 "type": "Sequence",
-                "decoders": [{"type": "ByteFallback"}, {"type": "Fuse"}],
+                "decoders": [
+                    {"type": "Replace", "pattern": {"String": _SPACE}, "content": " "},
+                    {"type": "ByteFallback"},
+                    {"type": "Fuse"},
+                ],
             },
             "model": {
                 "type": "BPE",
