@@ -107,15 +107,36 @@ try {
   page.on("requestfailed", (r) => errors.push(`${r.url()}: ${r.failure()?.errorText}`));
   await page.goto(url, { waitUntil: "load" });
   await page.waitForFunction(() => window.mlxTransformer, { timeout: 60000 });
+  const all = JSON.parse(requests);
   const results = await page.evaluate(async (requests) => {
     const ready = await window.mlxTransformer.ready;
     const results = [];
     for (const { logits, ...request } of requests) {
-      const run = logits ? window.mlxTransformer.logits : window.mlxTransformer.generate;
-      results.push(await run(request));
+      if (logits) {
+        results.push(await window.mlxTransformer.logits(request));
+        continue;
+      }
+      const segments = [];
+      const onText = (t) => segments.push(t);
+      const out = await window.mlxTransformer.generate({ ...request, onText });
+      results.push({ ...out, segments });
     }
     return { ...ready, results, status: document.getElementById("status").textContent };
-  }, JSON.parse(requests));
+  }, all.filter((r) => !r.ui));
+  // What a user does: type a prompt, set greedy, click Generate, read the output.
+  for (const { prompt, maxTokens } of all.filter((r) => r.ui)) {
+    const set = (id, value) => page.$eval(id, (el, v) => { el.value = v; }, String(value));
+    await set("#prompt", prompt);
+    await set("#max-tokens", maxTokens);
+    await set("#temp", 0);
+    await page.click("#generate");
+    await page.waitForFunction(
+      () => / tokens in /.test(document.getElementById("status").textContent), { timeout: 120000 });
+    results.results.push({
+      output: await page.$eval("#output", (el) => el.textContent),
+      status: await page.$eval("#status", (el) => el.textContent),
+    });
+  }
   console.log(JSON.stringify({ ...results, errors }));
 } finally {
   await browser.close();
@@ -169,13 +190,17 @@ def test_web_page_greedy_matches_generate(exported, tmp_path):
     greedy = dict(prompt=PROMPT, maxTokens=MAX_TOKENS, temp=0)
     sampled = dict(prompt=PROMPT, maxTokens=MAX_TOKENS, temp=1.0, topK=20, seed=7)
     last = dict(prompt=PROMPT, logits=True)
-    requests = [greedy, sampled, sampled, {**sampled, "topK": 1}, {**greedy, "maxTokens": 0}, last]
+    ui = dict(prompt=PROMPT, maxTokens=MAX_TOKENS, ui=True)
+    top1, none = {**sampled, "topK": 1}, {**greedy, "maxTokens": 0}
+    requests = [greedy, sampled, sampled, top1, none, last, ui]
     got = run_page(web, tmp_path, requests)
     assert got["errors"] == []
     assert got["provider"] == "wasm"  # --disable-gpu: no adapter
-    page, first, again, top1, none, logits = got["results"]
+    page, first, again, top1, none, logits, typed = got["results"]
     assert len(page["tokens"]) == MAX_TOKENS and page["finishReason"] == "length"
-    assert page["text"] == want
+    assert page["text"] == want == "".join(page["segments"])  # streamed in pieces
+    assert len(page["segments"]) > 1
+    assert typed["output"] == PROMPT + want, typed["status"]
     ids = OnnxGenerator(onnx_dir).generate(PROMPT, MAX_TOKENS, stop_at_eos=False)[0].tokens
     assert page["tokens"] == ids
     assert first["tokens"] == again["tokens"] != page["tokens"]
