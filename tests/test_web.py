@@ -79,10 +79,12 @@ def export_random(root: Path, shape: str, tokenizer: Path, precision="fp32") -> 
 
 
 @pytest.fixture(scope="module", params=list(SHAPES))
-def exported(request, tmp_path_factory, tiny_tokenizer_path):
-    """(checkpoint, ONNX export, the text `generate --temp 0` writes) of a random model."""
+def exported(request, tmp_path_factory, tiny_tokenizer_path, tiny_char_tokenizer_path):
+    """(checkpoint, ONNX export, the text `generate --temp 0` writes) of a random model; BPE
+    tokenizer, characters for the paper's shape."""
     root = tmp_path_factory.mktemp(request.param)
-    ckpt, onnx_dir = export_random(root, request.param, tiny_tokenizer_path)
+    tokenizer = tiny_char_tokenizer_path if request.param == "paper" else tiny_tokenizer_path
+    ckpt, onnx_dir = export_random(root, request.param, tokenizer)
     done = cli("generate", "--model", str(ckpt), "--prompt", PROMPT, "--temp", "0",
                "--max-tokens", str(MAX_TOKENS))  # fmt: skip
     assert done.stdout.endswith("\n")
@@ -219,8 +221,10 @@ def _onnx_logits(onnx_dir: Path) -> np.ndarray:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("exported", ["llama", "paper"], indirect=True)  # RoPE, sinusoidal
 def test_web_page_on_webgpu(exported, tmp_path):
-    """The page on Chromium's software WebGPU adapter (SwiftShader): greedy text and logits."""
+    """The page on Chromium's software WebGPU adapter (SwiftShader): greedy text and logits,
+    with positions' sin/cos from tables (computed on this adapter: up to 6e-4 off)."""
     ckpt, onnx_dir, want = exported
     web = tmp_path / "web"
     cli("web", str(onnx_dir), str(web))
@@ -363,7 +367,7 @@ def test_web_refuses_bad_input_in_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_web_offline_is_one_line(tmp_path, tiny_tokenizer_path):
-    """No npm cache and no registry: one line that says so; nothing is written."""
+    """No npm cache and no registry, or no npm: one line that says so; nothing is written."""
     if shutil.which("npm") is None:
         pytest.skip(f"npm is not installed; {INSTALL}")
     onnx_dir = export_random(tmp_path, "gpt2", tiny_tokenizer_path)[1]
@@ -381,6 +385,12 @@ def test_web_offline_is_one_line(tmp_path, tiny_tokenizer_path):
     )  # fmt: skip
     _refused(done, "could not install onnxruntime-web@")
     assert "offline" in done.stderr and not out.exists()
+    done = subprocess.run(
+        [sys.executable, "-m", "mlx_transformer", "web", str(onnx_dir), str(out)],
+        capture_output=True, text=True, cwd=REPO, env={**env, "PATH": ""},
+    )  # fmt: skip
+    _refused(done, "npm is not installed")
+    assert not out.exists()
 
 
 def test_install_script_pins_the_pages_versions():
