@@ -267,7 +267,8 @@ def write_web(
             shutil.copyfile(source, tmp / name)
         for name, content in tokenizer.items():
             (tmp / name).write_bytes(content)
-        onnx.save_model(graph, tmp / MODEL_FILE)  # weights stay where they are: external_data
+        # The graph as is: its weights stay in the external data files copied beside it.
+        (tmp / MODEL_FILE).write_bytes(graph.SerializeToString())
         for name in external:
             shutil.copyfile(model_path.parent / name, tmp / name)
         (tmp / WEB_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
@@ -499,7 +500,9 @@ async function forward(model, input, total, past) {
 
 function promptIds(model, prompt) {
   const ids = model.tokenizer.encode(prompt, { add_special_tokens: false }).ids;
-  return ids.length ? ids : [model.config.eos];  // an empty prompt starts a new document
+  if (ids.length) return ids;
+  if (model.config.eos < 0) throw new Error("the prompt is empty and the tokenizer has no EOS");
+  return [model.config.eos];  // an empty prompt starts a new document, as in training
 }
 
 // Generate from `prompt` (text) or `ids`; onText(segment) gets the text as it becomes final.

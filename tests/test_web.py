@@ -65,8 +65,11 @@ def node(script: str, *args: str, timeout: int = 240) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def export_random(root: Path, shape: str, tokenizer: Path, precision="fp32") -> tuple[Path, Path]:
-    """(checkpoint, ONNX export) of a random model of `shape` with `tokenizer`."""
+def export_random(
+    root: Path, shape: str, tokenizer: Path, precision="fp32", external=False
+) -> tuple[Path, Path]:
+    """(checkpoint, ONNX export) of a random model of `shape` with `tokenizer`; its weights in
+    external data with `external`."""
     from export.exporter import export_onnx
     from mlx_transformer.checkpoint.mlx_io import save_checkpoint
     from mlx_transformer.tokenizer import Tokenizer
@@ -74,17 +77,20 @@ def export_random(root: Path, shape: str, tokenizer: Path, precision="fp32") -> 
     vocab = Tokenizer.load(tokenizer).vocab_size
     config = tiny_config(vocab_size=vocab, max_position_embeddings=64, **SHAPES[shape])
     ckpt = save_checkpoint(root / "ckpt", random_model(config), tokenizer_path=tokenizer)
-    export_onnx(ckpt, root / "onnx", precision=precision, measure=False)
+    threshold = {"external_data_threshold": 0} if external else {}
+    export_onnx(ckpt, root / "onnx", precision=precision, measure=False, **threshold)
     return ckpt, root / "onnx"
 
 
 @pytest.fixture(scope="module", params=list(SHAPES))
 def exported(request, tmp_path_factory, tiny_tokenizer_path, tiny_char_tokenizer_path):
     """(checkpoint, ONNX export, the text `generate --temp 0` writes) of a random model; BPE
-    tokenizer, characters for the paper's shape."""
+    tokenizer, characters for the paper's shape; the Llama's weights in external data."""
     root = tmp_path_factory.mktemp(request.param)
     tokenizer = tiny_char_tokenizer_path if request.param == "paper" else tiny_tokenizer_path
-    ckpt, onnx_dir = export_random(root, request.param, tokenizer)
+    external = request.param == "llama"
+    ckpt, onnx_dir = export_random(root, request.param, tokenizer, external=external)
+    assert any((onnx_dir / "onnx").glob("*_data")) == external
     done = cli("generate", "--model", str(ckpt), "--prompt", PROMPT, "--temp", "0",
                "--max-tokens", str(MAX_TOKENS))  # fmt: skip
     assert done.stdout.endswith("\n")
