@@ -11,6 +11,7 @@ if [[ "$(uname -s)-$(uname -m)" == Linux-x86_64 && -z "${MLX_TRANSFORMER_NO_WEBG
     echo "test: WebGPU provider not installed; its tests will be skipped" >&2
 fi
 scripts/install_web_clients.sh || echo "test: web clients not installed; their tests will be skipped" >&2
+scripts/install_optimum.sh || echo "test: optimum not installed; its tests will be skipped" >&2
 py="${VIRTUAL_ENV:-.venv}/bin/python"
 # MLX's Linux CPU matmuls on an optimized OpenBLAS: the command line re-executes itself with it
 # preloaded; pytest cannot, so the preload is set here, before pytest starts.
