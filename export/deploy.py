@@ -247,7 +247,7 @@ print(tokenizer.decode(generator.get_sequence(0)))
 ```
 
 ```python
-# optimum-onnx 0.1.0 needs transformers < 4.58: not run by our tests, which use 5.x
+# optimum + optimum-onnx 0.1.0 (it needs transformers < 4.58)
 from optimum.onnxruntime import ORTModelForCausalLM
 
 model = ORTModelForCausalLM.from_pretrained("THIS_FOLDER", subfolder="onnx",
