@@ -25,6 +25,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mlx_transformer.checkpoint.hf_config import hf_config as family_config
+from mlx_transformer.checkpoint.hf_config import is_gpt2, is_llama, token_ids
 from mlx_transformer.config import ModelConfig
 
 from .contract import ATTENTION_MASK, INPUT_IDS, LOGITS, PAST, POSITION_IDS, PRESENT
@@ -35,36 +37,6 @@ README_FILE = "README.md"
 # transformers.js's `dtype` option for each precision's file name (contract.MODEL_FILES).
 TRANSFORMERS_JS_DTYPES = {"fp32": "fp32", "fp16": "fp16", "int8": "q8", "int4": "q4"}
 
-_HF_ACT = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu", "swiglu": "silu"}
-
-
-def is_gpt2(c: ModelConfig) -> bool:
-    """Exactly GPT-2's architecture (any activation Hugging Face's GPT-2 takes)."""
-    return (
-        c.norm_position == "pre"
-        and not c.scale_embeddings
-        and c.position_encoding == "learned"
-        and c.norm_type == "layernorm"
-        and c.hidden_act != "swiglu"
-        and c.attention_bias
-        and c.mlp_bias
-        and c.tie_word_embeddings
-        and c.num_key_value_heads == c.num_attention_heads
-        and c.head_dim * c.num_attention_heads == c.hidden_size
-    )
-
-
-def is_llama(c: ModelConfig) -> bool:
-    """Exactly Llama's architecture (rotary in halves, pre-norm RMSNorm, SwiGLU)."""
-    return (
-        c.norm_position == "pre"
-        and not c.scale_embeddings
-        and c.position_encoding == "rope"
-        and not c.rope_traditional
-        and c.norm_type == "rmsnorm"
-        and c.hidden_act == "swiglu"
-    )
-
 
 def hf_family(config: ModelConfig) -> tuple[str, bool]:
     """(model_type of config.json, whether that family describes the model itself and not only
@@ -74,54 +46,10 @@ def hf_family(config: ModelConfig) -> tuple[str, bool]:
     return "llama", is_llama(config)
 
 
-def _token_ids(special: dict | None) -> dict:
-    special = special or {}
-    return {
-        f"{name}_token_id": special[name]
-        for name in ("bos", "eos", "pad")
-        if special.get(name, -1) >= 0
-    }
-
-
 def hf_config(config: ModelConfig, special_tokens: dict | None) -> dict:
     """The Hugging Face config.json that describes the exported graph (see the module doc)."""
-    c = config
-    family, exact = hf_family(c)
-    if family == "gpt2":
-        hf = {
-            "architectures": ["GPT2LMHeadModel"],
-            "model_type": "gpt2",
-            "vocab_size": c.vocab_size,
-            "n_embd": c.hidden_size,
-            "n_layer": c.num_hidden_layers,
-            "n_head": c.num_attention_heads,
-            "n_inner": c.intermediate_size,
-            "n_positions": c.max_position_embeddings,
-            "n_ctx": c.max_position_embeddings,
-            "activation_function": _HF_ACT[c.hidden_act],
-            "layer_norm_epsilon": c.norm_eps,
-            "tie_word_embeddings": True,
-        }
-    else:
-        hf = {
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
-            "vocab_size": c.vocab_size,
-            "hidden_size": c.hidden_size,
-            "intermediate_size": c.intermediate_size,
-            "num_hidden_layers": c.num_hidden_layers,
-            "num_attention_heads": c.num_attention_heads,
-            "num_key_value_heads": c.num_key_value_heads,
-            "head_dim": c.head_dim,
-            "max_position_embeddings": c.max_position_embeddings,
-            "hidden_act": _HF_ACT[c.hidden_act],
-            "rms_norm_eps": c.norm_eps,
-            "rope_theta": c.rope_theta,
-            "attention_bias": c.attention_bias,
-            "mlp_bias": c.mlp_bias,
-            "tie_word_embeddings": c.tie_word_embeddings,
-        }
-    hf.update(_token_ids(special_tokens), use_cache=True)
+    family, exact = hf_family(config)
+    hf = {**family_config(config, family, special_tokens), "use_cache": True}
     if not exact:
         hf["mlx_transformer_note"] = (
             "no Hugging Face family describes this model; this config describes the ONNX "
@@ -133,7 +61,7 @@ def hf_config(config: ModelConfig, special_tokens: dict | None) -> dict:
 def genai_config(config: ModelConfig, model_file: str, special_tokens: dict | None) -> dict:
     """onnxruntime-genai's genai_config.json for the graph in `model_file` (relative path)."""
     c = config
-    ids = _token_ids(special_tokens)
+    ids = token_ids(config, special_tokens)
     return {
         "model": {
             "type": "llama",

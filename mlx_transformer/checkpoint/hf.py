@@ -38,6 +38,7 @@ from .format import (  # a Hugging Face folder uses the same file names as ours
     check_tensor_shapes,
     read_safetensors_header,
 )
+from .hf_config import hf_config, is_gpt2, is_llama
 from .hf_tokenizer import HF_TOKENIZER_FILES, hf_tokenizer_files
 from .mlx_io import load_checkpoint, save_checkpoint
 
@@ -257,29 +258,9 @@ def import_hf(hf_dir: str | Path) -> Transformer:
 
 def hf_family(config: ModelConfig) -> str:
     """ "gpt2" or "llama" when the configuration is exactly one of theirs; else a UserError."""
-    c = config
-    common = c.norm_position == "pre" and not c.scale_embeddings
-    gpt2 = (
-        common
-        and c.position_encoding == "learned"
-        and c.norm_type == "layernorm"
-        and c.hidden_act != "swiglu"
-        and c.attention_bias
-        and c.mlp_bias
-        and c.tie_word_embeddings
-        and c.num_key_value_heads == c.num_attention_heads
-        and c.head_dim * c.num_attention_heads == c.hidden_size
-    )
-    llama = (
-        common
-        and c.position_encoding == "rope"
-        and not c.rope_traditional
-        and c.norm_type == "rmsnorm"
-        and c.hidden_act == "swiglu"
-    )
-    if gpt2:
+    if is_gpt2(config):
         return "gpt2"
-    if llama:
+    if is_llama(config):
         return "llama"
     raise UserError(
         "this configuration matches neither GPT-2 (learned positions, pre-norm "
@@ -313,50 +294,10 @@ def to_hf(
     as `Tokenizer.special_ids`; default: the ids tokenizers trained here have) go into
     config.json as bos/eos/pad_token_id."""
     c, w = model.config, dict(tree_flatten(model.parameters()))
-    special = SPECIAL_IDS if special_ids is None else special_ids
-    token_ids = {
-        f"{name}_token_id": special[name]
-        for name in ("bos", "eos", "pad")
-        if 0 <= special.get(name, -1) < c.vocab_size
-    }
-    if hf_family(c) == "llama":
-        hf = {
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
-            "vocab_size": c.vocab_size,
-            "hidden_size": c.hidden_size,
-            "intermediate_size": c.intermediate_size,
-            "num_hidden_layers": c.num_hidden_layers,
-            "num_attention_heads": c.num_attention_heads,
-            "num_key_value_heads": c.num_key_value_heads,
-            "head_dim": c.head_dim,
-            "max_position_embeddings": c.max_position_embeddings,
-            "hidden_act": "silu",
-            "rms_norm_eps": c.norm_eps,
-            "rope_theta": c.rope_theta,
-            "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
-            "attention_bias": c.attention_bias,
-            "mlp_bias": c.mlp_bias,
-            "tie_word_embeddings": c.tie_word_embeddings,
-            **token_ids,
-        }
+    family = hf_family(c)
+    hf = hf_config(c, family, SPECIAL_IDS if special_ids is None else special_ids)
+    if family == "llama":
         return hf, {llama_name(k): v for k, v in w.items()}
-    act = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}[c.hidden_act]
-    hf = {
-        "architectures": ["GPT2LMHeadModel"],
-        "model_type": "gpt2",
-        "vocab_size": c.vocab_size,
-        "n_embd": c.hidden_size,
-        "n_layer": c.num_hidden_layers,
-        "n_head": c.num_attention_heads,
-        "n_inner": c.intermediate_size,
-        "n_positions": c.max_position_embeddings,
-        "n_ctx": c.max_position_embeddings,  # mlx-lm requires it (transformers ignores it)
-        "activation_function": act,
-        "layer_norm_epsilon": c.norm_eps,
-        "tie_word_embeddings": True,
-        **token_ids,
-    }
     # Named as openai's GPT-2 checkpoint names them: transformers adds its "transformer."
     # prefix itself, and mlx-lm accepts only these names.
     out = {
