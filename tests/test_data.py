@@ -1,7 +1,6 @@
 """Data pipeline: prepare (shards, splits, manifest, errors, atomicity) and numpy batching."""
 
 import fcntl
-import hashlib
 import json
 import os
 import pty
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import fingerprint
 
 from mlx_transformer.cli import main
 from mlx_transformer.data import encode as prepare_encode
@@ -236,16 +236,6 @@ def test_cli_prepare(tmp_path, corpus_file, tok, capsys):
         f"mlx-transformer prepare: error: {bad}: invalid UTF-8 at byte 0 (line 1); fix the file "
         "or pass --replace-invalid-utf8 to read bad bytes as U+FFFD"
     )
-
-
-def fingerprint(root: Path) -> dict[str, str]:
-    """sha256 of every file under `root` and every folder: any change, loss or leftover shows."""
-    return {
-        str(p.relative_to(root)): "folder"
-        if p.is_dir()
-        else hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*"))
-    }
 
 
 def one_error_line(err: str, command: str = "prepare") -> str:

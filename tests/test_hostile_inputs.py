@@ -10,7 +10,6 @@ line on stderr naming the command, no traceback, and every file that was there b
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -21,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from helpers import add_user_files, fingerprint
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "mlx_transformer/data/corpus/tinyshakespeare.txt"
@@ -58,26 +58,9 @@ def pristine(tmp_path_factory) -> Path:
     for argv in steps:
         proc = cli(*argv, cwd=world)
         assert proc.returncode == 0, (argv, proc.stderr.decode()[-2000:])
-    (world / "notes").mkdir()
-    (world / "notes/todo.md").write_text("my notes\n")
-    (world / "webapp").mkdir()
-    (world / "webapp/manifest.json").write_text('{"name": "my-web-app"}\n')
-    (world / "webapp/index.html").write_text("<html></html>\n")
-    (world / "file.txt").write_text("a plain file\n")
+    add_user_files(world)
     (world / "binary.bin").write_bytes(bytes(range(256)) * 64)
     return world
-
-
-def fingerprint(world: Path) -> dict[str, str]:
-    """sha256 of every file (symlinks by their target), so any change or loss shows."""
-    out = {}
-    for path in sorted(world.rglob("*")):
-        rel = str(path.relative_to(world))
-        if path.is_symlink():
-            out[rel] = "-> " + os.readlink(path)
-        elif path.is_file():
-            out[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return out
 
 
 # -- ways to spoil a copy of the world -------------------------------------------------------------
@@ -277,14 +260,14 @@ def test_user_error_is_one_line_exit_2_and_nothing_changes(pristine, tmp_path, s
     world = tmp_path / "world"
     shutil.copytree(pristine, world, symlinks=True)
     spoil(world)
-    before = fingerprint(world)
+    before = fingerprint(world, folders=False)
     proc = cli(*argv, cwd=world)
     err = proc.stderr.decode(errors="replace").strip()
     assert "Traceback" not in err, err[-3000:]
     assert proc.returncode == 2, (proc.returncode, err[-2000:])
     assert len(err.splitlines()) == 1, err
     assert err.startswith(f"mlx-transformer {argv[0]}: error: "), err
-    assert fingerprint(world) == before
+    assert fingerprint(world, folders=False) == before
     assert not (world / "NEW").exists()
 
 
@@ -326,7 +309,7 @@ def test_a_full_or_read_only_disk_is_one_line_and_leaves_it_as_it_was(
     (small_disk / "kept.txt").write_text("what was on the disk before\n")
     if read_only:
         subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
-    before = fingerprint(world), fingerprint(small_disk)
+    before = fingerprint(world, folders=False), fingerprint(small_disk, folders=False)
     argv = [a.format(disk=small_disk) for a in argv]
     proc = cli(*argv, cwd=world)
     err = proc.stderr.decode(errors="replace").strip()
@@ -334,7 +317,7 @@ def test_a_full_or_read_only_disk_is_one_line_and_leaves_it_as_it_was(
     assert proc.returncode == 2, (proc.returncode, err[-2000:])
     assert err.splitlines()[-1].startswith(f"mlx-transformer {argv[0]}: error: "), err
     assert len(err.splitlines()) == 1 or argv[0] == "train", err  # train's bar may come first
-    assert (fingerprint(world), fingerprint(small_disk)) == before
+    assert (fingerprint(world, folders=False), fingerprint(small_disk, folders=False)) == before
 
 
 def test_two_trainings_on_one_folder_the_second_is_refused(pristine, tmp_path):

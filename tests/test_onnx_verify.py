@@ -6,7 +6,6 @@ Budgets against trained models (matched and mismatched pairs) are in test_onnx_p
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 
@@ -14,6 +13,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from helpers import fingerprint
 from onnx import TensorProto, helper
 from test_model import CONFIGS, random_model, tiny_config
 
@@ -56,15 +56,6 @@ def exports(ckpt, tmp_path_factory):
     for precision in BUDGETS:
         export_onnx(ckpt, root / precision, precision=precision, measure=False)
     return {precision: root / precision for precision in BUDGETS}
-
-
-def fingerprint(*folders) -> dict[str, str]:
-    return {
-        str(p): hashlib.sha256(p.read_bytes()).hexdigest()
-        for folder in folders
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
 
 
 @pytest.mark.parametrize("flavour", ["portable", "ort"])
@@ -229,12 +220,12 @@ def test_verify_refuses_options_that_cannot_work(option, ckpt, exports, tmp_path
     notes = tmp_path / "notes.txt"
     notes.write_text("my notes\n")
     option = [str(notes) if arg == "FILE" else arg for arg in option]
-    before = fingerprint(out, tmp_path, ckpt)
+    before = fingerprint(out, tmp_path, ckpt, folders=False)
     assert main(["verify", str(ckpt), str(out), *option]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("mlx-transformer verify: error: "), err
     assert "Traceback" not in err
-    assert fingerprint(out, tmp_path, ckpt) == before
+    assert fingerprint(out, tmp_path, ckpt, folders=False) == before
 
 
 def test_verify_api_refuses_non_positive_tokens(ckpt, exports):

@@ -9,7 +9,6 @@ Every case runs the real command line on a fresh copy of a small world and compa
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -17,6 +16,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from helpers import add_user_files, fingerprint
 
 from mlx_transformer import atomic
 from mlx_transformer.cli import main
@@ -73,12 +73,7 @@ def pristine(tmp_path_factory) -> Path:
     ]  # fmt: skip
     for argv in steps:
         assert cli(world, *argv) == 0, argv
-    (world / "notes").mkdir()
-    (world / "notes/todo.md").write_text("my notes\n")
-    (world / "webapp").mkdir()
-    (world / "webapp/manifest.json").write_text('{"name": "my-web-app"}\n')
-    (world / "webapp/index.html").write_text("<html></html>\n")
-    (world / "file.txt").write_text("a plain file\n")
+    add_user_files(world)
     (world / "empty").mkdir()
     return world
 
@@ -88,21 +83,6 @@ def world(pristine, tmp_path) -> Path:
     copy = tmp_path / "world"
     shutil.copytree(pristine, copy, symlinks=True)
     return copy
-
-
-def fingerprint(world: Path) -> dict[str, str]:
-    """sha256 of every file, the target of every symlink, and every folder: any change, loss or
-    leftover (a temporary folder, a new parent folder) shows."""
-    out = {}
-    for path in sorted(world.rglob("*")):
-        rel = str(path.relative_to(world))
-        if path.is_symlink():
-            out[rel] = "-> " + os.readlink(path)
-        elif path.is_dir():
-            out[rel] = "folder"
-        else:
-            out[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return out
 
 
 # -- refused: one line, exit 2, nothing touched ----------------------------------------------------

@@ -9,7 +9,6 @@ for byte as they were. Tiny models (test_train.TINY) on the ~50 KB corpus.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import resource
@@ -23,6 +22,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from helpers import fingerprint
 from test_train import data_dir, targs, weights  # noqa: F401  data_dir is a fixture
 from test_train_step import TINY
 
@@ -34,23 +34,11 @@ ROOT = Path(__file__).resolve().parents[1]
 ARCH = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
 
 
-def fingerprint(folder: Path) -> dict[str, str]:
-    """sha256 of every file under `folder` (symlinks by their target), by relative path."""
-    out = {}
-    for path in sorted(folder.rglob("*")):
-        rel = str(path.relative_to(folder))
-        if path.is_symlink():
-            out[rel] = "-> " + os.readlink(path)
-        elif path.is_file():
-            out[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return out
-
-
 def checkpoints(run: Path) -> dict[str, str]:
     """What a run must never lose: its checkpoints, best/ and where latest points."""
     prints = {"latest": os.readlink(run / "latest")}
     for name in ("checkpoints", "best"):
-        prints.update({f"{name}/{k}": v for k, v in fingerprint(run / name).items()})
+        prints.update({f"{name}/{k}": v for k, v in fingerprint(run / name, folders=False).items()})
     return prints
 
 
@@ -364,12 +352,12 @@ def test_resume_from_nan_adapters_names_the_weights(base_run, data_dir, tmp_path
     init = str(base_run / "latest")
     train(targs(data_dir, out, lora=True, init_from=init, model={}, max_steps=2, save_every=2))
     name = poison(out / "latest" / "adapters.safetensors")
-    before = fingerprint(out)
+    before = fingerprint(out, folders=False)
     code, err = cli(capsys, "train", "--data", data_dir, "--out", out, "--resume", "--max-steps", 4)
     line = one_line(err)
     assert code == 2 and "non-finite weights" in line and name in line
     assert "learning-rate" not in line
-    assert fingerprint(out) == before
+    assert fingerprint(out, folders=False) == before
 
 
 # -- damaged files and disks ----------------------------------------------------------------------
@@ -387,11 +375,11 @@ def test_resume_from_a_cut_file_names_it(run, data_dir, capsys, file):  # noqa: 
     path = run / file
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    before = fingerprint(run)
+    before = fingerprint(run, folders=False)
     code, err = cli(capsys, "train", "--data", data_dir, "--out", run, "--resume", "--max-steps", 6)
     assert code == 2
     assert f"{path}" in one_line(err)
-    assert fingerprint(run) == before
+    assert fingerprint(run, folders=False) == before
 
 
 @pytest.fixture
@@ -443,11 +431,11 @@ def test_full_disk_during_training_keeps_the_checkpoints(small_disk, base_run, d
 def test_read_only_disk_is_one_line(small_disk, base_run, data_dir, capsys):  # noqa: F811
     run = small_disk / "run"
     shutil.copytree(base_run, run, symlinks=True)
-    before = fingerprint(small_disk)
+    before = fingerprint(small_disk, folders=False)
     subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
     code, err = cli(capsys, "train", "--data", data_dir, "--out", run, "--resume", "--max-steps", 6)
     assert code == 2 and "Read-only file system" in one_line(err)
-    assert fingerprint(small_disk) == before
+    assert fingerprint(small_disk, folders=False) == before
 
 
 # -- what a killed writer left ---------------------------------------------------------------------
@@ -457,7 +445,7 @@ def test_a_killed_writers_leftovers_are_cleared(run, data_dir, capsys):  # noqa:
     """kill -9 while saving leaves `.step_N.tmp-PID/`, `.best.tmp-PID/`, `.best.old-PID/` (best/
     set aside, not yet replaced) and, in a rotation, `.step_N.del-PID/` (half deleted): the next
     `train` clears them and puts best/ back. A live PID's entries are left alone."""
-    best = fingerprint(run / "best")
+    best = fingerprint(run / "best", folders=False)
     pid = dead_pid()
     for name in (f"checkpoints/.step_000006.tmp-{pid}", f".best.tmp-{pid}"):
         (run / name).mkdir()
@@ -484,4 +472,4 @@ def test_a_killed_writers_leftovers_are_cleared(run, data_dir, capsys):  # noqa:
             "step_000004",
         ]
     )
-    assert fingerprint(run / "best") == best
+    assert fingerprint(run / "best", folders=False) == best

@@ -10,7 +10,6 @@ KV caches larger than memory, bytes that are not UTF-8 in a prompt, out-of-range
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import re
@@ -24,6 +23,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from helpers import fingerprint
 from test_model import random_model, tiny_config
 
 from export import export_onnx
@@ -37,15 +37,6 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 # -- helpers ---------------------------------------------------------------------------------------
-
-
-def fingerprint(root: Path) -> dict[str, str]:
-    """Every path under `root` with the sha256 of its bytes (folders: "dir")."""
-    out = {}
-    for path in sorted([root, *root.rglob("*")]):
-        rel = str(path.relative_to(root))
-        out[rel] = "dir" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
-    return out
 
 
 def refused(capsys, argv: list[str], match: str, watched: Path) -> str:
