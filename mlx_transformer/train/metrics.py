@@ -1,13 +1,16 @@
-"""metrics.jsonl and loss.png of a run folder: the log appended line by line, the curve redrawn
-off the training thread."""
+"""metrics.jsonl and loss.png of a run folder (the log appended line by line, the curve redrawn
+off the training thread), and the numbers and progress bar behind each log line."""
 
 from __future__ import annotations
 
 import io
 import json
+import sys
 import threading
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from .. import atomic
 
@@ -97,3 +100,40 @@ class Plotter:
         error, self._error = self._error, None
         if error is not None:
             raise error
+
+
+class StepWindow:
+    """Train losses and step times since the last metrics line."""
+
+    def __init__(self):
+        self.reset()
+        self.last_loss = self.last_norm = float("nan")
+
+    def reset(self) -> None:
+        self.losses: list[float] = []
+        self.seconds: list[float] = []
+
+    def add(self, loss: float, norm: float, seconds: float) -> None:
+        self.losses.append(loss)
+        self.seconds.append(seconds)
+        self.last_loss, self.last_norm = loss, norm
+
+    def mean_loss(self) -> float:
+        return sum(self.losses) / len(self.losses)
+
+    def tokens_per_sec(self, tokens_per_step: int) -> float:
+        # The first step of a window may include compilation; a median is robust to it.
+        return tokens_per_step / float(np.median(self.seconds[-50:]))
+
+
+def progress_bar(args, rank: int, start: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=args.max_steps,
+        initial=start,
+        unit="step",
+        dynamic_ncols=True,
+        disable=not args.progress or rank != 0,
+        file=sys.stderr,
+    )

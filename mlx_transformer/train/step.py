@@ -29,6 +29,7 @@ from mlx.utils import tree_flatten, tree_map
 
 from .. import ops
 from ..data.batches import Batch
+from ..errors import UserError
 from ..model import Transformer
 
 # A data.Batch as the compiled step takes it: (inputs, targets, loss_mask, attention_mask),
@@ -247,6 +248,32 @@ def step_memory(config, batch_size: int, length: int, precision: str, trainable:
     per_token = config.num_hidden_layers * per_layer * act_bytes + 3 * V * 4 + 4 * 4
     state_bytes = 2 if precision == "bfloat16-pure" else 4
     return batch_size * length * per_token + 3 * trainable * state_bytes
+
+
+def check_step_memory(
+    config, batch_size: int, length: int, precision: str, trainable: int, have: int | None
+) -> None:
+    """Refuse a micro-batch that cannot fit in `have` bytes (None: unknown, allowed)."""
+    need = step_memory(config, batch_size, length, precision, trainable)
+    if have is None or need <= have:
+        return
+    fits = batch_size * have // need  # an upper bound: `need` is a lower one
+    hint = (
+        f"lower --batch-size (more than {fits} cannot fit; --grad-accumulation keeps the "
+        "effective batch)"
+        if fits
+        else "use a smaller model or --context-length"
+    )
+    raise UserError(
+        f"--batch-size {batch_size} at {length} tokens per sequence needs at least "
+        f"{_gb(need)} of memory for one training step, and {_gb(have)} is available; {hint}"
+    )
+
+
+def _gb(n: int) -> str:
+    if n >= 1e12:
+        return f"{n / 1e12:,.1f} TB"
+    return f"{n / 1e9:,.1f} GB" if n >= 1e8 else f"{n / 1e6:,.1f} MB"
 
 
 def make_optimizer(args, params: dict) -> optim.Optimizer:

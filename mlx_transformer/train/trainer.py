@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -47,7 +46,7 @@ from .evaluate import (
     val_bytes_per_token,
     validation_batches,
 )
-from .metrics import MetricsLog, Plotter
+from .metrics import MetricsLog, Plotter, StepWindow, progress_bar
 from .model_setup import build_model
 from .run_folder import (
     RunFolder,
@@ -55,15 +54,14 @@ from .run_folder import (
     restore_optimizer,
     write_checkpoint,
 )
+from .signals import EXIT_CODES, StopRequest
 from .step import (
     Stepper,
+    check_step_memory,
     loss_sum,
     make_optimizer,
-    step_memory,
     to_mx,
 )
-
-EXIT_CODES = {"completed": 0, "SIGINT": 130, "SIGTERM": 143}
 
 
 class TrainingDiverged(UserError):
@@ -99,28 +97,6 @@ def step_seed(seed: int, rank: int, step: int) -> int:
 
 
 # -- the loop -----------------------------------------------------------------------------------
-
-
-class StopRequest:
-    """SIGINT/SIGTERM set a flag; the loop finishes its step, saves and exits. A second
-    signal gets the default behaviour (KeyboardInterrupt / termination)."""
-
-    def __init__(self):
-        self.signal: str | None = None
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self) -> StopRequest:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.signal = signal.Signals(signum).name
-        signal.signal(signum, self._old.get(signum, signal.SIG_DFL))
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
 
 
 class Trainer:
@@ -237,20 +213,8 @@ class Trainer:
             if len(examples):
                 length = min(length, max(1, int(examples[:, 3].max()) - 1))
         trainable = sum(v.size for _, v in tree_flatten(self.model.trainable_parameters()))
-        need = step_memory(config, args.batch_size, length, args.precision, trainable)
-        have = device_memory_available()
-        if have is None or need <= have:
-            return
-        fits = args.batch_size * have // need  # an upper bound: `need` is a lower one
-        hint = (
-            f"lower --batch-size (more than {fits} cannot fit; --grad-accumulation keeps the "
-            "effective batch)"
-            if fits
-            else "use a smaller model or --context-length"
-        )
-        raise UserError(
-            f"--batch-size {args.batch_size} at {length} tokens per sequence needs at least "
-            f"{_gb(need)} of memory for one training step, and {_gb(have)} is available; {hint}"
+        check_step_memory(
+            config, args.batch_size, length, args.precision, trainable, device_memory_available()
         )
 
     # -- one step ---------------------------------------------------------------------------
@@ -398,8 +362,8 @@ class Trainer:
 
     def fit(self, on_step=None) -> TrainResult:
         """Train to args.max_steps (or a stop signal). on_step(trainer, loss) after each step."""
-        bar = _progress(self.args, self.rank, self.step)
-        self.last_val, loss, window = None, None, _Window()
+        bar = progress_bar(self.args, self.rank, self.step)
+        self.last_val, loss, window = None, None, StepWindow()
         try:
             with StopRequest() as stop, bar:
                 # Hooks and gradient accumulation (which evaluates between micro-batches) run
@@ -423,7 +387,7 @@ class Trainer:
         loss = window.last_loss if loss is not None else None  # a stop may finish one more step
         return TrainResult(self.step, stop.signal or "completed", loss, self.last_val, checkpoint)
 
-    def _after_step(self, stop: StopRequest, bar, window: _Window) -> bool:
+    def _after_step(self, stop: StopRequest, bar, window: StepWindow) -> bool:
         """Log, evaluate, save as the schedule says; True when a signal asks to stop."""
         args = self.args
         stopping = self.should_stop(stop)
@@ -449,7 +413,7 @@ class Trainer:
             )
         return stopping
 
-    def _log(self, bar, window: _Window) -> None:
+    def _log(self, bar, window: StepWindow) -> None:
         lr = self.last_lr  # the rate of the step just taken
         tok_s = window.tokens_per_sec(self.tokens_per_step)
         peak = mx.get_peak_memory() / 1e9
@@ -496,43 +460,6 @@ class Trainer:
         return val
 
 
-class _Window:
-    """Train losses and step times since the last metrics line."""
-
-    def __init__(self):
-        self.reset()
-        self.last_loss = self.last_norm = float("nan")
-
-    def reset(self) -> None:
-        self.losses: list[float] = []
-        self.seconds: list[float] = []
-
-    def add(self, loss: float, norm: float, seconds: float) -> None:
-        self.losses.append(loss)
-        self.seconds.append(seconds)
-        self.last_loss, self.last_norm = loss, norm
-
-    def mean_loss(self) -> float:
-        return sum(self.losses) / len(self.losses)
-
-    def tokens_per_sec(self, tokens_per_step: int) -> float:
-        # The first step of a window may include compilation; a median is robust to it.
-        return tokens_per_step / float(np.median(self.seconds[-50:]))
-
-
-def _progress(args: TrainingArgs, rank: int, start: int):
-    from tqdm.auto import tqdm
-
-    return tqdm(
-        total=args.max_steps,
-        initial=start,
-        unit="step",
-        dynamic_ncols=True,
-        disable=not args.progress or rank != 0,
-        file=sys.stderr,
-    )
-
-
 def train(args: TrainingArgs, on_step=None) -> TrainResult:
     """Train as `args` says; see the module docstring.
 
@@ -548,12 +475,6 @@ def train(args: TrainingArgs, on_step=None) -> TrainResult:
     """
     with Trainer(args) as trainer, training_environment(trainer.streams):
         return trainer.fit(on_step)
-
-
-def _gb(n: int) -> str:
-    if n >= 1e12:
-        return f"{n / 1e12:,.1f} TB"
-    return f"{n / 1e9:,.1f} GB" if n >= 1e8 else f"{n / 1e6:,.1f} MB"
 
 
 # -- CLI ----------------------------------------------------------------------------------------
