@@ -23,6 +23,7 @@ POSITION_ENCODINGS = ("sinusoidal", "learned", "rope", "none")
 NORM_TYPES = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("pre", "post")
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "swiglu")
+LAYER_TYPES = ("full_attention", "sliding_attention")  # Hugging Face's names
 
 # Upper bounds on the sizes, far above any published model. A config of a few bytes must not
 # describe a model whose mere tensor table (or KV cache, or position table) exhausts memory:
@@ -66,6 +67,13 @@ class ModelConfig:
     # None = 4 * hidden_size, or for SwiGLU 8/3 * hidden_size rounded up to a multiple of 64.
     intermediate_size: int | None = None
     max_position_embeddings: int = 256
+    # Local attention: a query at position i sees keys at positions i - W < j <= i (W keys, itself
+    # included) plus the first `attention_sinks` tokens (StreamingLLM). None = full attention.
+    sliding_window: int | None = None
+    # Per layer "full_attention" or "sliding_attention"; None = every layer slides when
+    # sliding_window is set (Mistral), else every layer is full.
+    layer_types: list[str] | None = None
+    attention_sinks: int = 0
     position_encoding: str = "learned"
     rope_theta: float = 10000.0
     # True: rotate interleaved pairs (x0,x1),(x2,x3)...; False: rotate the two halves (Llama/HF).
@@ -159,6 +167,31 @@ class ModelConfig:
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if not isinstance(self.extra, dict):
             raise ConfigError(f"extra must be a JSON object, got {self.extra!r}")
+        self._validate_window()
+
+    def _validate_window(self) -> None:
+        W = self.sliding_window
+        if W is not None and not (_is_pos_int(W) and W <= MAX_SIZES["max_position_embeddings"]):
+            raise ConfigError(f"sliding_window must be a positive integer or null, got {W!r}")
+        types = self.layer_types
+        if types is not None:
+            if not isinstance(types, list) or len(types) != self.num_hidden_layers:
+                raise ConfigError(
+                    f"layer_types must be a list of {self.num_hidden_layers} entries (one per "
+                    f"layer) or null, got {types!r}"
+                )
+            bad = [t for t in types if t not in LAYER_TYPES]
+            if bad:
+                raise ConfigError(
+                    f"layer_types entries must be one of {', '.join(LAYER_TYPES)}; got {bad[0]!r}"
+                )
+            if W is None and "sliding_attention" in types:
+                raise ConfigError("layer_types has sliding_attention layers: set sliding_window")
+        sinks = self.attention_sinks
+        if not (isinstance(sinks, int) and not isinstance(sinks, bool) and sinks >= 0):
+            raise ConfigError(f"attention_sinks must be a non-negative integer, got {sinks!r}")
+        if sinks and W is None:
+            raise ConfigError("attention_sinks needs sliding_window (sinks are kept beside it)")
 
     # -- derived --------------------------------------------------------------------------------
 
@@ -166,6 +199,24 @@ class ModelConfig:
     def final_norm(self) -> bool:
         """Pre-norm stacks end with a norm; post-norm blocks already end normalized (the paper)."""
         return self.norm_position == "pre"
+
+    def layer_window(self, i: int) -> int | None:
+        """The sliding window of layer i, or None where it attends to everything before."""
+        if self.sliding_window is None:
+            return None
+        if self.layer_types is not None and self.layer_types[i] == "full_attention":
+            return None
+        return self.sliding_window
+
+    @property
+    def windowed(self) -> bool:
+        """True when at least one layer attends through a sliding window."""
+        return any(self.layer_window(i) is not None for i in range(self.num_hidden_layers))
+
+    @property
+    def all_windowed(self) -> bool:
+        """True when every layer slides: the KV cache can then be bounded (a rolling cache)."""
+        return all(self.layer_window(i) is not None for i in range(self.num_hidden_layers))
 
     def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
         """Every tensor of the checkpoint, by name, with its shape: the file format in one place."""

@@ -20,6 +20,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from . import ops
 from .config import ModelConfig
 from .ops import Linear
+from .rolling_cache import RollingKVCache
 
 # -- positions -----------------------------------------------------------------------------------
 
@@ -83,6 +84,28 @@ def attention_mask_4d(attention_mask: mx.array | None, L: int, S: int) -> mx.arr
     keep = causal[None] & attention_mask[:, None, :].astype(mx.bool_)  # (B, L, S)
     keep = keep | (k == q)[None]
     return keep[:, None]
+
+
+def key_positions(attention_mask: mx.array | None, S: int) -> mx.array:
+    """Position of each of S keys, (B, S) or (1, S): the count of real tokens before it; -1 for
+    padding."""
+    if attention_mask is None:
+        return mx.arange(S)[None]
+    real = attention_mask.astype(mx.bool_)
+    return mx.where(real, mx.cumsum(real.astype(mx.int32), axis=1) - 1, -1)
+
+
+def window_mask(keys: mx.array, queries: mx.array, window: int, sinks: int = 0) -> mx.array:
+    """Boolean (B, 1, L, S) local-attention mask from key positions (B, S) and query positions
+    (B, L), -1 = padding: a query at i sees real keys at i - window < j <= i, and j < sinks.
+
+    The queries are the last L keys. A padding query sees only itself (no empty softmax rows).
+    """
+    k, q = keys[:, None, :], queries[:, :, None]
+    keep = (k >= 0) & (k <= q) & ((q - k < window) | (k < sinks))  # (B, L, S)
+    L, S = queries.shape[1], keys.shape[1]
+    own = mx.arange(S)[None] == mx.arange(S - L, S)[:, None]  # (L, S)
+    return (keep | (own & (q < 0)))[:, None]
 
 
 # -- attention -------------------------------------------------------------------------------------
@@ -298,7 +321,9 @@ class Transformer(nn.Module):
         B, L = input_ids.shape
         offset = cache[0].offset if cache is not None else 0
         S = offset + L
-        if S > self.config.max_position_embeddings:
+        rolling = cache is not None and all(isinstance(c, RollingKVCache) for c in cache)
+        unbounded = rolling and self.config.position_encoding in ("rope", "none")
+        if S > self.config.max_position_embeddings and not unbounded:
             raise ValueError(
                 f"sequence of {S} tokens exceeds the model's context of "
                 f"{self.config.max_position_embeddings} (max_position_embeddings)"
@@ -307,7 +332,8 @@ class Transformer(nn.Module):
             raise ValueError(f"attention_mask has shape {attention_mask.shape}, expected {(B, S)}")
         if position_ids is None:
             if attention_mask is None:
-                position_ids = mx.broadcast_to(mx.arange(offset, S)[None], (B, L))
+                start = cache[0].next_position if rolling else offset  # (B, 1) or int
+                position_ids = mx.broadcast_to(start + mx.arange(L)[None], (B, L))
             else:
                 position_ids = positions_from_mask(attention_mask, L)
 
@@ -319,18 +345,36 @@ class Transformer(nn.Module):
             x = x + sinusoidal_encoding(position_ids, self.config.hidden_size).astype(x.dtype)
         x = self.dropout(x)
 
-        mask = attention_mask_4d(attention_mask, L, S)
+        masks = self.layer_masks(attention_mask, L, S, cache, position_ids)
         rope_offset = rope_offsets(position_ids, attention_mask) if pe == "rope" else 0
         hidden_states = [x] if output_hidden_states else None
         attentions = [] if output_attentions else None
         for i, layer in enumerate(self.layers):
             layer_cache = cache[i] if cache is not None else None
+            mask = masks[self.config.layer_window(i)]
             x, weights = layer(x, mask, layer_cache, rope_offset, output_attentions)
             if output_hidden_states:
                 hidden_states.append(x)
             if output_attentions:
                 attentions.append(weights)
         return ModelOutput(self.logits_from_hidden(x), hidden_states, attentions)
+
+    def layer_masks(self, attention_mask, L, S, cache, position_ids) -> dict:
+        """The attention mask of each kind of layer, by window (None: full attention)."""
+        masks = {None: attention_mask_4d(attention_mask, L, S)}
+        W, sinks = self.config.sliding_window, self.config.attention_sinks
+        if not self.config.windowed:
+            return masks
+        rolling = [c for c in cache or () if isinstance(c, RollingKVCache)]
+        if rolling:  # the cache keeps only what the window can see, and knows its positions
+            real = attention_mask[:, -L:] if attention_mask is not None else None
+            chunk = position_ids if real is None else mx.where(real > 0, position_ids, -1)
+            keys, queries = [c.begin(chunk) for c in rolling][0], chunk
+        else:
+            keys = key_positions(attention_mask, S)
+            queries = keys[:, -L:]
+        masks[W] = window_mask(keys, queries, W, sinks)
+        return masks
 
     def logits_from_hidden(self, x: mx.array) -> mx.array:
         """Final norm and LM head (also what the logit lens applies to intermediate layers)."""
@@ -376,6 +420,13 @@ class KVCache:
         return self.keys, self.values
 
 
-def make_cache(model: Transformer) -> list[KVCache]:
-    """One empty KVCache per layer."""
-    return [KVCache() for _ in model.layers]
+def make_cache(model: Transformer, rolling: bool = False) -> list[KVCache | RollingKVCache]:
+    """One empty cache per layer; `rolling`: a bounded `RollingKVCache` for each sliding-window
+    layer (full-attention layers keep a growing `KVCache`)."""
+    c = model.config
+    return [
+        RollingKVCache(W, c.attention_sinks)
+        if rolling and (W := c.layer_window(i)) is not None
+        else KVCache()
+        for i in range(len(model.layers))
+    ]

@@ -91,6 +91,23 @@ def mlp(cfg, p, name, x):
     return linear(p, f"{name}.down_proj", act(cfg.hidden_act, linear(p, f"{name}.up_proj", x)))
 
 
+def layer_windows(cfg: ModelConfig) -> list:
+    """Each layer's sliding window (None: full attention), read from the config's fields."""
+    types = cfg.layer_types or ["sliding_attention"] * cfg.num_hidden_layers
+    return [cfg.sliding_window if t == "sliding_attention" else None for t in types]
+
+
+def causal_mask(am: np.ndarray, positions: np.ndarray, window=None, sinks: int = 0) -> np.ndarray:
+    """(B, L, L): query i sees real keys j <= i; with a window only those at positions
+    i - window < j (or j < sinks). A padded query sees itself: no empty softmax rows."""
+    L = am.shape[1]
+    mask = np.tril(np.ones((L, L), bool))[None] & am[:, None, :]
+    if window is not None:
+        q, k = positions[:, :, None], positions[:, None, :]
+        mask &= (q - k < window) | (k < sinks)
+    return mask | np.eye(L, dtype=bool)[None]
+
+
 def forward(cfg: ModelConfig, params: dict, ids: np.ndarray, attention_mask=None):
     """Logits (B, L, V) in float64 and the attention weights per layer, for a full sequence.
 
@@ -100,8 +117,7 @@ def forward(cfg: ModelConfig, params: dict, ids: np.ndarray, attention_mask=None
     B, L = ids.shape
     am = np.ones((B, L), bool) if attention_mask is None else np.asarray(attention_mask, bool)
     positions = np.maximum(np.cumsum(am, axis=1) - 1, 0)
-    mask = np.tril(np.ones((L, L), bool))[None] & am[:, None, :]
-    mask |= np.eye(L, dtype=bool)[None]  # a padded query sees itself: no empty softmax rows
+    masks = {W: causal_mask(am, positions, W, cfg.attention_sinks) for W in layer_windows(cfg)}
 
     x = p["embed_tokens.weight"][ids]
     if cfg.scale_embeddings:
@@ -113,6 +129,7 @@ def forward(cfg: ModelConfig, params: dict, ids: np.ndarray, attention_mask=None
     weights = []
     for i in range(cfg.num_hidden_layers):
         n = f"layers.{i}"
+        mask = masks[layer_windows(cfg)[i]]
         if cfg.norm_position == "pre":
             h, w = attention(
                 cfg, p, f"{n}.attn", norm(cfg, p, f"{n}.attn_norm", x), positions, mask
