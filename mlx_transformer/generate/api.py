@@ -14,6 +14,9 @@ generated tokens alike) is prefilled again, with positions from 0, and decoding 
 prompt longer than the context is cut to its last half-context tokens first. Re-prefilling
 costs one prefill of half a context per half a context of new tokens, and works for every
 position encoding (a rotating cache would need positions beyond those the model was trained on).
+A model whose every layer slides (`sliding_window`) with rotary or no positions never overflows:
+its caches are bounded (`RollingKVCache`, then `rolling.RingCacheDecoder`) and positions go on
+counting past `max_position_embeddings`, in constant memory and with no re-prefill.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from .decode import (
     left_pad,
     prefill,
 )
+from .rolling import RingCacheDecoder
 from .rules import (
     OVERFLOW_POLICIES,
     check_kv_cache_fits,
@@ -97,11 +101,23 @@ def batch_generate_step(
             f"overflow must be one of {', '.join(OVERFLOW_POLICIES)}, got {overflow!r}"
         )
     longest = max(len(r) for r in rows)
+    options = (sampler or greedy, list(logits_processors), prefill_step_size, compiled)
+    if rolls(model.config):  # bounded cache, positions without end: nothing overflows
+        c = model.config
+        held = c.sliding_window + c.attention_sinks + min(longest, prefill_step_size)
+        check_cache_memory(model, len(rows), held)
+        return _decode_window(model, rows, max_tokens, *options, rolling=True)
     if overflow == "error" and longest + max_tokens > context:
         raise ContextOverflowError(overflow_message(longest, max_tokens, context))
     check_cache_memory(model, len(rows), min(context, longest + max_tokens))
-    options = (sampler or greedy, list(logits_processors), prefill_step_size, compiled)
     return _steps(model, rows, max_tokens, context, options)
+
+
+def rolls(config) -> bool:
+    """True for a model that generates in constant memory past its context: every layer slides
+    (a bounded cache) and positions are rotary or none (learned/sinusoidal ones end at the table's
+    size, so those models keep the context limit and `overflow`)."""
+    return config.all_windowed and config.position_encoding in ("rope", "none")
 
 
 def check_cache_memory(model: Transformer, batch: int, tokens: int) -> None:
@@ -131,13 +147,20 @@ def _steps(model, rows, max_tokens, context, options) -> Iterator[list[int]]:
         window = [r[-keep:] for r in rows]
 
 
-def _decode_window(model, prompts, n, sampler, processors, prefill_step_size, compiled):
-    """Prefill `prompts`, then yield n steps; step i+1 is queued before step i is read."""
+def _decode_window(
+    model, prompts, n, sampler, processors, prefill_step_size, compiled, rolling=False
+):
+    """Prefill `prompts`, then yield n steps; step i+1 is queued before step i is read.
+    `rolling`: bounded caches and the ring-buffer decoder (a sliding-window model)."""
     input_ids, mask = left_pad(prompts)
     B, L = input_ids.shape
     prefix_mask = mask[:, :-1] if mask is not None else None  # the last token is always real
-    cache = prefill(model, input_ids[:, :-1], prefix_mask, prefill_step_size)
-    if compiled:
+    cache = prefill(model, input_ids[:, :-1], prefix_mask, prefill_step_size, rolling)
+    if rolling and compiled:
+        decoder = RingCacheDecoder(model, cache, batch_size=B)
+    elif rolling:  # the caches know each row's padding and position: decode tokens are all real
+        decoder = DynamicCacheDecoder(model, cache, None)
+    elif compiled:
         decoder = StaticCacheDecoder(model, cache, prefix_mask, capacity=L + n, batch_size=B)
     else:
         decoder = DynamicCacheDecoder(model, cache, prefix_mask)

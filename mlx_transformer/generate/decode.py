@@ -52,14 +52,16 @@ def prefill(
     input_ids: mx.array,
     attention_mask: mx.array | None,
     step_size: int = 512,
+    rolling: bool = False,
 ) -> list[KVCache]:
     """Fill a fresh cache with `input_ids` (B, L), `step_size` tokens per forward pass.
 
     Call it with all prompt tokens but the last, which the decoder then feeds: only the cache is
     evaluated here, so MLX skips what the cache does not need (the last block's attention
     output and MLP, the final norm and LM head) — a quarter of the work for a 4-layer model.
+    `rolling`: bounded caches for the sliding-window layers (`make_cache`).
     """
-    cache = make_cache(model)
+    cache = make_cache(model, rolling)
     L = input_ids.shape[1]
     for start in range(0, L, step_size):
         end = min(start + step_size, L)
