@@ -40,6 +40,7 @@ from .format import (  # a Hugging Face folder uses the same file names as ours
 )
 from .hf_config import hf_config, is_gpt2, is_llama
 from .hf_tokenizer import HF_TOKENIZER_FILES, hf_tokenizer_files
+from .hf_window import LLAMA_LIKE, window_from_hf, window_mlx_lm_limits, window_to_hf
 from .mlx_io import load_checkpoint, save_checkpoint
 
 # The output folders `convert` and `fuse` write, and so may replace with --overwrite. A
@@ -228,6 +229,7 @@ def import_hf(hf_dir: str | Path) -> Transformer:
     if not isinstance(hf, dict):
         raise UserError(f"{hf_dir / CONFIG_FILE}: a JSON {type(hf).__name__}, not an object")
     kind = hf.get("model_type")
+    window_kind, kind = kind, "llama" if kind in LLAMA_LIKE else kind
     readers = {
         "gpt2": (config_from_gpt2, weights_from_gpt2),
         "llama": (config_from_llama, weights_from_llama),
@@ -237,6 +239,8 @@ def import_hf(hf_dir: str | Path) -> Transformer:
     read_config, read_weights = readers[kind]
     try:
         config = read_config(hf)
+        window = window_from_hf(hf, window_kind, config.num_hidden_layers)
+        config = ModelConfig.from_dict({**config.to_dict(), **window})
     except KeyError as e:
         raise UserError(f"{hf_dir / 'config.json'}: missing field {e}") from None
     except ConfigError as e:
@@ -273,7 +277,7 @@ def mlx_lm_limits(config: ModelConfig) -> list[str]:
     """What mlx-lm would load wrong in this model's Hugging Face folder (empty: nothing).
     Its GPT-2 builds the MLP as 4 x hidden_size with tanh GELU whatever config.json says."""
     if hf_family(config) != "gpt2":
-        return []
+        return window_mlx_lm_limits(config)
     limits = []
     if config.intermediate_size != 4 * config.hidden_size:
         limits.append(
@@ -296,6 +300,7 @@ def to_hf(
     c, w = model.config, dict(tree_flatten(model.parameters()))
     family = hf_family(c)
     hf = hf_config(c, family, SPECIAL_IDS if special_ids is None else special_ids)
+    hf = window_to_hf(hf, c)
     if family == "llama":
         return hf, {llama_name(k): v for k, v in w.items()}
     # Named as openai's GPT-2 checkpoint names them: transformers adds its "transformer."
