@@ -65,11 +65,14 @@ def scaled_dot_product_attention(
     training: bool,
 ) -> mx.array:
     """softmax(q kᵀ · scale + mask) v; q (B, H, L, hd), k and v (B, K, S, hd) with H % K == 0."""
-    # CPU: MLX's exp and backward cost ~2x fastmath's in training and in causal prefill; with a
-    # padding mask at inference MLX's kernel was faster (batch 8: 1.35x), so it keeps those.
+    # CPU, L > 1: MLX's softmax calls libm's exp (~20 ns per score); training takes fastmath's
+    # differentiable attention (compiled with the step), prefill its compiled inference one.
+    # Decode (L == 1) has few scores: MLX's kernel.
     L = q.shape[2]
-    if L > 1 and cpu_kernels() and (training or isinstance(mask, str)):
+    if L > 1 and cpu_kernels() and training:
         return fastmath.scaled_dot_product_attention(q, k, v, scale, mask)
+    if L > 1 and cpu_kernels() and mask is not None:
+        return fastmath.attention_inference(q, k, v, scale, mask)
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
 
 
@@ -83,7 +86,7 @@ def gelu_tanh(x: mx.array) -> mx.array:
 
 
 def silu(x: mx.array) -> mx.array:
-    return fastmath.silu(x) if cpu_kernels() else nn.silu(x)
+    return fastmath.compiled_silu(x) if cpu_kernels() else nn.silu(x)
 
 
 def logsumexp(x: mx.array, axis: int = -1) -> mx.array:

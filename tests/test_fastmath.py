@@ -49,6 +49,39 @@ def test_attention_output_ignores_masked_keys_bitwise():
     assert mx.array_equal(a[:, :, :4], b[:, :, :4]).item()
 
 
+def reference_attention(q, k, v, scale, keep):
+    """float64 numpy softmax(q kᵀ scale) v with grouped k/v heads; keep (B|1, 1, L, S) bool."""
+    q, k, v = (np.array(a, dtype=np.float64) for a in (q, k, v))
+    G = q.shape[1] // k.shape[1]
+    k, v = np.repeat(k, G, axis=1), np.repeat(v, G, axis=1)
+    s = np.where(keep, q @ k.swapaxes(-1, -2) * scale, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    return (p / p.sum(-1, keepdims=True)) @ v
+
+
+def test_inference_attention_matches_float64_causal_and_padded():
+    """Prefill's compiled attention: GQA, a causal query chunk after a past, and a padding mask
+    (B, 1, L, S) with a padded query that sees only itself (no empty softmax rows)."""
+    rng = np.random.default_rng(2)
+    B, H, K, L, S, hd = 2, 4, 2, 5, 7, 8
+    q = mx.array(rng.normal(0, 2, (B, H, L, hd)).astype(np.float32))
+    k, v = (mx.array(rng.normal(0, 2, (B, K, S, hd)).astype(np.float32)) for _ in range(2))
+    causal = np.arange(S)[None] <= np.arange(S - L, S)[:, None]
+    out = fastmath.attention_inference(q, k, v, 0.3, "causal")
+    np.testing.assert_allclose(np.array(out), reference_attention(q, k, v, 0.3, causal), atol=2e-6)
+    real = np.ones((B, S), bool)
+    real[1, :3] = False  # row 1: three padded keys, the first query's own key among them
+    keep = causal[None] & real[:, None, :]
+    keep |= np.arange(S)[None, None] == np.arange(S - L, S)[None, :, None]
+    keep = keep[:, None]
+    out = fastmath.attention_inference(q, k, v, 0.3, mx.array(keep))
+    np.testing.assert_allclose(np.array(out), reference_attention(q, k, v, 0.3, keep), atol=2e-6)
+    k2 = k.at[:, :, 6:].add(50.0)  # a later key with much larger scores: no effect before it
+    a = fastmath.attention_inference(q, k, v, 0.3, "causal")
+    b = fastmath.attention_inference(q, k2, v, 0.3, "causal")
+    assert mx.array_equal(a[:, :, :4], b[:, :, :4]).item()
+
+
 def test_linear_matches_autodiff_with_contiguous_weight_gradient():
     rng = np.random.default_rng(1)
     x, w, b, c = (

@@ -133,6 +133,11 @@ def silu(x: mx.array) -> mx.array:
     return x / (1.0 + exp(-x))
 
 
+# Compiled: one fused loop instead of ~12 passes over the (B, L, F) gate where nothing else
+# compiles it (prefill); inside a compiled function (training, decode) it is inlined.
+compiled_silu = mx.compile(silu)
+
+
 def logsumexp(x: mx.array, axis: int = -1) -> mx.array:
     """log(sum(exp(x))) over `axis`, stable (max subtracted), with the fast exp."""
     m = mx.stop_gradient(x.max(axis=axis, keepdims=True))
@@ -230,3 +235,30 @@ def scaled_dot_product_attention(
     m = mask if isinstance(mask, mx.array) else mx.array(True)
     p = _SOFTMAX[key](q @ k.swapaxes(-1, -2), m).astype(q.dtype)
     return (p @ v).reshape(B, H, L, -1)
+
+
+@mx.compile
+def _masked_softmax2(s: mx.array, mask: mx.array) -> mx.array:
+    """softmax over the last axis of scores already in base 2; masked keys exactly 0."""
+    s = mx.where(mask, s.astype(mx.float32), -1e30)  # every row keeps a real key (itself)
+    e = exp2(s - s.max(axis=-1, keepdims=True))
+    return e * (1.0 / e.sum(axis=-1, keepdims=True))
+
+
+def attention_inference(
+    q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | str
+) -> mx.array:
+    """`scaled_dot_product_attention` for prefill (no gradient): the scale is folded into q and
+    the softmax is one compiled function (5 passes over the scores instead of ~20 uncompiled;
+    MLX's own softmax calls libm's exp). Same arguments; mask "causal" or boolean."""
+    B, H, L, hd = q.shape
+    K, S = k.shape[1], k.shape[2]
+    if isinstance(mask, str):
+        mask = mx.arange(S)[None] <= mx.arange(S - L, S)[:, None]  # (L, S), last query sees all
+    G = H // K
+    q = (q * (scale * LOG2E)).reshape(B, K, G, L, hd)  # (B, K, G, L, hd): heads sharing k/v
+    if mask.ndim == 4:  # (B, H|1, L, S) -> (B, K|1, G|1, L, S)
+        Bm, Hm = mask.shape[:2]
+        mask = mask.reshape(Bm, K, G, L, S) if Hm > 1 else mask[:, :, None]
+    p = _masked_softmax2(q @ k[:, :, None].swapaxes(-1, -2), mask).astype(v.dtype)
+    return (p @ v[:, :, None]).reshape(B, H, L, hd)
