@@ -13,9 +13,10 @@ import numpy as np
 import onnx
 
 from mlx_transformer import atomic
-from mlx_transformer.checkpoint.hf_tokenizer import HF_TOKENIZER_FILES, hf_tokenizer_files
+from mlx_transformer.checkpoint.hf_tokenizer import HF_TOKENIZER_FILES, export_tokenizer_files
 from mlx_transformer.config import ModelConfig
 from mlx_transformer.errors import UserError
+from mlx_transformer.tokenizer_files import TOKENIZER_FILES, find_tokenizer, load_tokenizer
 
 from .builder import FLAVOURS, build_model, fallbacks
 from .contract import (
@@ -26,7 +27,6 @@ from .contract import (
     MODEL_CONFIG_FILE,
     MODEL_FILE,
     ONNX_FOLDER,
-    TOKENIZER_FILE,
     external_data,
     io_json,
     model_file,
@@ -57,7 +57,7 @@ ONNX_EXPORT = atomic.FolderKind(
         EXTERNAL_DATA,
         CONFIG_FILE,
         MODEL_CONFIG_FILE,
-        TOKENIZER_FILE,
+        *TOKENIZER_FILES,
         GENAI_CONFIG_FILE,
         *HF_TOKENIZER_FILES,
         README_FILE,
@@ -92,20 +92,18 @@ def weight_bytes(model: onnx.ModelProto) -> int:
 
 def eval_tokens_for(ckpt: Path, config: ModelConfig, eval_text: str | Path | None) -> tuple:
     """Token ids to measure precision loss on, and a description of where they came from."""
-    tokenizer_path = ckpt / TOKENIZER_FILE
-    if tokenizer_path.is_file():
-        from mlx_transformer.tokenizer import Tokenizer
-
+    tokenizer_path = find_tokenizer(ckpt)
+    if tokenizer_path is not None:
         if eval_text is None:
             files = sorted(DEFAULT_EVAL_TEXT.glob("*.txt"))
             if files:
                 text = files[0].read_text(encoding="utf-8")[-6000:]
                 source = f"last 6000 characters of {files[0].name} (pass --eval-text for held-out)"
-                ids = Tokenizer.load(tokenizer_path).encode(text)
+                ids = load_tokenizer(tokenizer_path).encode(text)
                 return np.array(ids, np.int64), source
         else:
             text = Path(eval_text).read_text(encoding="utf-8")
-            ids = Tokenizer.load(tokenizer_path).encode(text)
+            ids = load_tokenizer(tokenizer_path).encode(text)
             return np.array(ids, np.int64), str(eval_text)
     rng = np.random.default_rng(0)
     ids = rng.integers(0, config.vocab_size, 512)
@@ -127,25 +125,15 @@ def write_tokenizer_files(ckpt: Path, out: Path, config: ModelConfig) -> str:
     """tokenizer.json, tokenizer_config.json, special_tokens_map.json, generation_config.json
     from the checkpoint's sentencepiece model, for the clients that read those (transformers,
     transformers.js, onnxruntime-genai's tokenizer). Returns what io.json says about them: a
-    model those files cannot reproduce id for id (e.g. unigram) gets none, and the reason."""
-    if not (ckpt / TOKENIZER_FILE).is_file():
-        return "not written: the checkpoint has no tokenizer.model"
-    try:
-        files = hf_tokenizer_files(ckpt / TOKENIZER_FILE, config.max_position_embeddings)
-    except UserError as e:
-        return f"not written: {e}"
-    for name, content in files.items():
-        write_json(out / name, content)
-    return "written (ids equal tokenizer.model's)"
+    model those files cannot reproduce id for id (e.g. unigram) gets none, and the reason.
+    An imported model's own tokenizer.json is copied as it is."""
+    return export_tokenizer_files(ckpt, out, config.max_position_embeddings)
 
 
 def special_tokens(ckpt: Path) -> dict | None:
     """The tokenizer's special ids, or None for a checkpoint without a tokenizer."""
-    if not (ckpt / TOKENIZER_FILE).is_file():
-        return None
-    from mlx_transformer.tokenizer import Tokenizer
-
-    return Tokenizer.load(ckpt / TOKENIZER_FILE).special_ids
+    path = find_tokenizer(ckpt)
+    return None if path is None else load_tokenizer(path).special_ids
 
 
 def export_onnx(
@@ -251,8 +239,6 @@ def export_onnx(
                 info[key] = default[key]
         info["precisions"] = entries
         shutil.copyfile(ckpt / CONFIG_FILE, tmp / MODEL_CONFIG_FILE)
-        if (ckpt / TOKENIZER_FILE).is_file():
-            shutil.copyfile(ckpt / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
         special = info["special_tokens"]
         write_json(tmp / HF_CONFIG_FILE, hf_config(config, special))
         write_json(tmp / GENAI_CONFIG_FILE, genai_config(config, info["model"], special))

@@ -1,4 +1,4 @@
-"""Generate text from an exported folder with numpy + onnxruntime + sentencepiece only (no MLX).
+"""Generate text from an exported folder with numpy + onnxruntime + the tokenizer only (no MLX).
 
     gen = OnnxGenerator("onnx/", provider="cpu")
     for segment in gen.stream("To be", max_tokens=50, temp=0.8, seed=0):
@@ -23,6 +23,7 @@ from mlx_transformer.errors import UserError
 from mlx_transformer.generate.rules import (
     OVERFLOW_POLICIES,
     available_memory,
+    chat_prompt_ids,
     check_kv_cache_fits,
     kv_cache_bytes,
     overflow_message,
@@ -31,8 +32,8 @@ from mlx_transformer.generate.rules import (
     validate_max_tokens,
     validate_repetition,
 )
+from mlx_transformer.tokenizer_files import find_tokenizer, load_tokenizer
 
-from .contract import TOKENIZER_FILE
 from .sampling import apply_repetition_penalty, make_sampler
 from .session import OnnxModel, left_pad
 
@@ -50,18 +51,17 @@ class OnnxGenerator:
     """Batched sampling with streaming text, on any execution provider.
 
     Args:
-        onnx_dir: an exported folder; its tokenizer.model is used when present.
+        onnx_dir: an exported folder; its tokenizer (tokenizer.model, or an imported model's
+            tokenizer.json) is used when present.
         provider, io_binding, provider_options, strict, precision: see `OnnxModel`.
     """
 
     def __init__(self, onnx_dir: str | Path, provider: str = "cpu", **model_options):
         self.model = OnnxModel(onnx_dir, provider, **model_options)
         self.tokenizer = None
-        path = Path(onnx_dir) / TOKENIZER_FILE
-        if path.is_file():
-            from mlx_transformer.tokenizer import Tokenizer  # sentencepiece, no MLX
-
-            self.tokenizer = Tokenizer.load(path)
+        path = find_tokenizer(onnx_dir)
+        if path is not None:
+            self.tokenizer = load_tokenizer(path)
             if "vocab_size" in self.model.io:
                 self.tokenizer.check_fits(self.model.io["vocab_size"])
         special = self.model.io.get("special_tokens") or {}
@@ -146,7 +146,7 @@ class OnnxGenerator:
         except ValueError as e:
             raise UserError(str(e)) from None
         if stop and self.tokenizer is None:
-            raise UserError("stop strings need a tokenizer (tokenizer.model in the folder)")
+            raise UserError("stop strings need a tokenizer (none in this folder)")
         if not prompts or any(len(p) == 0 for p in prompts):
             raise UserError("every prompt needs at least one token")
         vocab = self.model.io.get("vocab_size")
@@ -216,9 +216,13 @@ class OnnxGenerator:
 
     # -- text level ----------------------------------------------------------------------------
 
-    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+    def encode(self, text: str, add_bos: bool = False, chat: bool = False) -> list[int]:
+        """Ids of a prompt, as the MLX generator encodes it; `chat`: `text` is a user message
+        (or a list of {"role", "content"}) rendered with the tokenizer's chat template."""
         if self.tokenizer is None:
-            raise UserError("this folder has no tokenizer.model; pass token ids instead")
+            raise UserError("this folder has no tokenizer; pass token ids instead")
+        if chat:
+            return chat_prompt_ids(self.tokenizer, text)
         if add_bos:
             return self.tokenizer.encode(text, bos=True)
         return self.tokenizer.encode_prompt(text)  # an empty prompt starts from EOS, as in MLX
@@ -272,6 +276,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="error",
         help="prompt + max tokens beyond the context: error, or slide the window",
     )
+    parser.add_argument(
+        "--chat",
+        action="store_true",
+        help="each prompt is a user message: apply the model's chat template to it",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -283,7 +292,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(str(e)) from None
     prompts = [read_prompt(p) for p in args.prompt]
     gen = OnnxGenerator(args.model, provider=args.provider, precision=args.precision)
-    ids = [gen.encode(p) for p in prompts]
+    ids = [gen.encode(p, chat=args.chat) for p in prompts]
     gen.check_request(ids, args.max_tokens, args.stop, args.overflow)
     # Only now, with every error ruled out, where the graph runs: the error line comes alone.
     print(f"[{gen.model.placement.requested}: {gen.model.placement.status}]", file=sys.stderr)
@@ -298,14 +307,16 @@ def run(args: argparse.Namespace) -> int:
         overflow=args.overflow,
     )
     if len(prompts) == 1:
-        print(_printable(prompts[0]), end="", flush=True)
+        if not args.chat:  # a chat's answer is shown alone, as `generate --chat` shows it
+            print(_printable(prompts[0]), end="", flush=True)
         for segment in gen.stream(ids[0], args.max_tokens, stop=args.stop, **sampling):
             print(segment, end="", flush=True)
         print()
         return 0
     results = gen.generate_tokens(ids, args.max_tokens, stop=args.stop, **sampling)
     for prompt, result in zip(prompts, results):
-        print(f"{_printable(prompt)}{result.text}\n[{result.finish_reason}]\n")
+        shown = "" if args.chat else _printable(prompt)
+        print(f"{shown}{result.text}\n[{result.finish_reason}]\n")
     return 0
 
 

@@ -129,6 +129,28 @@ class Tokenizer:
                 "they do not belong together; use the tokenizer the model was trained with"
             )
 
+    # No chat template: chat needs a Hugging Face tokenizer (see `chat.render_chat`).
+    chat_template: str | None = None
+
+    @property
+    def files(self) -> dict[str, bytes]:
+        """{file name: content}: what a folder holding this tokenizer gets."""
+        return {TOKENIZER_FILE: self.model_bytes}
+
+    @property
+    def model_type(self) -> str:
+        """ "bpe", "unigram", "char" or "word", as the model file records it."""
+        from sentencepiece import sentencepiece_model_pb2 as pb  # protobuf: only when asked
+
+        proto = pb.ModelProto()
+        proto.ParseFromString(self.model_bytes)
+        return pb.TrainerSpec.ModelType.Name(proto.trainer_spec.model_type).lower()
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        from .chat import render_chat  # refuses: no template
+
+        return render_chat(self, messages, add_generation_prompt)
+
     def user_defined_tokens(self) -> dict[str, int]:
         """User-defined pieces (always matched whole, like "\\n" and `special_tokens`) -> id."""
         from sentencepiece import sentencepiece_model_pb2 as pb  # protobuf: only when asked

@@ -30,6 +30,7 @@ from ..config import MODEL_TYPE, ConfigError, ModelConfig
 from ..errors import UserError
 from ..model import Transformer
 from ..tokenizer import SPECIAL_IDS, Tokenizer
+from ..tokenizer_files import TOKENIZER_FILES
 from .format import (  # a Hugging Face folder uses the same file names as ours
     CONFIG_FILE,
     TOKENIZER_FILE,
@@ -39,7 +40,7 @@ from .format import (  # a Hugging Face folder uses the same file names as ours
     read_safetensors_header,
 )
 from .hf_config import hf_config, is_gpt2, is_llama
-from .hf_tokenizer import HF_TOKENIZER_FILES, hf_tokenizer_files
+from .hf_tokenizer import HF_TOKENIZER_FILES, hf_tokenizer_files, import_tokenizer
 from .hf_window import LLAMA_LIKE, window_from_hf, window_mlx_lm_limits, window_to_hf
 from .mlx_io import load_checkpoint, save_checkpoint
 
@@ -49,7 +50,7 @@ from .mlx_io import load_checkpoint, save_checkpoint
 # schema of ours: only one with our marker is replaced.
 CHECKPOINT = atomic.FolderKind(
     "checkpoint",
-    entries=(CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE),
+    entries=(CONFIG_FILE, WEIGHTS_FILE, *TOKENIZER_FILES),
     legacy=(CONFIG_FILE, lambda config: config.get("model_type") == MODEL_TYPE),
 )
 README_FILE = "README.md"
@@ -491,8 +492,7 @@ def run(args) -> int:
     atomic.check_output(args.out, kind, overwrite=args.overwrite, inputs=inputs)
     if args.from_hf:
         model = import_hf(args.from_hf)
-        tokenizer = args.tokenizer or Path(args.from_hf) / TOKENIZER_FILE
-        tokenizer = tokenizer if Path(tokenizer).is_file() else None
+        tokenizer = import_tokenizer(args.tokenizer or args.from_hf, model.config.vocab_size)
         save_checkpoint(
             args.out,
             model,

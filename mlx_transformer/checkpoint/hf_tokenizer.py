@@ -41,9 +41,10 @@ from pathlib import Path
 
 from .. import atomic
 from ..errors import UserError
-from ..tokenizer import Tokenizer
+from ..hf_tokenizers import TOKENIZER_JSON as TOKENIZER_JSON
+from ..tokenizer import TOKENIZER_FILE, Tokenizer
+from ..tokenizer_files import copy_tokenizer, find_tokenizer, load_tokenizer
 
-TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 SPECIAL_TOKENS_MAP = "special_tokens_map.json"
 GENERATION_CONFIG = "generation_config.json"
@@ -150,6 +151,62 @@ def write_hf_tokenizer_files(
     return list(files)
 
 
+def export_tokenizer_files(ckpt: str | Path, out: str | Path, model_max_length: int) -> str:
+    """Put the checkpoint's tokenizer into the export folder `out` (atomically per file) for
+    our runtime and the Hugging Face clients. A sentencepiece model is copied and the four files
+    above are made from it; an imported tokenizer.json is copied as it is, with its config files,
+    and generation_config.json gets its special ids. Returns what io.json says about
+    tokenizer.json (a model the files cannot reproduce id for id gets none, and the reason)."""
+    source = find_tokenizer(ckpt)
+    if source is None:
+        return "not written: the checkpoint has no tokenizer"
+    tok = load_tokenizer(source)
+    if isinstance(tok, Tokenizer):
+        copy_tokenizer(source, out)
+        try:
+            write_hf_tokenizer_files(tok, out, model_max_length)
+        except UserError as e:
+            return f"not written: {e}"
+        return "written (ids equal tokenizer.model's)"
+    copy_tokenizer(source, out)
+    ids = {f"{name}_token_id": i for name, i in tok.special_ids.items() if i >= 0 and name != "unk"}
+    atomic.write_text(Path(out) / GENERATION_CONFIG, json.dumps(ids, indent=2) + "\n")
+    return "copied (the model's own tokenizer.json)"
+
+
+def import_tokenizer(hf_dir: str | Path, vocab_size: int) -> Path | None:
+    """The tokenizer `convert --from-hf` takes from a Hugging Face folder (or the file given
+    with --tokenizer), checked to load and to fit the model's `vocab_size` embedding rows; None
+    when the folder has none.
+
+    tokenizer.json is preferred (it is what transformers reads). A tokenizer.model is taken when
+    it is alone, or when it is one `prepare` trained (the folder `convert --to-hf` wrote), whose
+    ids it gives exactly.
+    """
+    hf_dir = Path(hf_dir)
+    if hf_dir.is_file():
+        load_tokenizer(hf_dir).check_fits(vocab_size)
+        return hf_dir
+    model, hf_json = hf_dir / TOKENIZER_FILE, hf_dir / TOKENIZER_JSON
+    chosen = None
+    if model.is_file() and (not hf_json.is_file() or _is_exact_sentencepiece(model)):
+        chosen = model
+    elif hf_json.is_file():
+        chosen = hf_json
+    if chosen is not None:
+        load_tokenizer(chosen).check_fits(vocab_size)
+    return chosen
+
+
+def _is_exact_sentencepiece(path: Path) -> bool:
+    """Whether a tokenizer.model is one our Hugging Face files reproduce (trained by `prepare`)."""
+    try:
+        hf_tokenizer_files(path)
+    except UserError:
+        return False
+    return True
+
+
 def _as_tokenizer(tokenizer: Tokenizer | str | Path | bytes) -> Tokenizer:
     if isinstance(tokenizer, Tokenizer):
         return tokenizer
@@ -226,6 +283,8 @@ def _merges(mergeable: dict[str, tuple[float, int]]) -> list[list[str]]:
 __all__ = [
     "hf_tokenizer_files",
     "write_hf_tokenizer_files",
+    "export_tokenizer_files",
+    "import_tokenizer",
     "HF_TOKENIZER_FILES",
     "TOKENIZER_JSON",
     "TOKENIZER_CONFIG",

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..tokenizer import Tokenizer
-from .format import TOKENIZER_FILE, TRAINING_STATE_DIR, validate_checkpoint
+from ..tokenizer_files import find_tokenizer, load_tokenizer
+from .format import TRAINING_STATE_DIR, validate_checkpoint
 
 CHECKED = "config, safetensors framing and offsets, names and shapes, finite values, tokenizer"
 
@@ -21,13 +21,13 @@ CHECKED = "config, safetensors framing and offsets, names and shapes, finite val
 def describe(ckpt: str | Path) -> str:
     """A short text description of a checkpoint folder (strictly validated)."""
     config, header = validate_checkpoint(ckpt, check_values=True)
-    tokenizer = Path(ckpt) / TOKENIZER_FILE
-    if tokenizer.exists():
-        Tokenizer.load(tokenizer).check_fits(config.vocab_size)
+    tokenizer = find_tokenizer(ckpt)
+    if tokenizer is not None:
+        load_tokenizer(tokenizer).check_fits(config.vocab_size)
     dtypes = sorted({t["dtype"] for t in header.values()})
     lines = [f"{ckpt}: {config.num_parameters() / 1e6:.3f} M parameters ({', '.join(dtypes)})"]
     lines += [f"  {k:<24} {v}" for k, v in config.to_dict().items() if k != "extra"]
-    lines.append(f"  {'tokenizer.model':<24} {tokenizer.exists()}")
+    lines.append(f"  {'tokenizer':<24} {tokenizer.name if tokenizer else None}")
     lines.append(f"  {'training_state':<24} {(Path(ckpt) / TRAINING_STATE_DIR).is_dir()}")
     lines.append(f"  {'checked':<24} {CHECKED}")
     return "\n".join(lines)

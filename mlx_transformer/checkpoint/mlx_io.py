@@ -6,7 +6,6 @@ Strict: a missing, extra or mis-shaped tensor is an error that names it. Safeten
 from __future__ import annotations
 
 import math
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,9 +14,9 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from ..config import ModelConfig
 from ..model import Transformer
+from ..tokenizer_files import copy_tokenizer
 from .format import (
     CONFIG_FILE,
-    TOKENIZER_FILE,
     WEIGHTS_FILE,
     CheckpointError,
     check_tensor_shapes,
@@ -42,7 +41,8 @@ def save_checkpoint(
     Args:
         path: the checkpoint folder; replaced as a whole if it exists.
         model: the model; its `config` is saved with it.
-        tokenizer_path: a sentencepiece model to copy in byte for byte.
+        tokenizer_path: a tokenizer to copy in byte for byte (tokenizer.model, or tokenizer.json
+            with the files beside it: `tokenizer_files.copy_tokenizer`).
         dtype: save the weights in this dtype ("float32", "bfloat16", "float16"); default as is.
         write_extra: called with the temporary folder to add more (e.g. training_state/).
         output: `kind`, `overwrite`, `inputs` of `atomic.write_folder`, for a user's output
@@ -59,7 +59,7 @@ def save_checkpoint(
         model.config.save(tmp / CONFIG_FILE)
         mx.save_safetensors(str(tmp / WEIGHTS_FILE), weights, metadata={"format": "mlx"})
         if tokenizer_path is not None:
-            shutil.copyfile(tokenizer_path, tmp / TOKENIZER_FILE)
+            copy_tokenizer(tokenizer_path, tmp)
         if write_extra is not None:
             write_extra(tmp)
 

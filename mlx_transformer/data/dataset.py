@@ -188,10 +188,10 @@ def _json_type(value: Any) -> str:
 
 
 def _check_tokenizer(path: Path, manifest: dict[str, Any], tokenizer: Any) -> None:
-    from ..tokenizer import Tokenizer  # no MLX there either
+    from ..tokenizer_files import load_tokenizer  # no MLX there either
 
     expected = manifest["tokenizer"]["sha256"]
-    own = Tokenizer.load(path / manifest["tokenizer"]["file"])
+    own = load_tokenizer(path / manifest["tokenizer"]["file"])
     if own.checksum != expected:
         raise UserError(
             f"{own.path} does not match the tokenizer the shards were encoded with "
@@ -199,13 +199,13 @@ def _check_tokenizer(path: Path, manifest: dict[str, Any], tokenizer: Any) -> No
         )
     if tokenizer is None:
         return
-    if not isinstance(tokenizer, Tokenizer):
-        tokenizer = Tokenizer.load(tokenizer)
+    if isinstance(tokenizer, (str, Path)):
+        tokenizer = load_tokenizer(tokenizer)
     if tokenizer.checksum != expected:
         name = tokenizer.path or "the given tokenizer"
         raise UserError(
             f"dataset {path} was encoded with a different tokenizer than {name} (sha256 "
-            f"{expected[:12]} vs {tokenizer.checksum[:12]}); use the dataset's tokenizer.model "
+            f"{expected[:12]} vs {tokenizer.checksum[:12]}); use the dataset's tokenizer "
             "or re-run prepare with --tokenizer pointing at yours"
         )
 

@@ -20,6 +20,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..tokenizer import Tokenizer
+from ..tokenizer_files import tokenizer_from_files
 from .sources import BLOCK_BYTES, _char_start, _progress, _Reader, _Scan
 
 # --- pass 2: encode in parallel, in order, into shards -------------------------------------
@@ -29,18 +30,23 @@ def _tasks(reader: _Reader, scan: _Scan, val_fraction: float) -> Iterator[tuple[
     """(split, task) in corpus order; a task is ~BLOCK_BYTES of one split.
 
     Pretraining items are (text or raw bytes, eos after it?); fine-tuning items are
-    (prompt, completion).
+    (prompt, completion, eos after it?): a chat record gives one per assistant turn.
     """
     n = scan.documents
     n_val = 0 if val_fraction == 0 or n < 2 else min(max(round(val_fraction * n), 1), n - 1)
     cut = round(scan.last_doc_bytes * (1 - val_fraction)) if n == 1 and val_fraction else None
     items: list = []
     split, size = "train", 0
-    for doc, _source, payload, where, last in reader.pieces():
+    for doc, source, payload, where, last in reader.pieces():
         # Validation documents spread evenly: doc i is in val when i * n_val / n crosses an integer.
         doc_split = "val" if (doc + 1) * n_val // n > doc * n_val // n else "train"
-        if scan.kind == "finetune":
-            parts = [(doc_split, (payload["prompt"], payload["completion"]))]
+        if scan.kind == "finetune" and "messages" in payload:
+            examples = reader.chat_examples(
+                payload["messages"], f"{reader.sources[source]}:{where}"
+            )
+            parts = [(doc_split, example) for example in examples]
+        elif scan.kind == "finetune":
+            parts = [(doc_split, (payload["prompt"], payload["completion"], True))]
         elif cut is None:
             parts = [
                 (doc_split, (payload if isinstance(payload, bytes) else payload["text"], last))
@@ -76,8 +82,8 @@ def _cut_point(data: bytes, at: int) -> int:
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(model_bytes: bytes, dtype: str, errors: str) -> None:
-    _WORKER.update(tok=Tokenizer(model_bytes), dtype=np.dtype(dtype), errors=errors)
+def _init_worker(files: dict[str, bytes], dtype: str, errors: str) -> None:
+    _WORKER.update(tok=tokenizer_from_files(files), dtype=np.dtype(dtype), errors=errors)
 
 
 def _encode_task(task: tuple[str, list]) -> tuple:
@@ -97,8 +103,8 @@ def _encode_task(task: tuple[str, list]) -> tuple:
                 pieces.append([tok.eos_id])
         return _flatten(pieces, dtype), nbytes
     lens, completion_bytes = [], 0
-    for prompt, completion in items:
-        p, c = tok.encode(prompt), tok.encode(completion, eos=True)
+    for prompt, completion, eos in items:
+        p, c = tok.encode(prompt), tok.encode(completion, eos=eos)
         pieces += [p, c]
         lens.append((len(p), len(p) + len(c)))
         completion_bytes += len(completion.encode("utf-8"))
@@ -236,7 +242,7 @@ def _encode(
     workers = workers or os.cpu_count() or 1
     if total < 2 * BLOCK_BYTES or not _can_spawn():
         workers = 1  # starting processes would cost more than it saves
-    initargs = (tok.model_bytes, dtype.str, reader.errors)
+    initargs = (tok.files, dtype.str, reader.errors)
     tasks = _tasks(reader, scan, val_fraction)
     try:
         with _progress(total, "encoding", verbose) as bar:

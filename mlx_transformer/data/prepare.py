@@ -3,20 +3,24 @@
 Inputs (`--data`, any mix; none = the embedded Tiny Shakespeare):
   - text files; folders are searched recursively for TEXT_SUFFIXES (hidden entries skipped);
   - JSONL files (`.jsonl`), one JSON object per line: `{"text": ...}` for pretraining, or
-    `{"prompt": ..., "completion": ...}` for fine-tuning (a dataset is one kind or the other).
+    `{"prompt": ..., "completion": ...}` or a chat, `{"messages": [{"role", "content"}, ...]}`,
+    for fine-tuning (a dataset is one kind or the other). Chats are rendered with the chat
+    template of `--tokenizer` (see `mlx_transformer.chat`): one example per assistant turn.
 
 Output folder (written to a temporary sibling, renamed into place at the end; it must be new or
 empty, or a dataset written here — replaced only with --overwrite, or left as is when it already
 holds the very dataset asked for):
   manifest.json        what data.load_dataset() reads; see `_manifest` for the schema
-  tokenizer.model      the sentencepiece model, byte for byte
+  tokenizer.model      the sentencepiece model, byte for byte (or, with a Hugging Face
+                       --tokenizer, tokenizer.json and its config files)
   {split}_{k:03d}.bin  token ids, raw little-endian uint16 (vocab <= 65536) or uint32
   {split}_{k:03d}.idx.bin  fine-tuning only: int64 rows (start, prompt_len, total_len)
 
 Documents are files (text) or lines (JSONL); each is followed by eos. The validation split is
 whole documents spread evenly through the corpus; a corpus of one document is instead cut at
 the line end after (1 - val_fraction) of its bytes. Fine-tuning examples store
-prompt ids + completion ids + eos; the loss covers the completion and eos.
+prompt ids + completion ids + eos; the loss covers the completion and eos (a chat turn that
+the template already ends with eos gets none added).
 
 Two passes over the data keep memory bounded whatever the corpus size: the first checks it
 (UTF-8, JSON), counts documents and feeds sentencepiece's sampled training; the second encodes
@@ -35,7 +39,8 @@ from typing import Any
 
 from .. import atomic
 from ..errors import UserError
-from ..tokenizer import MODEL_TYPES, SPECIAL_IDS, TOKENIZER_FILE, Tokenizer
+from ..tokenizer import MODEL_TYPES, SPECIAL_IDS, Tokenizer
+from ..tokenizer_files import TOKENIZER_FILES, load_tokenizer
 from .dataset import FORMAT_VERSION, KINDS, MANIFEST, default_corpus_path
 from .encode import _encode
 from .sources import TEXT_SUFFIXES, _Reader, _Scan, find_sources
@@ -52,7 +57,7 @@ MAX_VOCAB_SIZE = 1 << 20
 # manifest's format fields, not by the file name alone).
 DATASET = atomic.FolderKind(
     "dataset",
-    entries=(MANIFEST, TOKENIZER_FILE, "train_*.bin", "val_*.bin"),
+    entries=(MANIFEST, *TOKENIZER_FILES, "train_*.bin", "val_*.bin"),
     legacy=(
         MANIFEST,
         lambda m: (
@@ -72,7 +77,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ))  # fmt: skip
     parser.add_argument("--out", required=True, metavar="DIR", help="dataset folder to write")
     parser.add_argument("--vocab-size", type=int, default=8000, help="tokenizer vocabulary size")
-    parser.add_argument("--tokenizer", metavar="MODEL", help="reuse this tokenizer.model")
+    parser.add_argument("--tokenizer", metavar="CKPT", help=(
+        "encode with this tokenizer instead of training one: a checkpoint or dataset folder, a "
+        "tokenizer.model or a tokenizer.json (needed for chat data: its chat template)"
+    ))  # fmt: skip
     parser.add_argument("--model-type", choices=MODEL_TYPES, default="bpe")
     parser.add_argument("--val-fraction", type=float, default=0.1, help="share held out")
     parser.add_argument("--special-tokens", nargs="+", default=[], metavar="TOKEN")
@@ -124,7 +132,8 @@ def prepare(
             sources, sizes, times and options), nothing is done; a different dataset is replaced
             only with `overwrite`; anything else (a file, a folder of other files) never.
         vocab_size, model_type, special_tokens: Tokenizer training (ignored with `tokenizer`).
-        tokenizer: A sentencepiece model to reuse instead of training one.
+        tokenizer: A tokenizer to encode with instead of training one: a folder holding one
+            (a checkpoint), a tokenizer.model or a tokenizer.json. Chat data needs it.
         val_fraction: Share of the data held out for validation, in [0, 1).
         replace_invalid_utf8: Decode invalid bytes as U+FFFD instead of raising.
         workers: Encoding processes (default: all CPUs).
@@ -143,7 +152,7 @@ def prepare(
         _check_vocab_size(vocab_size, special_tokens)
     out = Path(out)
     sources = find_sources(data or [default_corpus_path()])
-    reused = Tokenizer.load(tokenizer) if tokenizer is not None else None
+    reused = load_tokenizer(tokenizer) if tokenizer is not None else None
     request = {
         "sources": [{"path": str(p.resolve()), "bytes": s.st_size, "mtime_ns": s.st_mtime_ns}
                     for p, s in ((p, p.stat()) for p in sources)],
@@ -170,7 +179,7 @@ def prepare(
     manifest: dict[str, Any] = {}  # filled in by fill()
 
     def fill(tmp: Path) -> None:
-        reader = _Reader(sources, replace_invalid_utf8)
+        reader = _Reader(sources, replace_invalid_utf8, reused)
         scan = _Scan(reader, verbose)
         texts = scan.texts()  # pass 1, run by tokenizer training as it reads
         try:
@@ -187,7 +196,8 @@ def prepare(
             collections.deque(texts, maxlen=0)  # finish checking and counting, if training stopped
         finally:
             texts.close()  # ends its progress bar now, before an error line is printed
-        (tmp / TOKENIZER_FILE).write_bytes(tok.model_bytes)
+        for name, content in tok.files.items():
+            (tmp / name).write_bytes(content)
         splits, dtype = _encode(
             reader, scan, tok, tmp, val_fraction, shard_tokens, workers, verbose
         )
@@ -222,20 +232,15 @@ def _manifest(
         shards: [{file, tokens[, index, examples]}]}};
     request: the sources (size, mtime) and options asked for, to recognise a rerun.
     """
-    from sentencepiece import sentencepiece_model_pb2 as pb
-
-    proto = pb.ModelProto()
-    proto.ParseFromString(tok.model_bytes)
-    model_type = pb.TrainerSpec.ModelType.Name(proto.trainer_spec.model_type).lower()
     return {
         "format_version": FORMAT_VERSION,
         "kind": scan.kind,
         "dtype": dtype,
         "vocab_size": tok.vocab_size,
         "tokenizer": {
-            "file": TOKENIZER_FILE,
+            "file": next(iter(tok.files)),  # tokenizer.model, or tokenizer.json (+ its config)
             "sha256": tok.checksum,
-            "model_type": model_type,
+            "model_type": tok.model_type,
             "vocab_size": tok.vocab_size,
             "special_ids": tok.special_ids,
             "user_defined_tokens": tok.user_defined_tokens(),

@@ -62,9 +62,22 @@ class _Reader:
     final piece of a document; `doc` counts documents from 0 (empty files are skipped).
     """
 
-    def __init__(self, sources: list[Path], replace_invalid_utf8: bool):
+    def __init__(self, sources: list[Path], replace_invalid_utf8: bool, tokenizer: Any = None):
         self.sources = sources
         self.errors = "replace" if replace_invalid_utf8 else "strict"
+        self.tokenizer = tokenizer  # renders chat records; None: they are refused
+
+    def chat_examples(self, messages: list[dict], where: str) -> list[tuple[str, str, bool]]:
+        """A chat record's (prompt, completion, eos after it?) examples, one per assistant turn."""
+        from ..chat import chat_examples, ends_with_eos
+
+        if self.tokenizer is None:
+            raise UserError(
+                f'{where}: chat data ({{"messages": ...}}) is rendered with the model\'s chat '
+                "template: pass --tokenizer CKPT (the checkpoint, or its tokenizer.json)"
+            )
+        pairs = chat_examples(self.tokenizer, messages, where)
+        return [(p, c, not ends_with_eos(self.tokenizer, c)) for p, c in pairs]
 
     def pieces(self) -> Iterator[tuple[int, int, bytes | dict[str, str], int, bool]]:
         doc = 0
@@ -131,17 +144,21 @@ class _Reader:
                 yield _check_record(record, path, line_no), line_no
 
 
-def _check_record(record: Any, path: Path, line_no: int) -> dict[str, str]:
+def _check_record(record: Any, path: Path, line_no: int) -> dict[str, Any]:
     fields = None
     if isinstance(record, dict):
+        if "messages" in record:
+            from ..chat import check_messages
+
+            return {"messages": check_messages(record["messages"], f"{path}:{line_no}")}
         if "prompt" in record and "completion" in record:
             fields = {"prompt": record["prompt"], "completion": record["completion"]}
         elif "text" in record:
             fields = {"text": record["text"]}
     if fields is None or not all(isinstance(v, str) for v in fields.values()):
         raise UserError(
-            f'{path}:{line_no}: expected a JSON object with a string "text" field, or string '
-            '"prompt" and "completion" fields'
+            f'{path}:{line_no}: expected a JSON object with a string "text" field, string '
+            '"prompt" and "completion" fields, or "messages" (a chat)'
         )
     return fields
 
@@ -153,7 +170,9 @@ def _char_start(data: bytes | bytearray, i: int) -> int:
     return i
 
 
-def _text_bytes(fields: dict[str, str]) -> int:
+def _text_bytes(fields: dict[str, Any]) -> int:
+    if "messages" in fields:
+        return sum(len(m["content"].encode("utf-8")) for m in fields["messages"])
     return sum(len(v.encode("utf-8")) for v in fields.values())
 
 
@@ -186,6 +205,10 @@ class _Scan:
                     doc_bytes += len(payload)
                     bar.update(len(payload))
                     yield text
+                elif "messages" in payload:  # checked by rendering; nothing to train a tokenizer
+                    self._set_kind("finetune", path, where)
+                    self.reader.chat_examples(payload["messages"], f"{path}:{where}")
+                    doc_bytes += _text_bytes(payload)
                 else:
                     kind = "finetune" if "prompt" in payload else "pretrain"
                     self._set_kind(kind, path, where)
@@ -207,7 +230,7 @@ class _Scan:
             where = f"{path}:{line_no}" if line_no else str(path)
             raise UserError(
                 f"{where}: {kind} data mixed with {self.kind} data; a dataset is either text "
-                '(pretraining) or {"prompt", "completion"} examples (fine-tuning)'
+                '(pretraining) or {"prompt", "completion"} / {"messages"} examples (fine-tuning)'
             )
 
 

@@ -41,6 +41,7 @@ from .decode import (
 from .rolling import RingCacheDecoder
 from .rules import (
     OVERFLOW_POLICIES,
+    chat_prompt_ids,
     check_kv_cache_fits,
     kv_cache_bytes,
     overflow_message,
@@ -255,8 +256,12 @@ class GenerationResponse:
     finish_reason: str | None = None  # "stop" (EOS or stop string), "length", or None
 
 
-def encode_prompt(tokenizer, prompt: str | Sequence[int]) -> list[int]:
-    """Token ids of a prompt: text without BOS; an empty one is [EOS] (Tokenizer.encode_prompt)."""
+def encode_prompt(tokenizer, prompt: str | Sequence[int], chat: bool = False) -> list[int]:
+    """Token ids of a prompt: text without BOS; an empty one is [EOS] (Tokenizer.encode_prompt).
+    With `chat`, text (a user message) or a list of {"role", "content"} messages is rendered
+    with the tokenizer's chat template first (`rules.chat_prompt_ids`)."""
+    if chat:
+        return chat_prompt_ids(tokenizer, prompt)
     if isinstance(prompt, str):
         return tokenizer.encode_prompt(prompt)
     if not prompt:
@@ -271,14 +276,16 @@ def stream_generate(
     *,
     max_tokens: int = 256,
     stop: Sequence[str] = (),
+    chat: bool = False,
     **kwargs,
 ) -> Iterator[GenerationResponse]:
     """Generate text and yield it piece by piece, with timings (tokens/s) and peak memory.
 
     Stops at EOS, at a stop string (which is not returned, nor anything after it), or after
-    max_tokens. Other keyword arguments go to `batch_generate_step` (sampler, ...).
+    max_tokens. `chat`: apply the tokenizer's chat template to the prompt (`encode_prompt`).
+    Other keyword arguments go to `batch_generate_step` (sampler, ...).
     """
-    ids = encode_prompt(tokenizer, prompt)
+    ids = encode_prompt(tokenizer, prompt, chat)
     tic = time.perf_counter()
     steps = generate_step(ids, model, max_tokens=max_tokens, **kwargs)
     detok, text = tokenizer.detokenizer(), StopStrings(stop)
@@ -340,10 +347,12 @@ def batch_generate(
     *,
     max_tokens: int = 256,
     stop: Sequence[str] = (),
+    chat: bool = False,
     **kwargs,
 ) -> BatchResult:
-    """Generate for several prompts at once; each row stops on its own (EOS, stop, length)."""
-    rows = [encode_prompt(tokenizer, p) for p in prompts]
+    """Generate for several prompts at once; each row stops on its own (EOS, stop, length).
+    `chat`: apply the tokenizer's chat template to each prompt."""
+    rows = [encode_prompt(tokenizer, p, chat) for p in prompts]
     B = len(rows)
     tic = time.perf_counter()
     steps = batch_generate_step(rows, model, max_tokens=max_tokens, **kwargs)
@@ -411,11 +420,16 @@ def add_arguments(parser) -> None:
         help="prompt + max tokens over the context: error, or slide the window",
     )
     parser.add_argument("--prefill-step-size", type=int, default=512, help="prompt chunk size")
+    parser.add_argument(
+        "--chat",
+        action="store_true",
+        help="the prompt is a user message: apply the model's chat template to it",
+    )
 
 
 def run(args) -> int:
     from ..checkpoint.mlx_io import load_checkpoint
-    from ..tokenizer import TOKENIZER_FILE, Tokenizer
+    from ..tokenizer_files import find_tokenizer, load_tokenizer
 
     try:  # every setting first, before anything is read or loaded
         sampler = make_sampler(args.temp, args.top_p, args.min_p, args.top_k, args.seed)
@@ -426,12 +440,17 @@ def run(args) -> int:
     except ValueError as e:
         raise UserError(str(e)) from None
     prompt = read_prompt(args.prompt)
-    tokenizer_path = Path(args.model) / TOKENIZER_FILE
+    tokenizer_path = find_tokenizer(args.model) if Path(args.model).is_dir() else None
     model = load_checkpoint(args.model)
-    if not tokenizer_path.is_file():
-        raise UserError(f"{args.model}: no tokenizer.model in the checkpoint folder")
-    tokenizer = Tokenizer.load(tokenizer_path)
+    if tokenizer_path is None:
+        raise UserError(
+            f"{args.model}: no tokenizer in the checkpoint folder (tokenizer.model or "
+            "tokenizer.json)"
+        )
+    tokenizer = load_tokenizer(tokenizer_path)
     tokenizer.check_fits(model.config.vocab_size)
+    if args.chat:  # the template's errors before any generation
+        prompt = chat_prompt_ids(tokenizer, prompt)
     responses = stream_generate(
         model,
         tokenizer,

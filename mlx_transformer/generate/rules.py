@@ -80,6 +80,22 @@ def read_prompt(prompt: str) -> str:
     return data.decode("utf-8", "surrogateescape")
 
 
+def chat_prompt_ids(tokenizer, prompt) -> list[int]:
+    """Ids of a chat prompt: `prompt` (a user message, or a list of {"role", "content"}) rendered
+    with the tokenizer's chat template and the generation prompt, encoded as transformers does
+    (special tokens in the rendered text are read as such; the template adds any bos).
+
+    Raises:
+        UserError: the tokenizer has no chat template, or it fails on these messages.
+    """
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    ids = tokenizer.encode(text)
+    if not ids:
+        raise UserError("the chat template rendered the prompt as no text at all")
+    return ids
+
+
 # -- memory ---------------------------------------------------------------------------------------
 
 

@@ -260,9 +260,8 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from ..checkpoint.format import TOKENIZER_FILE
     from ..checkpoint.mlx_io import load_checkpoint
-    from ..tokenizer import Tokenizer
+    from ..tokenizer_files import load_tokenizer
 
     trace_only = {"--answer": args.answer, "--subject": args.subject, "--corrupt": args.corrupt,
                   "--window": args.window, "--overwrite": args.overwrite or None}  # fmt: skip
@@ -280,7 +279,7 @@ def run(args) -> int:
         except (OSError, UnicodeDecodeError) as e:
             raise UserError(f"--text {args.text}: cannot read it ({e})") from None
     model = load_checkpoint(args.model)
-    tokenizer = Tokenizer.load(Path(args.model) / TOKENIZER_FILE)
+    tokenizer = load_tokenizer(args.model)
     tokenizer.check_fits(model.config.vocab_size)
     inspect_model(
         model, tokenizer, args.prompt, args.out, text, args.ablate, args.ablation_mode, args.top_k
@@ -290,9 +289,8 @@ def run(args) -> int:
 
 def run_trace(args) -> int:
     from .. import atomic
-    from ..checkpoint.format import TOKENIZER_FILE
     from ..checkpoint.mlx_io import load_checkpoint
-    from ..tokenizer import Tokenizer
+    from ..tokenizer_files import load_tokenizer
     from .trace_report import TRACE, check_settings, trace_model
 
     if args.answer is None:
@@ -302,7 +300,7 @@ def run_trace(args) -> int:
     check_settings(args.subject, args.corrupt, args.samples, args.noise, args.window)
     atomic.check_output(args.out, TRACE, overwrite=args.overwrite, inputs=[args.model])
     model = load_checkpoint(args.model)
-    tokenizer = Tokenizer.load(Path(args.model) / TOKENIZER_FILE)
+    tokenizer = load_tokenizer(args.model)
     tokenizer.check_fits(model.config.vocab_size)
     trace_model(
         model, tokenizer, args.prompt, args.answer, args.out, args.subject, args.corrupt,

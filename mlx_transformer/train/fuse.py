@@ -15,10 +15,10 @@ import argparse
 from pathlib import Path
 
 from .. import atomic
-from ..checkpoint.format import TOKENIZER_FILE
 from ..checkpoint.hf import CHECKPOINT, load_pretrained
 from ..checkpoint.mlx_io import save_checkpoint
 from ..errors import UserError
+from ..tokenizer_files import find_tokenizer
 from .lora import fuse_lora, load_adapters, read_adapter_config
 
 
@@ -62,8 +62,7 @@ def fuse(
     model, tokenizer = load_pretrained(base)
     load_adapters(model, adapters)
     fuse_lora(model)
-    tokenizer = tokenizer or (Path(adapters) / TOKENIZER_FILE)
-    tokenizer = tokenizer if Path(tokenizer).is_file() else None
+    tokenizer = tokenizer or find_tokenizer(adapters)
     return save_checkpoint(
         out,
         model,

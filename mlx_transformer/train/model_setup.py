@@ -16,14 +16,13 @@ from typing import Any
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from ..checkpoint.format import TOKENIZER_FILE
 from ..checkpoint.hf import load_pretrained
 from ..checkpoint.mlx_io import load_checkpoint
 from ..config import ModelConfig
 from ..data.dataset import Dataset
 from ..errors import UserError
 from ..model import Transformer
-from ..tokenizer import Tokenizer
+from ..tokenizer_files import find_tokenizer, load_tokenizer
 from .args import TrainingArgs
 from .lora import apply_lora, load_adapters, read_adapter_config
 from .step import cast_params
@@ -101,17 +100,17 @@ def check_same_tokenizer(source: Path, dataset: Dataset, flag: str) -> None:
     """Refuse a checkpoint whose tokenizer.model is not the one `dataset` was encoded with:
     token ids would mean other words to its weights. A folder without one (a Hugging Face
     import, a bare model) is checked by vocabulary size only."""
-    file = source / TOKENIZER_FILE
-    if not file.is_file():
+    file = find_tokenizer(source)
+    if file is None:
         return
-    own = Tokenizer.load(file).checksum
+    own = load_tokenizer(file).checksum
     expected = dataset.manifest["tokenizer"]["sha256"]
     if own != expected:
         raise UserError(
             f"{flag} {source} uses another tokenizer than the dataset {dataset.path} was "
-            f"prepared with (tokenizer.model sha256 {own[:12]}, the manifest records "
+            f"prepared with ({file.name} sha256 {own[:12]}, the manifest records "
             f"{expected[:12]}); prepare the data with `mlx-transformer prepare --tokenizer "
-            f"{file}`"
+            f"{source}`"
         )
 
 

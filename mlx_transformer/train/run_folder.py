@@ -37,9 +37,10 @@ import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .. import atomic
-from ..checkpoint.format import TOKENIZER_FILE, TRAINING_STATE_DIR
+from ..checkpoint.format import TRAINING_STATE_DIR
 from ..checkpoint.mlx_io import save_checkpoint
 from ..errors import UserError
+from ..tokenizer_files import copy_tokenizer
 from .lora import save_adapters
 from .run_lock import RunLock
 
@@ -208,7 +209,7 @@ def write_checkpoint(
     def fill(tmp: Path) -> None:
         save_adapters(tmp, model, lora_config)
         if tokenizer_path is not None:
-            shutil.copyfile(tokenizer_path, tmp / TOKENIZER_FILE)
+            copy_tokenizer(tokenizer_path, tmp)
         write_state(tmp)
 
     return atomic.write_folder(folder, fill)
