@@ -200,5 +200,5 @@ def test_the_package_root_holds_only_the_top_level_modules():
     root = {p.stem for p in (ROOT / "mlx_transformer").glob("*.py")}
     assert root == {
         "__init__", "__main__", "atomic", "cli", "config", "demo", "errors", "model", "ops",
-        "tokenizer", "hf_tokenizers", "tokenizer_files", "chat", "verify",
+        "tokenizer", "hf_tokenizers", "tokenizer_files", "chat", "rolling_cache", "verify",
     }  # fmt: skip
