@@ -137,12 +137,61 @@ def keep_mask(g: Graph, attention_mask: str, L: str, S: str) -> str:
     return g.node("Or", [keep, diagonal], f"{path}/Or")
 
 
+#   pos = Where(attention_mask, CumSum(attention_mask) - 1, -1)   key positions (B, S), -1 = padding
+#   q = pos[:, S-L:], k = pos
+#   keep = (k ≥ 0 AND k ≤ q AND (q - k < W OR k < sinks)) OR (k == q by index AND q < 0)
+
+
+def window_keep_mask(g: Graph, attention_mask: str, L: str, S: str, config: ModelConfig) -> str:
+    """The sliding-window mask (`model.window_mask`), from positions counted in the mask: only
+    differences of positions matter, so a past cut to its last columns keeps it exact."""
+    path = "/model/attn_mask_window"
+    zero, one = g.constant(0, np.int64), g.constant(1, np.int64)
+    counts = g.node("Cast", [attention_mask], f"{path}/Cast", to=INT64)
+    cumsum = g.node("CumSum", [counts, one], f"{path}/CumSum")
+    pos = g.node("Sub", [cumsum, one], f"{path}/Sub")
+    real = g.node("Cast", [attention_mask], f"{path}/Real", to=BOOL)
+    pos = g.node("Where", [real, pos, g.constant(-1, np.int64)], f"{path}/KeyPositions")
+    past = g.node("Sub", [S, L], f"{path}/Past")
+    axis = g.constant([1], np.int64)
+    start = g.node("Unsqueeze", [past, g.constant([0], np.int64)], f"{path}/Start")
+    end = g.node("Unsqueeze", [S, g.constant([0], np.int64)], f"{path}/End")
+    q = g.node("Slice", [pos, start, end, axis], f"{path}/QueryPositions")  # (B, L)
+    q = g.node("Unsqueeze", [q, g.constant([2], np.int64)], f"{path}/UnsqueezeQ")  # (B, L, 1)
+    k = g.node("Unsqueeze", [pos, axis], f"{path}/UnsqueezeK")  # (B, 1, S)
+    keep = g.node("LessOrEqual", [k, q], f"{path}/Causal")
+    keep = g.node("And", [keep, g.node("GreaterOrEqual", [k, zero], f"{path}/RealKey")],
+                  f"{path}/AndReal")  # fmt: skip
+    distance = g.node("Sub", [q, k], f"{path}/Distance")
+    near = g.node("Less", [distance, g.constant(config.sliding_window, np.int64)], f"{path}/Near")
+    if config.attention_sinks:
+        sink = g.node("Less", [k, g.constant(config.attention_sinks, np.int64)], f"{path}/Sink")
+        near = g.node("Or", [near, sink], f"{path}/NearOrSink")
+    keep = g.node("And", [keep, near], f"{path}/AndNear")
+    # A padding query sees only its own key (no empty softmax rows).
+    rows = g.node("Range", [past, S, one], f"{path}/QueryIndex")
+    rows = g.node("Unsqueeze", [rows, axis], f"{path}/UnsqueezeRows")  # (L, 1)
+    own = g.node(
+        "Equal", [g.node("Range", [zero, S, one], f"{path}/KeyIndex"), rows], f"{path}/Own"
+    )
+    padding = g.node("Less", [q, zero], f"{path}/PaddingQuery")
+    keep = g.node("Or", [keep, g.node("And", [own, padding], f"{path}/OwnPadding")], f"{path}/Or")
+    return g.node("Unsqueeze", [keep, axis], f"{path}/Unsqueeze")  # (B, 1, L, S)
+
+
 #   seqlens_k = Expand(S - 1, [B]) (int32), total_sequence_length = S (int32),
 #   attention_bias = Where(keep, 0, MASKED)         (padding handled by the bias, not seqlens_k)
 
 
-def gqa_inputs(g: Graph, keep: str, B: str, S: str) -> tuple[str, str, str]:
-    path = "/model/gqa_inputs"
+def group_mask(g: Graph, keep: str, window: int | None) -> str:
+    """(B, 1, L, S) -> (B, 1, 1, L, S): the mask of query heads grouped by key/value head."""
+    path = "/model/attn_mask" if window is None else "/model/attn_mask_window"
+    return g.node("Unsqueeze", [keep, g.constant([1], np.int64)], f"{path}/Group")
+
+
+def gqa_inputs(g: Graph, keep: str, B: str, S: str, window: int | None = None):
+    """(seqlens_k, total_sequence_length, attention_bias) of the layers with this window."""
+    path = "/model/gqa_inputs" if window is None else "/model/gqa_inputs_window"
     total = g.node("Cast", [S], f"{path}/total_sequence_length", to=INT32)
     last = g.node("Sub", [total, g.constant(1, np.int32)], f"{path}/Sub")
     batch = g.node("Unsqueeze", [B, g.constant([0], np.int64)], f"{path}/Batch")
@@ -164,15 +213,17 @@ def build_graph(config: ModelConfig, weights: Weights, flavour: str, head_copy: 
 
     x = embeddings(g, input_ids, position_ids, config)
     B, L, S = lengths(g, input_ids, attention_mask)
-    keep = keep_mask(g, attention_mask, L, S)
+    keeps = {None: keep_mask(g, attention_mask, L, S)}  # by window (None: full attention)
+    if config.windowed:
+        keeps[config.sliding_window] = window_keep_mask(g, attention_mask, L, S, config)
     rope = config.position_encoding == "rope"
     if flavour == "ort":
         rotary = (position_ids, *rotary_caches(g, config)) if rope else None
-        extra = gqa_inputs(g, keep, B, S)
+        extras = {W: gqa_inputs(g, keep, B, S, W) for W, keep in keeps.items()}
     else:
         rotary = rotary_tables(g, position_ids, config) if rope else None
         if config.num_attention_heads != config.num_key_value_heads:
-            keep = g.node("Unsqueeze", [keep, g.constant([1], np.int64)], "/model/attn_mask/Group")
+            keeps = {W: group_mask(g, keep, W) for W, keep in keeps.items()}
 
     pre = config.norm_position == "pre"
     residual, h = x, None  # pre-norm: the pending residual sum is fused into the next norm
@@ -183,10 +234,16 @@ def build_graph(config: ModelConfig, weights: Weights, flavour: str, head_copy: 
             normed, residual = add_and_norm(g, residual, h, f"{layer}.attn_norm", config, flavour)
         else:
             normed = residual
+        W = config.layer_window(i)
         if flavour == "ort":
-            h, k, v = attention_ort(g, normed, f"{layer}.attn", config, rotary, extra, past)
+            # GroupQueryAttention's own window (onnxruntime 1.32, measured: a query sees
+            # local_window_size keys, itself included); it cannot keep sinks
+            local = W if W is not None and not config.attention_sinks else None
+            h, k, v = attention_ort(
+                g, normed, f"{layer}.attn", config, rotary, extras[W], past, local
+            )
         else:
-            h, k, v = attention_portable(g, normed, f"{layer}.attn", config, rotary, keep, past)
+            h, k, v = attention_portable(g, normed, f"{layer}.attn", config, rotary, keeps[W], past)
         for value, name in zip((k, v), kv_pair(PRESENT, i)):
             g.rename_output(value, name)
         if pre:

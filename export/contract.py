@@ -146,9 +146,19 @@ def io_json(
         "hidden_size": config.hidden_size,
         "vocab_size": config.vocab_size,
         "context_length": config.max_position_embeddings,
+        **past_window(config),
         "special_tokens": special_tokens,
         "notes": notes,
     }
+
+
+def past_window(config: ModelConfig) -> dict:
+    """{"past_window": W - 1} when every layer slides through a window of W and there are no
+    sinks: the runtime then keeps only that many past columns (the graph's mask counts positions
+    within the mask, so cutting the oldest columns changes nothing). Otherwise {}."""
+    if config.all_windowed and not config.attention_sinks and config.sliding_window > 1:
+        return {"past_window": config.sliding_window - 1}
+    return {}
 
 
 # What the runtime reads of io.json: these keys, each a positive integer.
@@ -183,7 +193,7 @@ def read_io(onnx_dir: str | Path) -> dict:
         raise broken("not valid JSON (nested too deeply)") from None
     if not isinstance(io, dict):
         raise broken(f"a JSON {type(io).__name__}, not an object")
-    optional = ["vocab_size"] if "vocab_size" in io else []  # checks the tokenizer when given
+    optional = [k for k in ("vocab_size", "past_window") if k in io]  # read when given
     for key in (*RUNTIME_SIZES, *optional):
         value = io.get(key)
         if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):

@@ -263,12 +263,15 @@ def attention_ort(
     rotary: tuple[str, str, str] | None,
     gqa_inputs: tuple[str, str, str],
     past: tuple[str, str],
+    local_window_size: int | None = None,
 ) -> tuple[str, str, str]:
     """com.microsoft GroupQueryAttention (and RotaryEmbedding); returns (output, present k, v).
 
     rotary: (position_ids, cos_cache, sin_cache) for com.microsoft RotaryEmbedding, or None.
     gqa_inputs: (seqlens_k, total_sequence_length, attention_bias) from `builder.gqa_inputs`:
         every row counts all S slots as cache; padding is masked by the additive bias.
+    local_window_size: the kernel's sliding window (a query sees that many keys, itself
+        included), or None; the bias masks the window too, so the kernel's only saves work.
     """
     H, K, hd, bias = (
         config.num_attention_heads,
@@ -296,5 +299,6 @@ def attention_ort(
         num_heads=H,
         kv_num_heads=K,
         scale=hd**-0.5,
+        **({} if local_window_size is None else {"local_window_size": local_window_size}),
     )
     return linear(g, out, f"{key}.o_proj", bias), present_k, present_v

@@ -81,6 +81,9 @@ class OnnxModel:
         )
         self.layers = self.io["num_hidden_layers"]
         self.context_length = self.io["context_length"]
+        # A sliding-window model needs only its last past_window columns of past: the cache is
+        # cut back to them whenever it reaches twice that (a copy every past_window steps).
+        self.past_window = self.io.get("past_window")
         device = DEVICE_TYPES.get(full_name(provider))
         use_binding = device is not None if io_binding is None else io_binding
         self.device = (device or "cpu") if use_binding else None
@@ -140,11 +143,14 @@ class OnnxModel:
         return chunks
 
     def _run(self, input_ids, attention_mask, past) -> tuple[np.ndarray, list]:
-        positions = positions_from_mask(attention_mask, input_ids.shape[1])
+        L = input_ids.shape[1]
+        positions = positions_from_mask(attention_mask, L)  # from the whole mask: past cut or not
+        kept = past[0].shape[2] if isinstance(past[0], np.ndarray) else past[0].shape()[2]
+        attention_mask = attention_mask[:, attention_mask.shape[1] - kept - L :]
         inputs = feeds(input_ids, attention_mask, positions, past)
         if self.device is None:
             outputs = self.session.run(None, inputs)
-            return outputs[0], outputs[1:]
+            return outputs[0], self._bounded(outputs[1:])
         binding = self.session.io_binding()
         for name, value in inputs.items():
             if isinstance(value, np.ndarray):
@@ -156,4 +162,16 @@ class OnnxModel:
             binding.bind_output(name, self.device)
         self.session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
-        return outputs[0].numpy(), list(outputs[1:])
+        return outputs[0].numpy(), self._bounded(list(outputs[1:]))
+
+    def _bounded(self, present: list) -> list:
+        """The present cut to its last past_window columns once it has twice that (or as is)."""
+        W = self.past_window
+        if not W:
+            return present
+        shape = present[0].shape if isinstance(present[0], np.ndarray) else present[0].shape()
+        if shape[2] < 2 * W:
+            return present
+        # Device values come back to the host once per W steps; the next call uploads them.
+        arrays = [p if isinstance(p, np.ndarray) else p.numpy() for p in present]
+        return [np.ascontiguousarray(a[:, :, -W:]) for a in arrays]

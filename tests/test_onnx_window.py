@@ -1,0 +1,108 @@
+"""Sliding windows in the ONNX export: both flavours against MLX on padded batches, and decoding
+past the window with the runtime's bounded cache, on every provider installed here."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from test_model import random_model, tiny_config
+from test_onnx_providers import HAS_WEBGPU, NO_WEBGPU
+
+from export import export_onnx
+from export.runtime import OnnxGenerator
+from export.session import OnnxModel
+from mlx_transformer.checkpoint.mlx_io import save_checkpoint
+from mlx_transformer.generate.api import generate_step
+
+ROPE = dict(
+    position_encoding="rope",
+    norm_type="rmsnorm",
+    hidden_act="swiglu",
+    num_key_value_heads=2,
+    attention_bias=False,
+)
+CASES = {
+    "rope-window": dict(**ROPE, sliding_window=5),
+    "rope-sinks": dict(**ROPE, sliding_window=4, attention_sinks=2),
+    "rope-mixed": dict(
+        **ROPE, sliding_window=3, layer_types=["full_attention", "sliding_attention"]
+    ),
+    "learned-window": dict(sliding_window=6),
+}
+_cache: dict = {}
+
+
+def exported(name: str, flavour: str, tmp_path_factory):
+    """(MLX model, export folder), built once per session."""
+    if (name, flavour) not in _cache:
+        if name not in _cache:
+            model = random_model(tiny_config(**CASES[name]))
+            _cache[name] = (model, save_checkpoint(tmp_path_factory.mktemp(f"ckpt-{name}"), model))
+        model, ckpt = _cache[name]
+        out = tmp_path_factory.mktemp(f"onnx-{name}-{flavour}")
+        export_onnx(ckpt, out, flavour=flavour)
+        _cache[(name, flavour)] = (model, out)
+    return _cache[(name, flavour)]
+
+
+@pytest.mark.parametrize("flavour", ["portable", "ort"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_windowed_prefill_and_decode_match_mlx(name, flavour, tmp_path_factory):
+    """A left-padded batch: prefill 10 tokens, then one token at a time to 40 (8x a window of 5):
+    every logit equals MLX's full forward pass with the windowed mask."""
+    model, folder = exported(name, flavour, tmp_path_factory)
+    onnx_model = OnnxModel(folder)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, model.config.vocab_size, (2, 40))
+    mask = np.ones_like(ids)
+    mask[1, :7] = 0
+    want = np.array(model(mx.array(ids), attention_mask=mx.array(mask)))
+    logits, past = onnx_model(ids[:, :10], mask[:, :10])
+    pieces, longest = [logits], 0
+    for t in range(10, 40):
+        logits, past = onnx_model(ids[:, t : t + 1], mask[:, : t + 1], past)
+        pieces.append(logits)
+        longest = max(longest, past[0].shape[2])
+    got, real = np.concatenate(pieces, axis=1), mask.astype(bool)
+    np.testing.assert_allclose(got[real], want[real], atol=1e-4, rtol=1e-3)
+    bound = onnx_model.io.get("past_window")
+    if name in ("rope-window", "learned-window"):  # bounded: at most twice the window's past
+        assert bound == model.config.sliding_window - 1 and longest < 2 * bound
+    else:  # sinks or full-attention layers keep the whole past
+        assert bound is None and longest == 40
+
+
+@pytest.mark.parametrize("flavour", ["portable", "ort"])
+def test_right_padding_matches_mlx(flavour, tmp_path_factory):
+    model, folder = exported("rope-sinks", flavour, tmp_path_factory)
+    ids = np.random.default_rng(1).integers(0, model.config.vocab_size, (2, 23))
+    mask = np.ones_like(ids)
+    mask[0, 15:] = 0
+    logits, _ = OnnxModel(folder)(ids, mask)
+    want = np.array(model(mx.array(ids), attention_mask=mx.array(mask)))
+    real = mask.astype(bool)
+    np.testing.assert_allclose(logits[real], want[real], atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "provider",
+    [
+        "cpu",
+        pytest.param(
+            "webgpu",
+            marks=[pytest.mark.skipif(not HAS_WEBGPU, reason=NO_WEBGPU), pytest.mark.slow],
+        ),
+    ],
+)
+@pytest.mark.parametrize("flavour", ["portable", "ort"])
+def test_greedy_generation_past_the_window_matches_mlx(flavour, provider, tmp_path_factory):
+    """The ONNX generator (bounded cache; IO binding on WebGPU) gives MLX's greedy tokens."""
+    model, folder = exported("rope-window", flavour, tmp_path_factory)
+    gen = OnnxGenerator(folder, provider=provider)
+    if provider != "cpu":
+        assert gen.model.placement.status in ("full", "partial")
+    prompts = [[1, 2, 3, 4, 5, 6, 7], [9, 8]]
+    got = [r.tokens for r in gen.generate_tokens(prompts, max_tokens=30, stop_at_eos=False)]
+    for prompt, tokens in zip(prompts, got):
+        assert tokens == list(generate_step(prompt, model, max_tokens=30))
