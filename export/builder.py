@@ -55,19 +55,15 @@ def sinusoidal(g: Graph, position_ids: str, D: int) -> str:
     return g.node("Reshape", [pairs, g.constant([0, 0, D], np.int64)], f"{path}/Reshape")
 
 
-def rope_inv_freq(config: ModelConfig) -> np.ndarray:
-    hd = config.head_dim
-    return config.rope_theta ** (-np.arange(0, hd, 2, dtype=np.float64) / hd)
-
-
 #   position_ids ─Cast─Unsqueeze(1,3)─Mul(inv_freq)─┬─Cos─▶ (B, 1, L, hd/2) [, 1]
 #                                                    └─Sin─▶
 
 
 def rotary_tables(g: Graph, position_ids: str, config: ModelConfig) -> tuple[str, str]:
-    """cos and sin of position · theta^(-2i/hd), computed once for all layers (portable)."""
+    """cos and sin of position · frequency (`ModelConfig.rope_frequencies`), once for all
+    layers (portable)."""
     path = "/model/rotary"
-    inv_freq = rope_inv_freq(config).astype(np.float32)
+    inv_freq = np.array(config.rope_frequencies(), np.float32)
     pos = g.node("Cast", [position_ids], f"{path}/Cast", to=FLOAT)
     pos = g.node("Unsqueeze", [pos, g.constant([1, 3], np.int64)], f"{path}/Unsqueeze")
     angles = g.node("Mul", [pos, g.tensor(f"{path}/inv_freq", inv_freq)], f"{path}/Mul")
@@ -82,7 +78,8 @@ def rotary_tables(g: Graph, position_ids: str, config: ModelConfig) -> tuple[str
 
 def rotary_caches(g: Graph, config: ModelConfig) -> tuple[str, str]:
     """(max_position_embeddings, hd/2) cos/sin tables for com.microsoft RotaryEmbedding."""
-    angles = np.arange(config.max_position_embeddings)[:, None] * rope_inv_freq(config)[None]
+    inv_freq = np.array(config.rope_frequencies())  # float64: the angles are exact
+    angles = np.arange(config.max_position_embeddings)[:, None] * inv_freq[None]
     cos = g.tensor("/model/rotary/cos_cache", np.cos(angles).astype(np.float32))
     sin = g.tensor("/model/rotary/sin_cache", np.sin(angles).astype(np.float32))
     return cos, sin
@@ -282,6 +279,8 @@ def fallbacks(config: ModelConfig, flavour: str) -> list[str]:
             "the first RMSNorm of each stack uses explicit ops (com.microsoft has only the "
             "Skip- variant; SimplifiedLayerNormalization lives in the ai.onnx domain)"
         )
+    if config.qk_norm:
+        notes.append("the per-head q/k RMSNorm uses explicit ops, between Reshapes")
     if config.position_encoding in ("learned", "sinusoidal"):
         notes.append(f"{config.position_encoding} positions use standard ops (no contrib op)")
     notes.append(

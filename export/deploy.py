@@ -6,13 +6,13 @@ and these clients take every computation from the ONNX graph. What they read is 
 (`contract.io_table`: the Hugging Face layout), the KV-cache dims (layers, key/value heads, head
 size), the context length and the special token ids.
 
-Hugging Face family (`hf_family`): "gpt2" when the model is exactly GPT-2 (learned positions,
-pre-norm LayerNorm, biases, tied embeddings, multi-head, head size = width / heads); otherwise
-"llama", whose config states every KV dim explicitly (num_key_value_heads, head_dim). For a
-Llama-shaped model that config is also a faithful description of the model; for the others (the
-paper's post-norm, sinusoidal, ReLU decoder among them) no Hugging Face family describes the
-model, so the Llama config describes only the graph's interface: a client that runs the graph
-is exact, one that rebuilds the model from config.json alone (with other weights) is not.
+Hugging Face family (`hf_family`): the one that is exactly the model (`family_of`: gpt2, llama,
+qwen2, qwen3); otherwise "llama", whose config states every KV dim explicitly (num_key_value_heads,
+head_dim). For a model of one of these families that config is also a faithful description of
+the model; for the others (the paper's post-norm, sinusoidal, ReLU decoder among them) no Hugging
+Face family describes the model, so the Llama config describes only the graph's interface: a
+client that runs the graph is exact, one that rebuilds the model from config.json alone (with
+other weights) is not.
 
 onnxruntime-genai: "type": "llama" for every model. Its llama path feeds input_ids,
 attention_mask, position_ids and past/present by the names given here, which is all our graph
@@ -25,8 +25,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mlx_transformer.checkpoint.hf_config import family_of, token_ids
 from mlx_transformer.checkpoint.hf_config import hf_config as family_config
-from mlx_transformer.checkpoint.hf_config import is_gpt2, is_llama, token_ids
 from mlx_transformer.config import ModelConfig
 
 from .contract import ATTENTION_MASK, INPUT_IDS, LOGITS, PAST, POSITION_IDS, PRESENT
@@ -41,9 +41,8 @@ TRANSFORMERS_JS_DTYPES = {"fp32": "fp32", "fp16": "fp16", "int8": "q8", "int4": 
 def hf_family(config: ModelConfig) -> tuple[str, bool]:
     """(model_type of config.json, whether that family describes the model itself and not only
     the graph's interface)."""
-    if is_gpt2(config):
-        return "gpt2", True
-    return "llama", is_llama(config)
+    family = family_of(config)
+    return (family, True) if family else ("llama", False)
 
 
 def hf_config(config: ModelConfig, special_tokens: dict | None) -> dict:

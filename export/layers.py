@@ -241,6 +241,9 @@ def attention_portable(
     q = split_heads(g, linear(g, x, f"{key}.q_proj", bias), H, hd, f"{path}/q_heads")
     k = split_heads(g, linear(g, x, f"{key}.k_proj", bias), K, hd, f"{path}/k_heads")
     v = split_heads(g, linear(g, x, f"{key}.v_proj", bias), K, hd, f"{path}/v_heads")
+    if config.qk_norm:  # over each head's hd features, the last axis
+        q = rms_norm(g, q, f"{key}.q_norm", config.norm_eps)
+        k = rms_norm(g, k, f"{key}.k_norm", config.norm_eps)
     if rotary is not None:
         trad = config.rope_traditional
         q = rotate(g, q, *rotary, hd, trad, f"{path}/q_rotary")
@@ -248,7 +251,18 @@ def attention_portable(
     k_all = g.node("Concat", [past[0], k], f"{path}/k_cache/Concat", axis=2)  # (B, K, S, hd)
     v_all = g.node("Concat", [past[1], v], f"{path}/v_cache/Concat", axis=2)
     out = scaled_dot_product(g, q, k_all, v_all, keep, config, f"{path}/sdpa")
-    return linear(g, out, f"{key}.o_proj", bias), k_all, v_all
+    return linear(g, out, f"{key}.o_proj", config.attention_out_bias), k_all, v_all
+
+
+#   x (B, L, h·hd) ─Reshape(B, L, h, hd)─RMSNorm─Reshape(B, L, h·hd)─▶
+
+
+def head_rms_norm(g: Graph, x: str, key: str, heads: int, config: ModelConfig) -> str:
+    """RMSNorm of each head's features in the packed (B, L, heads·hd) layout the ort ops take."""
+    path, hd = node_path(key), config.head_dim
+    x = g.node("Reshape", [x, g.constant([0, 0, heads, hd], np.int64)], f"{path}/SplitHeads")
+    x = rms_norm(g, x, key, config.norm_eps)
+    return g.node("Reshape", [x, g.constant([0, 0, heads * hd], np.int64)], f"{path}/MergeHeads")
 
 
 #   x ─q/k/v_proj─[RotaryEmbedding q, k]─GroupQueryAttention(past, seqlens_k, total, bias)─o_proj─▶
@@ -283,6 +297,9 @@ def attention_ort(
     q = linear(g, x, f"{key}.q_proj", bias)  # (B, L, H·hd)
     k = linear(g, x, f"{key}.k_proj", bias)  # (B, L, K·hd)
     v = linear(g, x, f"{key}.v_proj", bias)
+    if config.qk_norm:
+        q = head_rms_norm(g, q, f"{key}.q_norm", H, config)
+        k = head_rms_norm(g, k, f"{key}.k_norm", K, config)
     if rotary is not None:
         attrs = dict(domain=MS_DOMAIN, interleaved=int(config.rope_traditional))
         attrs["rotary_embedding_dim"] = hd
@@ -301,4 +318,4 @@ def attention_ort(
         scale=hd**-0.5,
         **({} if local_window_size is None else {"local_window_size": local_window_size}),
     )
-    return linear(g, out, f"{key}.o_proj", bias), present_k, present_v
+    return linear(g, out, f"{key}.o_proj", config.attention_out_bias), present_k, present_v

@@ -28,7 +28,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("mlx_transformer.demo", "the whole journey on the embedded default corpus"),
     "convert": (
         "mlx_transformer.checkpoint.hf",
-        "import a Hugging Face GPT-2/Llama checkpoint, or export one",
+        "import a Hugging Face GPT-2/Llama/Qwen checkpoint, or export one",
     ),
     "inspect": (
         "mlx_transformer.interpret.report",

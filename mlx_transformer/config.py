@@ -24,6 +24,11 @@ NORM_TYPES = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("pre", "post")
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "swiglu")
 LAYER_TYPES = ("full_attention", "sliding_attention")  # Hugging Face's names
+# Rotary frequency scalings (Hugging Face's rope_type) and the fields each one needs.
+ROPE_SCALINGS = {
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
 
 # Upper bounds on the sizes, far above any published model. A config of a few bytes must not
 # describe a model whose mere tensor table (or KV cache, or position table) exhausts memory:
@@ -78,11 +83,18 @@ class ModelConfig:
     rope_theta: float = 10000.0
     # True: rotate interleaved pairs (x0,x1),(x2,x3)...; False: rotate the two halves (Llama/HF).
     rope_traditional: bool = False
+    # Rotary frequency scaling, as Hugging Face writes it: None (plain), {"rope_type": "linear",
+    # "factor": f} (positions / f), or {"rope_type": "llama3", ...ROPE_SCALINGS["llama3"]}.
+    rope_scaling: dict[str, Any] | None = None
     norm_type: str = "layernorm"
     norm_position: str = "pre"
     norm_eps: float = 1e-5
     hidden_act: str = "gelu_tanh"
     attention_bias: bool = True
+    # Bias on the attention output projection; None = attention_bias (Qwen2: q/k/v only).
+    attention_out_bias: bool | None = None
+    # Per-head RMSNorm of queries and keys before rotary (Qwen3).
+    qk_norm: bool = False
     mlp_bias: bool = True
     tie_word_embeddings: bool = True
     # Multiply token embeddings by sqrt(hidden_size), as the paper does.
@@ -97,6 +109,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
+        if self.attention_out_bias is None:
+            self.attention_out_bias = self.attention_bias
         # Derive only from valid values, so that validate() names the bad field instead.
         sizes_ok = all(
             _is_pos_int(getattr(self, name)) and getattr(self, name) <= MAX_SIZES[name]
@@ -143,6 +157,7 @@ class ModelConfig:
             )
         if self.position_encoding == "rope" and self.head_dim % 2:
             raise ConfigError(f"head_dim must be even for rotary encoding, got {self.head_dim}")
+        self._validate_rope_scaling()
         if self.position_encoding == "sinusoidal" and self.hidden_size % 2:
             raise ConfigError(
                 f"hidden_size must be even for sinusoidal encoding, got {self.hidden_size}"
@@ -159,6 +174,8 @@ class ModelConfig:
         for name in (
             "rope_traditional",
             "attention_bias",
+            "attention_out_bias",
+            "qk_norm",
             "mlp_bias",
             "tie_word_embeddings",
             "scale_embeddings",
@@ -193,6 +210,30 @@ class ModelConfig:
         if sinks and W is None:
             raise ConfigError("attention_sinks needs sliding_window (sinks are kept beside it)")
 
+    def _validate_rope_scaling(self) -> None:
+        scaling = self.rope_scaling
+        if scaling is None:
+            return
+        if self.position_encoding != "rope":
+            raise ConfigError("rope_scaling applies to position_encoding rope only; set it to null")
+        kind = scaling.get("rope_type") if isinstance(scaling, dict) else None
+        if kind not in ROPE_SCALINGS:
+            raise ConfigError(
+                f"rope_scaling.rope_type must be one of {', '.join(ROPE_SCALINGS)}; got {kind!r}"
+            )
+        fields = ROPE_SCALINGS[kind]
+        for name in fields:
+            value = scaling.get(name)
+            if not _is_finite_number(value) or not value > 0:
+                raise ConfigError(
+                    f"rope_scaling.{name} must be a positive finite number, got {value!r}"
+                )
+        unknown = sorted(set(scaling) - {"rope_type", *fields})
+        if unknown:
+            raise ConfigError(f"rope_scaling.{unknown[0]} is not a field of {kind} scaling")
+        if kind == "llama3" and not scaling["high_freq_factor"] > scaling["low_freq_factor"]:
+            raise ConfigError("rope_scaling.high_freq_factor must exceed low_freq_factor")
+
     # -- derived --------------------------------------------------------------------------------
 
     @property
@@ -217,6 +258,30 @@ class ModelConfig:
     def all_windowed(self) -> bool:
         """True when every layer slides: the KV cache can then be bounded (a rolling cache)."""
         return all(self.layer_window(i) is not None for i in range(self.num_hidden_layers))
+
+    def rope_frequencies(self) -> list[float]:
+        """The rotary angle per position of each feature pair, scaling included (head_dim / 2).
+
+        model.py (as `mx.fast.rope`'s freqs, their inverses) and the ONNX builder both take them
+        from here, so the two rotate by the same angles by construction. Plain: theta^(-2i/hd).
+        "linear" divides every frequency by factor. "llama3" divides those whose wavelength
+        2π/f exceeds original_max_position_embeddings / low_freq_factor, keeps those below
+        original_max_position_embeddings / high_freq_factor, and blends linearly in between.
+        """
+        hd, scaling = self.head_dim, self.rope_scaling or {"rope_type": None}
+        freqs = [self.rope_theta ** (-i / hd) for i in range(0, hd, 2)]
+        if scaling["rope_type"] == "linear":
+            return [f / scaling["factor"] for f in freqs]
+        if scaling["rope_type"] != "llama3":
+            return freqs
+        factor, low, high = (scaling[k] for k in ("factor", "low_freq_factor", "high_freq_factor"))
+        context = scaling["original_max_position_embeddings"]
+        scaled = []
+        for f in freqs:
+            smooth = (context * f / (2 * math.pi) - low) / (high - low)  # 1: short, 0: long
+            smooth = min(max(smooth, 0.0), 1.0)
+            scaled.append((1 - smooth) * f / factor + smooth * f)
+        return scaled
 
     def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
         """Every tensor of the checkpoint, by name, with its shape: the file format in one place."""
@@ -266,7 +331,10 @@ class ModelConfig:
         linear(layer, "attn.q_proj", q, D, self.attention_bias)
         linear(layer, "attn.k_proj", kv, D, self.attention_bias)
         linear(layer, "attn.v_proj", kv, D, self.attention_bias)
-        linear(layer, "attn.o_proj", D, q, self.attention_bias)
+        linear(layer, "attn.o_proj", D, q, self.attention_out_bias)
+        if self.qk_norm:
+            layer["attn.q_norm.weight"] = (self.head_dim,)
+            layer["attn.k_norm.weight"] = (self.head_dim,)
         norm(layer, "mlp_norm")
         if self.hidden_act == "swiglu":
             linear(layer, "mlp.gate_proj", F, D, self.mlp_bias)

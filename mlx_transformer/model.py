@@ -60,14 +60,23 @@ def rope_offsets(positions: mx.array, attention_mask: mx.array | None) -> mx.arr
 
 
 def apply_rope(
-    x: mx.array, offset: mx.array | int, dims: int, theta: float, traditional: bool
+    x: mx.array,
+    offset: mx.array | int,
+    dims: int,
+    theta: float,
+    traditional: bool,
+    freqs: mx.array | None = None,
 ) -> mx.array:
     """Rotate feature pairs of x (B, heads, L, hd) by angle position * theta^(-2i/hd).
 
     traditional pairs (2i, 2i+1); otherwise (i, i + hd/2), as Llama / Hugging Face do.
     offset: the position of the first token, an int or one per row (B,).
+    freqs: 1 / frequency per pair (`ModelConfig.rope_frequencies`), replacing theta.
     """
-    return mx.fast.rope(x, dims, traditional=traditional, base=theta, scale=1.0, offset=offset)
+    base = theta if freqs is None else None
+    return mx.fast.rope(
+        x, dims, traditional=traditional, base=base, scale=1.0, offset=offset, freqs=freqs
+    )
 
 
 def attention_mask_4d(attention_mask: mx.array | None, L: int, S: int) -> mx.array | str | None:
@@ -124,10 +133,17 @@ class Attention(nn.Module):
         self.q_proj = Linear(D, self.n_heads * self.head_dim, bias=bias)
         self.k_proj = Linear(D, self.n_kv_heads * self.head_dim, bias=bias)
         self.v_proj = Linear(D, self.n_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = Linear(self.n_heads * self.head_dim, D, bias=bias)
+        self.o_proj = Linear(self.n_heads * self.head_dim, D, bias=config.attention_out_bias)
+        self.qk_norm = config.qk_norm
+        if self.qk_norm:  # Qwen3: RMSNorm over each head's query and key features
+            self.q_norm = nn.RMSNorm(self.head_dim, eps=config.norm_eps)
+            self.k_norm = nn.RMSNorm(self.head_dim, eps=config.norm_eps)
         self.rope = config.position_encoding == "rope"
         self.rope_theta = config.rope_theta
         self.rope_traditional = config.rope_traditional
+        # The angles the ONNX export uses too (scalings included); "_": not a parameter.
+        if self.rope:
+            self._rope_freqs = 1 / mx.array(config.rope_frequencies(), mx.float32)
         self.attention_dropout = config.attention_dropout
         self.dropout = nn.Dropout(config.attention_dropout)
 
@@ -143,8 +159,10 @@ class Attention(nn.Module):
         q = self.q_proj(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)  # (B, H, L, hd)
         k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)  # (B, K, L, hd)
         v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)  # (B, K, L, hd)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         if self.rope:
-            rope = (self.head_dim, self.rope_theta, self.rope_traditional)
+            rope = (self.head_dim, self.rope_theta, self.rope_traditional, self._rope_freqs)
             q = apply_rope(q, rope_offset, *rope)
             k = apply_rope(k, rope_offset, *rope)
         if cache is not None:

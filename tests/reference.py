@@ -22,15 +22,51 @@ def sinusoidal(positions: np.ndarray, d: int) -> np.ndarray:
     return pe
 
 
-def rotate(x: np.ndarray, positions: np.ndarray, theta: float, traditional: bool) -> np.ndarray:
+def rope_frequencies(cfg: ModelConfig) -> list[float]:
+    """Angle per position of each feature pair: theta^(-2i/hd), then the scaling, pair by pair.
+
+    linear: every frequency / factor. llama3 (Meta's Llama 3.1 reference): wavelengths 2π/f
+    shorter than old_context / high_freq_factor are kept, longer than old_context /
+    low_freq_factor divided by factor, and in between interpolated with
+    s = (old_context / wavelength - low) / (high - low): (1 - s) f / factor + s f.
+    """
+    hd = cfg.head_dim
+    freqs = [cfg.rope_theta ** (-2 * i / hd) for i in range(hd // 2)]
+    scaling = cfg.rope_scaling
+    if scaling is None:
+        return freqs
+    factor = scaling["factor"]
+    if scaling["rope_type"] == "linear":
+        return [f / factor for f in freqs]
+    assert scaling["rope_type"] == "llama3", scaling
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_context = scaling["original_max_position_embeddings"]
+    out = []
+    for f in freqs:
+        wavelength = 2 * math.pi / f
+        if wavelength < old_context / high:
+            out.append(f)
+        elif wavelength > old_context / low:
+            out.append(f / factor)
+        else:
+            s = (old_context / wavelength - low) / (high - low)
+            out.append((1 - s) * f / factor + s * f)
+    return out
+
+
+def rotate(
+    x: np.ndarray, positions: np.ndarray, theta: float, traditional: bool, freqs=None
+) -> np.ndarray:
     """Rotary encoding as explicit 2-D rotations of pairs of features.
 
     x: (B, H, L, hd); positions: (B, L). traditional pairs (2i, 2i+1); otherwise (i, i + hd/2).
+    freqs: angle per position of each pair (`rope_frequencies`); default theta^(-2i/hd).
     """
     hd = x.shape[-1]
     out = x.copy()
     for i in range(hd // 2):
-        angle = positions[:, None, :] * theta ** (-2 * i / hd)  # (B, 1, L)
+        f = theta ** (-2 * i / hd) if freqs is None else freqs[i]
+        angle = positions[:, None, :] * f  # (B, 1, L)
         c, s = np.cos(angle), np.sin(angle)
         a, b = (2 * i, 2 * i + 1) if traditional else (i, i + hd // 2)
         out[..., a] = x[..., a] * c - x[..., b] * s
@@ -38,9 +74,13 @@ def rotate(x: np.ndarray, positions: np.ndarray, theta: float, traditional: bool
     return out
 
 
+def rms(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * weight
+
+
 def norm(cfg: ModelConfig, p: dict, name: str, x: np.ndarray) -> np.ndarray:
     if cfg.norm_type == "rmsnorm":
-        return x / np.sqrt((x * x).mean(-1, keepdims=True) + cfg.norm_eps) * p[f"{name}.weight"]
+        return rms(x, p[f"{name}.weight"], cfg.norm_eps)
     mu = x.mean(-1, keepdims=True)
     var = ((x - mu) ** 2).mean(-1, keepdims=True)
     return (x - mu) / np.sqrt(var + cfg.norm_eps) * p[f"{name}.weight"] + p[f"{name}.bias"]
@@ -68,9 +108,13 @@ def attention(cfg, p, name, x, positions, mask):
     q = linear(p, f"{name}.q_proj", x).reshape(B, L, H, hd).transpose(0, 2, 1, 3)
     k = linear(p, f"{name}.k_proj", x).reshape(B, L, K, hd).transpose(0, 2, 1, 3)
     v = linear(p, f"{name}.v_proj", x).reshape(B, L, K, hd).transpose(0, 2, 1, 3)
+    if cfg.qk_norm:  # RMSNorm of each head's features
+        q = rms(q, p[f"{name}.q_norm.weight"], cfg.norm_eps)
+        k = rms(k, p[f"{name}.k_norm.weight"], cfg.norm_eps)
     if cfg.position_encoding == "rope":
-        q = rotate(q, positions, cfg.rope_theta, cfg.rope_traditional)
-        k = rotate(k, positions, cfg.rope_theta, cfg.rope_traditional)
+        freqs = rope_frequencies(cfg)
+        q = rotate(q, positions, cfg.rope_theta, cfg.rope_traditional, freqs)
+        k = rotate(k, positions, cfg.rope_theta, cfg.rope_traditional, freqs)
     k = np.repeat(k, H // K, axis=1)  # each key/value head serves H/K query heads
     v = np.repeat(v, H // K, axis=1)
     scores = q @ k.transpose(0, 1, 3, 2) / math.sqrt(hd)  # (B, H, L, L)

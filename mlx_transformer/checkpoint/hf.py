@@ -1,4 +1,4 @@
-"""Hugging Face GPT-2 / Llama checkpoints ⇄ ours (config.json + safetensors, no pickle).
+"""Hugging Face GPT-2 / Llama / Qwen2 / Qwen3 checkpoints ⇄ ours (config.json + safetensors).
 
 Import lets users fine-tune a pretrained model; export lets `transformers` and `mlx_lm` load ours
 when its configuration is one of theirs. Parity with `transformers` is our correctness anchor.
@@ -39,7 +39,8 @@ from .format import (  # a Hugging Face folder uses the same file names as ours
     check_tensor_shapes,
     read_safetensors_header,
 )
-from .hf_config import hf_config, is_gpt2, is_llama
+from .hf_config import family_of, hf_config
+from .hf_families import CONFIG_READERS, UnsupportedField, _require
 from .hf_tokenizer import HF_TOKENIZER_FILES, hf_tokenizer_files, import_tokenizer
 from .hf_window import LLAMA_LIKE, window_from_hf, window_mlx_lm_limits, window_to_hf
 from .mlx_io import load_checkpoint, save_checkpoint
@@ -60,14 +61,6 @@ HF_MODEL = atomic.FolderKind(
 )
 # The runtimes `convert --to-hf --for` can promise; the folder always loads in transformers.
 RUNTIMES = ("transformers", "mlx-lm")
-
-GPT2_ACTIVATIONS = {
-    "gelu_new": "gelu_tanh",
-    "gelu_pytorch_tanh": "gelu_tanh",
-    "gelu": "gelu",
-    "relu": "relu",
-}
-
 
 # -- reading a Hugging Face folder -----------------------------------------------------------------
 
@@ -91,38 +84,6 @@ def read_hf_weights(hf_dir: Path) -> dict[str, mx.array]:
         read_safetensors_header(hf_dir / name)  # a clear error for truncated shards
         weights.update(mx.load(str(hf_dir / name)))
     return weights
-
-
-def _require(condition: bool, what: str) -> None:
-    if not condition:
-        raise UserError(f"unsupported Hugging Face configuration: {what}")
-
-
-def config_from_gpt2(hf: dict) -> ModelConfig:
-    act = hf.get("activation_function", "gelu_new")
-    _require(act in GPT2_ACTIVATIONS, f"activation_function {act!r}")
-    _require(
-        not hf.get("scale_attn_by_inverse_layer_idx", False), "scale_attn_by_inverse_layer_idx"
-    )
-    _require(hf.get("scale_attn_weights", True), "scale_attn_weights=false")
-    return ModelConfig(
-        vocab_size=hf["vocab_size"],
-        hidden_size=hf["n_embd"],
-        num_hidden_layers=hf["n_layer"],
-        num_attention_heads=hf["n_head"],
-        intermediate_size=hf.get("n_inner"),
-        max_position_embeddings=hf["n_positions"],
-        position_encoding="learned",
-        norm_type="layernorm",
-        norm_position="pre",
-        norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-        hidden_act=GPT2_ACTIVATIONS[act],
-        attention_bias=True,
-        mlp_bias=True,
-        tie_word_embeddings=hf.get("tie_word_embeddings", True),
-        initializer_range=hf.get("initializer_range", 0.02),
-        extra={"imported_from": "gpt2"},
-    )
 
 
 def weights_from_gpt2(w: dict[str, mx.array], config: ModelConfig) -> dict[str, mx.array]:
@@ -157,35 +118,6 @@ def weights_from_gpt2(w: dict[str, mx.array], config: ModelConfig) -> dict[str, 
     return out
 
 
-def config_from_llama(hf: dict) -> ModelConfig:
-    _require(hf.get("hidden_act", "silu") == "silu", f"hidden_act {hf.get('hidden_act')!r}")
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    _require(rope_type == "default", f"rope scaling {rope_type!r} (only plain rotary is supported)")
-    return ModelConfig(
-        vocab_size=hf["vocab_size"],
-        hidden_size=hf["hidden_size"],
-        num_hidden_layers=hf["num_hidden_layers"],
-        num_attention_heads=hf["num_attention_heads"],
-        num_key_value_heads=hf.get("num_key_value_heads"),
-        head_dim=hf.get("head_dim"),
-        intermediate_size=hf["intermediate_size"],
-        max_position_embeddings=hf["max_position_embeddings"],
-        position_encoding="rope",
-        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
-        rope_traditional=False,
-        norm_type="rmsnorm",
-        norm_position="pre",
-        norm_eps=hf.get("rms_norm_eps", 1e-6),
-        hidden_act="swiglu",
-        attention_bias=hf.get("attention_bias", False),
-        mlp_bias=hf.get("mlp_bias", False),
-        tie_word_embeddings=hf.get("tie_word_embeddings", False),
-        initializer_range=hf.get("initializer_range", 0.02),
-        extra={"imported_from": "llama"},
-    )
-
-
 # Our name <-> Llama's name, for the parts that differ (the rest is identical below the prefix).
 LLAMA_RENAMES = [
     (".attn.", ".self_attn."),
@@ -215,7 +147,8 @@ def weights_from_llama(w: dict[str, mx.array], config: ModelConfig) -> dict[str,
 
 
 def import_hf(hf_dir: str | Path) -> Transformer:
-    """Build our model from a Hugging Face GPT-2 or Llama folder (config.json + safetensors)."""
+    """Build our model from a Hugging Face GPT-2, Llama, Qwen2 or Qwen3 folder (config.json +
+    safetensors)."""
     hf_dir = Path(hf_dir)
     try:
         hf = json.loads((hf_dir / CONFIG_FILE).read_text())
@@ -230,21 +163,21 @@ def import_hf(hf_dir: str | Path) -> Transformer:
     if not isinstance(hf, dict):
         raise UserError(f"{hf_dir / CONFIG_FILE}: a JSON {type(hf).__name__}, not an object")
     kind = hf.get("model_type")
-    window_kind, kind = kind, "llama" if kind in LLAMA_LIKE else kind
-    readers = {
-        "gpt2": (config_from_gpt2, weights_from_gpt2),
-        "llama": (config_from_llama, weights_from_llama),
-    }
-    if kind not in readers:
-        raise UserError(f"{hf_dir}: model_type {kind!r} is not supported (gpt2 and llama are)")
-    read_config, read_weights = readers[kind]
+    # Mistral and Ministral are Llama with a window (window_from_hf reads it, as for Qwen).
+    reader = "llama" if kind in LLAMA_LIKE else kind
+    if reader not in CONFIG_READERS:
+        raise UserError(
+            f"{hf_dir / CONFIG_FILE}: model_type {kind!r} is not supported "
+            f"({', '.join((*CONFIG_READERS, *LLAMA_LIKE))} are)"
+        )
+    read_weights = weights_from_gpt2 if kind == "gpt2" else weights_from_llama
     try:
-        config = read_config(hf)
-        window = window_from_hf(hf, window_kind, config.num_hidden_layers)
+        config = CONFIG_READERS[reader](hf)
+        window = window_from_hf(hf, kind, config.num_hidden_layers)
         config = ModelConfig.from_dict({**config.to_dict(), **window})
     except KeyError as e:
         raise UserError(f"{hf_dir / 'config.json'}: missing field {e}") from None
-    except ConfigError as e:
+    except (ConfigError, UnsupportedField) as e:
         raise UserError(f"{hf_dir / 'config.json'}: {e}") from None
     try:
         weights = read_weights(read_hf_weights(hf_dir), config)
@@ -262,22 +195,28 @@ def import_hf(hf_dir: str | Path) -> Transformer:
 
 
 def hf_family(config: ModelConfig) -> str:
-    """ "gpt2" or "llama" when the configuration is exactly one of theirs; else a UserError."""
-    if is_gpt2(config):
-        return "gpt2"
-    if is_llama(config):
-        return "llama"
-    raise UserError(
-        "this configuration matches neither GPT-2 (learned positions, pre-norm "
-        "LayerNorm, biases, tied, multi-head) nor Llama (rope half-split, pre-norm "
-        "RMSNorm, SwiGLU); it can only be saved in our own format"
-    )
+    """The Hugging Face model_type that is exactly this configuration; else a UserError."""
+    family = family_of(config)
+    if family is None:
+        raise UserError(
+            "this configuration matches neither GPT-2 (learned positions, pre-norm "
+            "LayerNorm, biases, tied, multi-head) nor Llama (rope half-split, pre-norm "
+            "RMSNorm, SwiGLU; Qwen2: biases on q/k/v only; Qwen3: q/k norm); it can only be "
+            "saved in our own format"
+        )
+    return family
 
 
 def mlx_lm_limits(config: ModelConfig) -> list[str]:
     """What mlx-lm would load wrong in this model's Hugging Face folder (empty: nothing).
-    Its GPT-2 builds the MLP as 4 x hidden_size with tanh GELU whatever config.json says."""
-    if hf_family(config) != "gpt2":
+    Its GPT-2 builds the MLP as 4 x hidden_size with tanh GELU whatever config.json says; its
+    Qwen2 takes the head size from hidden_size / heads, and its Qwen3 has no attention biases."""
+    family, c = hf_family(config), config
+    if family == "qwen2" and c.head_dim * c.num_attention_heads != c.hidden_size:
+        return [f"its head size is {c.head_dim}, and mlx-lm's Qwen2 takes hidden_size / heads"]
+    if family == "qwen3" and c.attention_bias:
+        return ["it has attention biases, and mlx-lm's Qwen3 has none"]
+    if family != "gpt2":
         return window_mlx_lm_limits(config)
     limits = []
     if config.intermediate_size != 4 * config.hidden_size:
@@ -302,7 +241,7 @@ def to_hf(
     family = hf_family(c)
     hf = hf_config(c, family, SPECIAL_IDS if special_ids is None else special_ids)
     hf = window_to_hf(hf, c)
-    if family == "llama":
+    if family != "gpt2":  # Llama's tensor names, shared by Qwen2 and Qwen3
         return hf, {llama_name(k): v for k, v in w.items()}
     # Named as openai's GPT-2 checkpoint names them: transformers adds its "transformer."
     # prefix itself, and mlx-lm accepts only these names.
@@ -442,7 +381,7 @@ def _readme(config: ModelConfig, hf: dict, mlx_lm_limits: list[str], has_tokeniz
 
 
 def load_pretrained(path: str | Path) -> tuple[Transformer, Path | None]:
-    """A model to start from: our checkpoint folder, or a Hugging Face GPT-2/Llama folder
+    """A model to start from: our checkpoint folder, or a Hugging Face GPT-2/Llama/Qwen folder
     (told apart by config.json's model_type). Returns (model, its tokenizer.model or None)."""
     path = Path(path)
     try:
@@ -459,7 +398,9 @@ def load_pretrained(path: str | Path) -> tuple[Transformer, Path | None]:
 
 def add_arguments(parser) -> None:
     src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--from-hf", metavar="HF_DIR", help="a Hugging Face GPT-2 or Llama folder")
+    src.add_argument(
+        "--from-hf", metavar="HF_DIR", help="a Hugging Face GPT-2, Llama, Qwen2 or Qwen3 folder"
+    )
     src.add_argument("--to-hf", metavar="CKPT", help="one of our checkpoints to write as HF")
     parser.add_argument("--out", required=True, help="the folder to write (a new or empty one)")
     parser.add_argument(

@@ -4,9 +4,11 @@ both write it from here.
 
 "gpt2" when the model is exactly GPT-2 (learned positions, pre-norm LayerNorm, biases, tied
 embeddings, multi-head, head size = width / heads); "llama" when it is exactly Llama (rotary in
-halves, pre-norm RMSNorm, SwiGLU). A Llama config states every KV-cache dim explicitly
-(num_key_value_heads, head_dim), so the export folder also uses it to describe the graph's
-interface of a model no Hugging Face family describes (the paper's decoder among them).
+halves, pre-norm RMSNorm, SwiGLU); "qwen2" for Llama with biases on q/k/v but not o (and none in
+the MLP); "qwen3" for Llama with q/k norm (and no MLP bias). A Llama config states every
+KV-cache dim explicitly (num_key_value_heads, head_dim), so the export folder also uses it to
+describe the graph's interface of a model no Hugging Face family describes (the paper's decoder
+among them).
 """
 
 from __future__ import annotations
@@ -33,8 +35,8 @@ def is_gpt2(c: ModelConfig) -> bool:
     )
 
 
-def is_llama(c: ModelConfig) -> bool:
-    """Exactly Llama's architecture (rotary in halves, pre-norm RMSNorm, SwiGLU)."""
+def _llama_like(c: ModelConfig) -> bool:
+    """Rotary in halves, pre-norm RMSNorm, SwiGLU: what Llama, Qwen2 and Qwen3 share."""
     return (
         c.norm_position == "pre"
         and not c.scale_embeddings
@@ -43,6 +45,35 @@ def is_llama(c: ModelConfig) -> bool:
         and c.norm_type == "rmsnorm"
         and c.hidden_act == "swiglu"
     )
+
+
+def is_llama(c: ModelConfig) -> bool:
+    """Exactly Llama's architecture (one bias switch for all four attention projections)."""
+    return _llama_like(c) and not c.qk_norm and c.attention_out_bias == c.attention_bias
+
+
+def is_qwen2(c: ModelConfig) -> bool:
+    """Llama with biases on q, k and v but not o, and an MLP without biases."""
+    return (
+        _llama_like(c)
+        and not c.qk_norm
+        and c.attention_bias
+        and not c.attention_out_bias
+        and not c.mlp_bias
+    )
+
+
+def is_qwen3(c: ModelConfig) -> bool:
+    """Llama with per-head q/k RMSNorm, and an MLP without biases."""
+    return (
+        _llama_like(c) and c.qk_norm and c.attention_out_bias == c.attention_bias and not c.mlp_bias
+    )
+
+
+def family_of(c: ModelConfig) -> str | None:
+    """The Hugging Face model_type that is exactly this model, or None."""
+    tests = {"gpt2": is_gpt2, "llama": is_llama, "qwen2": is_qwen2, "qwen3": is_qwen3}
+    return next((family for family, test in tests.items() if test(c)), None)
 
 
 def token_ids(c: ModelConfig, special_ids: dict[str, int] | None) -> dict[str, int]:
@@ -56,7 +87,7 @@ def token_ids(c: ModelConfig, special_ids: dict[str, int] | None) -> dict[str, i
 
 
 def hf_config(c: ModelConfig, family: str, special_ids: dict[str, int] | None = None) -> dict:
-    """config.json of `family` ("gpt2" or "llama") with our dims and the special token ids."""
+    """config.json of `family` (`family_of`) with our dims and the special token ids."""
     if family == "gpt2":
         hf = {
             "architectures": ["GPT2LMHeadModel"],
@@ -73,9 +104,10 @@ def hf_config(c: ModelConfig, family: str, special_ids: dict[str, int] | None = 
             "tie_word_embeddings": True,
         }
     else:
+        architecture = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
         hf = {
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
+            "architectures": [architecture.get(family, "Qwen3ForCausalLM")],
+            "model_type": family,
             "vocab_size": c.vocab_size,
             "hidden_size": c.hidden_size,
             "intermediate_size": c.intermediate_size,
@@ -92,4 +124,11 @@ def hf_config(c: ModelConfig, family: str, special_ids: dict[str, int] | None = 
             "mlp_bias": c.mlp_bias,
             "tie_word_embeddings": c.tie_word_embeddings,
         }
+        if c.rope_scaling is not None:  # transformers reads rope_parameters, mlx-lm rope_scaling
+            hf["rope_parameters"] = {**c.rope_scaling, "rope_theta": c.rope_theta}
+            hf["rope_scaling"] = dict(c.rope_scaling)
+        if family == "qwen2":  # its biases are fixed by the family, not stated
+            del hf["attention_bias"], hf["mlp_bias"]
+        elif family == "qwen3":
+            del hf["mlp_bias"]
     return {**hf, **token_ids(c, special_ids)}

@@ -47,7 +47,7 @@ class TrainingArgs:
     out: str | None = _f(None, "run folder: checkpoints/, latest, best/, metrics.jsonl, loss.png")
     resume: bool = _f(False, "continue the run in --out from its latest checkpoint, exactly")
     init_from: str | None = _f(
-        None, "start from this checkpoint (ours, or a Hugging Face GPT-2/Llama folder)"
+        None, "start from this checkpoint (ours, or a Hugging Face GPT-2/Llama/Qwen folder)"
     )
     # -- model (from scratch: ModelConfig overrides; see the architecture flags) ----------------
     model: dict[str, Any] = _f({}, "ModelConfig fields for a model trained from scratch")
