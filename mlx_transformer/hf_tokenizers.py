@@ -274,10 +274,10 @@ class HFStreamingDetokenizer:
 
     def add_token(self, token: int) -> None:
         token = int(token)
-        if not 0 <= token < self._tokenizer.vocab_size:
-            raise ValueError(
-                f"token id {token} is outside the vocabulary 0..{self._tokenizer.vocab_size - 1}"
-            )
+        if token < 0:
+            raise ValueError(f"token id {token} is negative")
+        # An id past the vocabulary (a padded embedding row, which a model can still sample)
+        # decodes to nothing, as in `decode`.
         self.tokens.append(token)
         self._advance(final=False)
 
