@@ -18,7 +18,9 @@ onnxruntime-genai: "type": "llama" for every model. Its llama path feeds input_i
 attention_mask, position_ids and past/present by the names given here, which is all our graph
 takes; its "gpt2" type expects another input set (measured: "Model input was not found").
 The cache is not shared between past and present (our graph concatenates), and search defaults
-to greedy up to the context length.
+to greedy up to the context length. A sliding window lives in the graph's mask, so genai runs it
+exactly with its growing cache; genai's own `decoder.sliding_window` is not written: it selects a
+windowed static cache for NPU graphs (uint8 caches), which refuses ours.
 """
 
 from __future__ import annotations

@@ -106,3 +106,22 @@ def test_greedy_generation_past_the_window_matches_mlx(flavour, provider, tmp_pa
     got = [r.tokens for r in gen.generate_tokens(prompts, max_tokens=30, stop_at_eos=False)]
     for prompt, tokens in zip(prompts, got):
         assert tokens == list(generate_step(prompt, model, max_tokens=30))
+
+
+@pytest.mark.parametrize("flavour", ["portable", "ort"])
+def test_onnxruntime_genai_runs_the_window_from_the_graph(flavour, tmp_path_factory):
+    """genai_config.json carries no `sliding_window`: genai's is its windowed static cache for
+    NPU graphs (uint8 caches; ours is refused with "Expected input data type to be uint8_t for
+    WindowedKeyValueCache"). The graph's mask holds the window, so genai is exact as it is."""
+    og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai (the test extra)")
+    model, folder = exported("rope-window", flavour, tmp_path_factory)
+    prompt = [3, 5, 7, 9, 11, 13, 2]
+    genai_model = og.Model(str(folder))
+    params = og.GeneratorParams(genai_model)
+    params.set_search_options(max_length=len(prompt) + 30)
+    generator = og.Generator(genai_model, params)
+    generator.append_tokens(prompt)
+    while not generator.is_done():
+        generator.generate_next_token()
+    got = [int(t) for t in generator.get_sequence(0)[len(prompt) :]]
+    assert got == list(generate_step(prompt, model, max_tokens=30))
