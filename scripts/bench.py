@@ -1,6 +1,6 @@
 """One command: this project against its peers on the same weights and data, one table of ratios.
 
-Sections (`--only train,generate,onnx,scaling`; default all):
+Sections (`--only train,generate,onnx,scaling,window`; default all):
 
   train     training tokens/s, our compiled MLX step vs Hugging Face GPT-2 in PyTorch eager and
             torch.compile (scripts/bench_train.py: nanoGPT's CPU config 4 layers/width 128/
@@ -12,6 +12,9 @@ Sections (`--only train,generate,onnx,scaling`; default all):
             Face model in onnxruntime, and vs MLX (scripts/bench_onnx.py; a process per runner)
   scaling   training step time and peak memory as context and width grow
             (scripts/bench_scaling.py; writes docs/scaling.png)
+  window    sliding window 256: training step vs context (full vs window), decode over 8x the
+            window vs mlx-lm's RotatingKVCache, and the `--overflow slide` stall
+            (scripts/bench_window.py)
 
 Ratios are ours / peer: above 1 means ours is faster. Each section's results are merged into
 `runs/bench/bench.json` with the exact command, the machine, its load average, versions and
@@ -46,7 +49,7 @@ from bench_common import (  # noqa: E402
 )
 from bench_readme import END, SCALING_PNG, START, all_rows, table, update_readme  # noqa: E402
 
-SECTIONS = ("train", "generate", "onnx", "scaling")
+SECTIONS = ("train", "generate", "onnx", "scaling", "window")
 DEFAULT_JSON = ROOT / "runs/bench/bench.json"
 QUICK_JSON = ROOT / "runs/bench/bench-quick.json"
 
@@ -186,11 +189,17 @@ def section_scaling(args) -> dict:
     return script_json("bench_scaling.py", argv + (["--quick"] if args.quick else []))
 
 
+def section_window(args) -> dict:
+    argv = ["--trials", str(1 if args.quick else 3)] + (["--quick"] if args.quick else [])
+    return script_json("bench_window.py", argv)
+
+
 RUNNERS = {
     "train": section_train,
     "generate": section_generate,
     "onnx": section_onnx,
     "scaling": section_scaling,
+    "window": section_window,
 }
 
 

@@ -98,8 +98,45 @@ def rows_onnx(data: dict) -> list[dict]:
     return out
 
 
+def rows_window(data: dict) -> list[dict]:
+    """Sliding window: decode over 8x the window vs mlx-lm's RotatingKVCache; training with a
+    window vs without; the rolling cache's longest step vs `--overflow slide`'s."""
+    out = []
+    d = data.get("decode")
+    if d:
+        ours, theirs = d["ours"], d["mlx_lm"]
+        label = f"decode {d['new_tokens']} tok, window {d['window']}, tok/s"
+        out.append(
+            row("window", label, "rolling cache", ours["generation_tps"], "mlx-lm rotating",
+                theirs["generation_tps"], ours["peak_mb_after_8w"], theirs["peak_mb_after_8w"])
+        )  # fmt: skip
+    train = {(r["context"], r["window"]): r for r in data.get("train", [])}
+    for (L, W), r in train.items():
+        full = train.get((L, None))
+        if W is not None and full:
+            label = f"train ctx {L} tok/s"
+            tps = [x["batch"] * L / x["step_s"] for x in (r, full)]
+            out.append(
+                row("window", label, f"window {W}", tps[0], "full attention", tps[1],
+                    r["peak_memory_mb"], full["peak_memory_mb"])
+            )  # fmt: skip
+    s = data.get("stall")
+    if s:
+        label = f"slowest of {s['new_tokens']} decode steps, steps/s (the slide's re-prefill)"
+        out.append(
+            row("window", label, "rolling cache", 1e3 / s["rolling"]["longest_step_ms"],
+                "--overflow slide", 1e3 / s["slide"]["longest_step_ms"])
+        )  # fmt: skip
+    return out
+
+
 def all_rows(results: dict) -> list[dict]:
-    makers = {"train": rows_train, "generate": rows_generate, "onnx": rows_onnx}
+    makers = {
+        "train": rows_train,
+        "generate": rows_generate,
+        "onnx": rows_onnx,
+        "window": rows_window,
+    }
     out = []
     for name, maker in makers.items():
         section = results["sections"].get(name)

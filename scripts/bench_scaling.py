@@ -34,8 +34,10 @@ WIDTHS = (128, 256, 384, 512)
 LAYERS, HEAD_DIM, VOCAB = 4, 64, 65
 
 
-def step_seconds(width: int, context: int, tokens: int, steps: int, trials: int) -> dict:
-    """Median seconds per training step and peak MLX memory for one shape."""
+def step_seconds(
+    width: int, context: int, tokens: int, steps: int, trials: int, window: int | None = None
+) -> dict:
+    """Median seconds per training step and peak MLX memory for one shape (and sliding window)."""
     import mlx.core as mx
     from bench_train import mlx_runner
 
@@ -46,6 +48,7 @@ def step_seconds(width: int, context: int, tokens: int, steps: int, trials: int)
         context=context,
         batch=max(1, tokens // context),
         vocab=VOCAB,
+        window=window,
     )
     mx.clear_cache()
     mx.reset_peak_memory()

@@ -192,3 +192,28 @@ def test_bench_quick_onnx_writes_json(tmp_path):
         assert m["parity"]["torch-onnx_vs_transformers"] <= 1e-4
         assert max(v for k, v in m["parity"].items() if k.endswith("_vs_mlx")) <= 1e-3
     assert results["rows"] and "| onnx |" in proc.stdout
+
+
+def test_window_rows_are_higher_is_better():
+    """bench_window.py's results as table rows: ratios above 1 mean the window (rolling cache)
+    wins, for throughput and for the slowest decode step alike."""
+    data = {
+        "decode": {
+            "window": 256,
+            "new_tokens": 2048,
+            "ours": {"generation_tps": 300.0, "peak_mb_after_8w": 50.0},
+            "mlx_lm": {"generation_tps": 200.0, "peak_mb_after_8w": 60.0},
+        },
+        "train": [
+            {"context": 1024, "window": None, "batch": 4, "step_s": 2.0, "peak_memory_mb": 9.0},
+            {"context": 1024, "window": 256, "batch": 4, "step_s": 1.0, "peak_memory_mb": 8.0},
+        ],
+        "stall": {
+            "new_tokens": 1024,
+            "rolling": {"longest_step_ms": 10.0},
+            "slide": {"longest_step_ms": 40.0},
+        },
+    }
+    rows = bench_readme.rows_window(data)
+    assert [round(r["ratio"], 2) for r in rows] == [1.5, 2.0, 4.0]
+    assert rows[1]["ours_value"] == 4 * 1024 / 1.0
