@@ -211,8 +211,9 @@ def test_family_onnx_export_matches_mlx(family, flavour, provider, onnx_exports,
     assert err <= ATOL, err
 
 
-def test_qwen2_with_sliding_window_layers_matches_transformers(tmp_path):
-    """Qwen2's use_sliding_window: layers from max_window_layers on see the last 8 tokens."""
+def test_qwen2_with_sliding_window_layers_round_trips_with_transformers(tmp_path):
+    """Qwen2's use_sliding_window: layers from max_window_layers on see the last 8 tokens;
+    --to-hf writes the windows back in Qwen2's fields."""
     config = transformers.Qwen2Config(
         **SHAPE, use_sliding_window=True, sliding_window=8, max_window_layers=1
     )
@@ -225,7 +226,14 @@ def test_qwen2_with_sliding_window_layers_matches_transformers(tmp_path):
     ids, mask = padded_batch(6, "left", length=30)
     got = np.array(ours(mx.array(ids), attention_mask=mx.array(mask)))
     real = mask.astype(bool)
-    assert np.abs(got - hf_logits(hf_model, ids, mask))[real].max() <= ATOL
+    want = hf_logits(hf_model, ids, mask)
+    assert np.abs(got - want)[real].max() <= ATOL
+    save_hf(ours, tmp_path / "back")  # and back, as Qwen2 with the same windows
+    back = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "back", attn_implementation="eager"
+    ).eval()
+    assert back.config.layer_types == ["full_attention", "sliding_attention"]
+    np.testing.assert_allclose(hf_logits(back, ids, mask)[real], want[real], atol=1e-6)
 
 
 # -- rotary frequencies ----------------------------------------------------------------------------
@@ -393,3 +401,32 @@ def test_our_family_models_load_in_transformers(overrides, family, tmp_path):
     got = np.array(model(mx.array(ids), attention_mask=mx.array(mask)))
     real = mask.astype(bool)
     assert np.abs(got - hf_logits(hf_model, ids, mask))[real].max() <= ATOL
+
+
+MLX_LM_CANNOT = {
+    "qwen2 head size": dict(attention_bias=True, attention_out_bias=False, head_dim=16),
+    "qwen3 biases": dict(attention_bias=True, qk_norm=True),
+}
+
+
+@pytest.mark.parametrize("overrides", MLX_LM_CANNOT.values(), ids=list(MLX_LM_CANNOT))
+def test_qwen_mlx_lm_cannot_load_is_refused_for_mlx_lm_and_is_real(overrides, tmp_path, capsys):
+    """mlx-lm's Qwen2 takes the head size from hidden_size / heads and its Qwen3 has no
+    biases: without --for the folder is written (transformers gives our logits), with --for
+    mlx-lm it is refused in one line, and mlx-lm indeed fails to load it."""
+    mlx_lm_utils = pytest.importorskip("mlx_lm.utils")
+    model = random_model(tiny_config(**LLAMA_LIKE, **overrides))
+    ckpt, out = tmp_path / "ckpt", tmp_path / "hf"
+    save_checkpoint(ckpt, model)
+    args = ["convert", "--to-hf", str(ckpt), "--out", str(out)]
+    assert cli_main(args) == 0
+    assert "does not load this model correctly" in (out / "README.md").read_text()
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = np.random.default_rng(7).integers(0, 61, (1, 20))
+    assert np.abs(hf_logits(hf_model, ids) - np.array(model(mx.array(ids)))).max() <= ATOL
+    with pytest.raises(ValueError):
+        mlx_lm_utils.load_model(out)
+    capsys.readouterr()
+    assert cli_main([*args, "--overwrite", "--for", "mlx-lm"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "mlx-lm cannot load this model correctly" in err, err

@@ -11,13 +11,15 @@ i - W < j <= i), so only the fields are mapped:
                both; a plain sliding_window without layer_types means nothing to either)
 
 Export: a Llama-shaped model whose every layer slides is written as Mistral, one with some full
-layers as Ministral. Attention sinks have no Hugging Face field, so such a model stays ours.
+layers as Ministral; a Qwen2/Qwen3 keeps its family, with use_sliding_window and layer_types.
+Attention sinks have no Hugging Face field, so such a model stays ours.
 """
 
 from __future__ import annotations
 
 from ..config import ModelConfig
 from ..errors import UserError
+from .hf_config import family_of
 
 # Families read like Llama whose only difference is the window.
 LLAMA_LIKE = ("mistral", "ministral")
@@ -60,6 +62,14 @@ def window_to_hf(hf: dict, c: ModelConfig) -> dict:
             "attention_sinks has no Hugging Face equivalent; this model can only be saved in "
             "our own format"
         )
+    types = [
+        "sliding_attention" if c.layer_window(i) else "full_attention"
+        for i in range(c.num_hidden_layers)
+    ]
+    if hf["model_type"] in ("qwen2", "qwen3"):  # max_window_layers: what before layer_types read
+        window = {"use_sliding_window": True, "sliding_window": c.sliding_window}
+        first = types.index("sliding_attention")
+        return {**hf, **window, "layer_types": types, "max_window_layers": first}
     if hf["model_type"] != "llama":
         raise UserError(
             f"{hf['model_type']} has no sliding window in Hugging Face; only a Llama-shaped model "
@@ -69,10 +79,7 @@ def window_to_hf(hf: dict, c: ModelConfig) -> dict:
     out = {**hf, "architectures": [f"{family.capitalize()}ForCausalLM"], "model_type": family}
     out["sliding_window"] = c.sliding_window
     if family == "ministral":
-        out["layer_types"] = [
-            "sliding_attention" if c.layer_window(i) else "full_attention"
-            for i in range(c.num_hidden_layers)
-        ]
+        out["layer_types"] = types
     return out
 
 
@@ -80,6 +87,8 @@ def window_mlx_lm_limits(c: ModelConfig) -> list[str]:
     """What mlx-lm would load wrong in the folder `window_to_hf` describes."""
     if not c.windowed:
         return []
+    if family_of(c) in ("qwen2", "qwen3"):
+        return ["it has sliding-window layers, and mlx-lm's Qwen2 and Qwen3 have none"]
     if c.all_windowed:
         return [
             "every layer slides, and mlx-lm reads Mistral as Llama, which ignores sliding_window "
