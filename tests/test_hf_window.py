@@ -188,3 +188,27 @@ def test_rolling_cache_decoding_matches_mlx_lm_rotating_cache(tmp_path):
         worst = max(worst, np.abs(np.array(a) - np.array(b)).max())
     assert worst <= 1e-4
     assert our_cache[1].size == 3 and their_cache[1].keys.shape[2] <= 4 + 1
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [dict(attention_bias=True, attention_out_bias=False), dict(qk_norm=True)],
+    ids=["qwen2", "qwen3"],
+)
+def test_our_windowed_qwen_models_keep_their_family(overrides, tmp_path):
+    types = ["full_attention", "sliding_attention"]
+    config = tiny_config(**{**ROPE, **overrides}, sliding_window=5, layer_types=types)
+    model = random_model(config)
+    save_hf(model, tmp_path)
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, attn_implementation="eager"
+    ).eval()
+    assert hf_model.config.layer_types == types and hf_model.config.sliding_window == 5
+    ids, mask = padded_batch(2, 61)
+    got = np.array(model(mx.array(ids), attention_mask=mx.array(mask)))
+    real = mask.astype(bool)
+    assert np.abs(got[real] - hf_logits(hf_model, ids, mask)[real]).max() <= 1e-4
+    back = import_hf(tmp_path)
+    assert (back.config.sliding_window, back.config.layer_types) == (5, types)
+    with pytest.raises(UserError, match="mlx-lm.s Qwen2 and Qwen3 have none"):
+        save_hf(model, tmp_path / "mlx", runtime="mlx-lm")
