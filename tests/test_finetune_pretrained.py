@@ -1,4 +1,4 @@
-"""End to end on a pretrained-style model no test here trained: a tiny random Llama saved by
+"""End to end on a pretrained-style model no test here trained: a tiny random Qwen2 saved by
 transformers with a byte-level BPE tokenizer.json (trained with `tokenizers` on the packaged
 corpus) and a chat template, then convert --from-hf -> prepare (chat JSONL, its tokenizer) ->
 train --lora -> fuse -> generate --chat -> export -> onnx-generate --chat in a process where MLX
@@ -67,12 +67,13 @@ def chats(n: int) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def hf_folder(tmp_path_factory, tiny_corpus_text) -> Path:
-    """A tiny random LlamaForCausalLM and its tokenizer, both saved with save_pretrained."""
+    """A tiny random Qwen2ForCausalLM (bias on q/k/v) and its tokenizer, both saved with
+    save_pretrained."""
     root = tmp_path_factory.mktemp("pretrained")
     tok_dir = byte_level_folder(root / "tokenizer", tiny_corpus_text, vocab_size=600)
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(tok_dir))
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(
+    config = transformers.Qwen2Config(
         vocab_size=640,  # padded beyond the tokenizer's 600 ids, as pretrained models often are
         hidden_size=64,
         intermediate_size=128,
@@ -85,7 +86,7 @@ def hf_folder(tmp_path_factory, tiny_corpus_text) -> Path:
         eos_token_id=hf_tok.eos_token_id,
         pad_token_id=hf_tok.pad_token_id,
     )
-    model = transformers.LlamaForCausalLM(config).eval()
+    model = transformers.Qwen2ForCausalLM(config).eval()
     folder = root / "hf"
     model.save_pretrained(folder, safe_serialization=True)
     hf_tok.save_pretrained(folder)
@@ -104,7 +105,7 @@ def test_finetune_a_pretrained_chat_model_end_to_end(hf_folder, tmp_path, capsys
     assert tok.chat_template is not None
 
     # The reference: transformers' own tokenizer, loaded from the converted checkpoint.
-    ref = transformers.AutoTokenizer.from_pretrained(str(ckpt))
+    ref = transformers.PreTrainedTokenizerFast.from_pretrained(str(ckpt))
     texts = [PROMPT, "ROMEO:\nWhat, ho! 😀 é\n\n", *[json.dumps(c) for c in chats(4)]]
     for text in texts:
         assert tok.encode(text) == ref(text, add_special_tokens=False).input_ids
