@@ -7,6 +7,7 @@ import json
 import random
 
 import pytest
+from helpers import fingerprint
 from hf_tokenizer_folders import (
     CHATML,
     LLAMA2,
@@ -15,6 +16,7 @@ from hf_tokenizer_folders import (
     wordpiece_folder,
 )
 
+from mlx_transformer.cli import main
 from mlx_transformer.errors import UserError
 from mlx_transformer.hf_tokenizers import HFTokenizer
 from mlx_transformer.tokenizer import Tokenizer
@@ -212,3 +214,53 @@ def test_text_that_is_not_utf8_is_one_line(folders):
     tok = load_tokenizer(folders["byte-level"])
     with pytest.raises(UserError, match="not valid UTF-8"):
         tok.encode("ab\udcff")
+
+
+# --- convert --from-hf: the tokenizer comes along, and must fit the embedding rows ---------------
+
+
+def tiny_hf_model(folder, vocab_size: int):
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    transformers.LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def test_convert_imports_the_tokenizer_files(tmp_path, tiny_corpus_text, capsys):
+    """tokenizer.json with its config, special tokens and chat_template.jinja, byte for byte;
+    embedding rows beyond the vocabulary (padding) are fine."""
+    hf = byte_level_folder(tmp_path / "hf", tiny_corpus_text[:20000], 300)
+    tiny_hf_model(hf, 320)
+    (hf / "special_tokens_map.json").write_text('{"eos_token": "<|im_end|>"}')
+    (hf / "chat_template.jinja").write_text(CHATML)
+    out = tmp_path / "ckpt"
+    assert main(["convert", "--from-hf", str(hf), "--out", str(out)]) == 0
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                 "chat_template.jinja"):  # fmt: skip
+        assert (out / name).read_bytes() == (hf / name).read_bytes(), name
+    assert load_tokenizer(out).checksum == load_tokenizer(hf).checksum
+    assert main(["info", str(out)]) == 0
+    assert "tokenizer                tokenizer.json" in capsys.readouterr().out
+
+
+def test_convert_refuses_a_tokenizer_that_does_not_fit_or_load(tmp_path, tiny_corpus_text, capsys):
+    hf = byte_level_folder(tmp_path / "hf", tiny_corpus_text[:20000], 300)
+    tiny_hf_model(hf, 200)  # fewer embedding rows than ids
+    out = tmp_path / "ckpt"
+    before = fingerprint(tmp_path)
+    capsys.readouterr()
+    assert main(["convert", "--from-hf", str(hf), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "hf/tokenizer.json has 300 ids but the model's vocab_size (embedding rows) is 200" in err
+    assert fingerprint(tmp_path) == before
+    (hf / "tokenizer.json").write_text('{"model": {"type": "BPE"}}')
+    before = fingerprint(tmp_path)
+    assert main(["convert", "--from-hf", str(hf), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "hf/tokenizer.json cannot be loaded" in err
+    assert fingerprint(tmp_path) == before
