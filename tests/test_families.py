@@ -21,6 +21,7 @@ from mlx_transformer.checkpoint.hf_config import family_of
 from mlx_transformer.checkpoint.mlx_io import load_checkpoint, save_checkpoint
 from mlx_transformer.cli import main as cli_main
 from mlx_transformer.config import ConfigError, ModelConfig
+from mlx_transformer.errors import UserError
 from mlx_transformer.model import make_cache
 
 torch = pytest.importorskip("torch")
@@ -196,6 +197,7 @@ def test_family_onnx_export_matches_mlx(family, flavour, provider, onnx_exports,
     out = onnx_exports[name, flavour]
     hf_config = json.loads((out / "config.json").read_text())
     assert hf_config["model_type"] == model_type and "mlx_transformer_note" not in hf_config
+    assert transformers.AutoConfig.from_pretrained(out).head_dim == ours.config.head_dim
     onnx_model = OnnxModel(out, provider=provider)
     if provider != "cpu":
         assert onnx_model.placement.nodes[providers.full_name(provider)] > 0
@@ -401,6 +403,29 @@ def test_our_family_models_load_in_transformers(overrides, family, tmp_path):
     got = np.array(model(mx.array(ids), attention_mask=mx.array(mask)))
     real = mask.astype(bool)
     assert np.abs(got - hf_logits(hf_model, ids, mask))[real].max() <= ATOL
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(hidden_act="gelu_tanh", qk_norm=True),
+        dict(hidden_act="gelu_tanh", attention_out_bias=False),
+        {**LLAMA_LIKE, "mlp_bias": True, "attention_out_bias": False},
+        dict(**{**LLAMA_LIKE, "mlp_bias": True}, qk_norm=True),
+    ],
+    ids=["gpt2+qk-norm", "gpt2-no-o-bias", "qwen2+mlp-bias", "qwen3+mlp-bias"],
+)
+def test_mixes_no_family_describes_stay_ours(overrides, tmp_path):
+    """A switch a family lacks is never dropped on the way out: --to-hf refuses, and the export
+    folder's config.json describes the graph's interface only, and says so."""
+    from export.deploy import hf_config
+
+    config = tiny_config(**overrides)
+    assert family_of(config) is None
+    with pytest.raises(UserError, match="matches neither GPT-2"):
+        save_hf(random_model(config), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert "mlx_transformer_note" in hf_config(config, None)
 
 
 MLX_LM_CANNOT = {

@@ -28,6 +28,8 @@ def is_gpt2(c: ModelConfig) -> bool:
         and c.norm_type == "layernorm"
         and c.hidden_act != "swiglu"
         and c.attention_bias
+        and c.attention_out_bias
+        and not c.qk_norm
         and c.mlp_bias
         and c.tie_word_embeddings
         and c.num_key_value_heads == c.num_attention_heads
