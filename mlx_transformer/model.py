@@ -19,6 +19,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from . import ops
 from .config import ModelConfig
+from .local_attention import WindowMask, blocked_attention
 from .ops import Linear
 from .rolling_cache import RollingKVCache
 
@@ -104,19 +105,6 @@ def key_positions(attention_mask: mx.array | None, S: int) -> mx.array:
     return mx.where(real, mx.cumsum(real.astype(mx.int32), axis=1) - 1, -1)
 
 
-def window_mask(keys: mx.array, queries: mx.array, window: int, sinks: int = 0) -> mx.array:
-    """Boolean (B, 1, L, S) local-attention mask from key positions (B, S) and query positions
-    (B, L), -1 = padding: a query at i sees real keys at i - window < j <= i, and j < sinks.
-
-    The queries are the last L keys. A padding query sees only itself (no empty softmax rows).
-    """
-    k, q = keys[:, None, :], queries[:, :, None]
-    keep = (k >= 0) & (k <= q) & ((q - k < window) | (k < sinks))  # (B, L, S)
-    L, S = queries.shape[1], keys.shape[1]
-    own = mx.arange(S)[None] == mx.arange(S - L, S)[:, None]  # (L, S)
-    return (keep | (own & (q < 0)))[:, None]
-
-
 # -- attention -------------------------------------------------------------------------------------
 
 
@@ -169,7 +157,12 @@ class Attention(nn.Module):
             k, v = cache.update_and_fetch(k, v)  # (B, K, S, hd)
 
         weights = None
-        if return_weights or (self.training and self.attention_dropout > 0):
+        explicit = return_weights or (self.training and self.attention_dropout > 0)
+        if isinstance(mask, WindowMask) and (explicit or not mask.blocks(L, k.shape[2])):
+            mask = mask.dense
+        if isinstance(mask, WindowMask):  # a long sequence through a window: O(L·W), in blocks
+            out = blocked_attention(q, k, v, self.scale, mask, self.training)
+        elif explicit:
             out, weights = self._explicit_attention(q, k, v, mask)
         else:
             out = ops.scaled_dot_product_attention(q, k, v, self.scale, mask, self.training)
@@ -391,7 +384,7 @@ class Transformer(nn.Module):
         else:
             keys = key_positions(attention_mask, S)
             queries = keys[:, -L:]
-        masks[W] = window_mask(keys, queries, W, sinks)
+        masks[W] = WindowMask(keys, queries, W, sinks)  # the layer picks dense or blocked
         return masks
 
     def logits_from_hidden(self, x: mx.array) -> mx.array:

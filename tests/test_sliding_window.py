@@ -211,3 +211,27 @@ def test_window_config_round_trips_and_adds_no_weights(tmp_path):
     assert ModelConfig.load(tmp_path / "config.json") == config
     assert config.parameter_shapes() == tiny_config(num_hidden_layers=3).parameter_shapes()
     assert [config.layer_window(i) for i in range(3)] == [3, None, 3]
+
+
+@pytest.mark.parametrize("sinks", [0, 3])
+def test_blocked_attention_equals_the_dense_mask(sinks):
+    """A whole sequence longer than 2W goes through query blocks of W (O(L·W)); the same
+    attention as the dense L x L mask, padded rows and a length that is no multiple of W."""
+    from mlx_transformer.local_attention import WindowMask, blocked_attention
+    from mlx_transformer.model import key_positions
+
+    rng = np.random.default_rng(7)
+    B, H, K, L, hd, W = 3, 4, 2, 53, 8, 8
+    q, k, v = (mx.array(rng.normal(size=(B, n, L, hd)).astype(np.float32)) for n in (H, K, K))
+    mask = np.ones((B, L), np.int64)
+    mask[1, :13] = 0  # left padding
+    mask[2, 40:] = 0  # right padding
+    keys = key_positions(mx.array(mask), L)
+    window = WindowMask(keys, keys, W, sinks)
+    assert window.blocks(L, L) and not window.blocks(2 * W, 2 * W)
+    got = np.array(blocked_attention(q, k, v, hd**-0.5, window, training=False))
+    want = np.array(ops.scaled_dot_product_attention(q, k, v, hd**-0.5, window.dense, False))
+    real = mask.astype(bool)
+    np.testing.assert_allclose(
+        got.transpose(0, 2, 1, 3)[real], want.transpose(0, 2, 1, 3)[real], atol=1e-5
+    )
