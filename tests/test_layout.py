@@ -200,5 +200,6 @@ def test_the_package_root_holds_only_the_top_level_modules():
     root = {p.stem for p in (ROOT / "mlx_transformer").glob("*.py")}
     assert root == {
         "__init__", "__main__", "atomic", "cli", "config", "demo", "errors", "model", "ops",
-        "tokenizer", "hf_tokenizers", "tokenizer_files", "chat", "rolling_cache", "verify",
+        "tokenizer", "hf_tokenizers", "tokenizer_files", "chat", "rolling_cache", "local_attention",
+        "verify",
     }  # fmt: skip
