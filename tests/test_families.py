@@ -5,6 +5,7 @@ transformers and mlx-lm, and exported to ONNX (both flavours, on every provider 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -22,6 +23,7 @@ from mlx_transformer.checkpoint.mlx_io import load_checkpoint, save_checkpoint
 from mlx_transformer.cli import main as cli_main
 from mlx_transformer.config import ConfigError, ModelConfig
 from mlx_transformer.errors import UserError
+from mlx_transformer.generate.api import generate_step
 from mlx_transformer.model import make_cache
 
 torch = pytest.importorskip("torch")
@@ -183,18 +185,23 @@ def onnx_exports(tmp_path_factory):
     return {}
 
 
+def exported(family, flavour: str, onnx_exports: dict, tmp_path_factory) -> Path:
+    name, _, _, _, ours = family
+    if (name, flavour) not in onnx_exports:
+        ckpt = save_checkpoint(tmp_path_factory.mktemp(f"ckpt-{name}"), ours)
+        out = tmp_path_factory.mktemp(f"onnx-{name}-{flavour}")
+        export_onnx(ckpt, out, flavour=flavour)
+        onnx_exports[name, flavour] = out
+    return onnx_exports[name, flavour]
+
+
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("flavour", ["portable", "ort"])
 def test_family_onnx_export_matches_mlx(family, flavour, provider, onnx_exports, tmp_path_factory):
     """Padded prefill of 36 tokens, then 4 decode steps, on the provider; and the export
     folder's config.json names the family itself (it describes the model exactly)."""
     name, model_type, _, _, ours = family
-    if (name, flavour) not in onnx_exports:
-        ckpt = save_checkpoint(tmp_path_factory.mktemp(f"ckpt-{name}"), ours)
-        out = tmp_path_factory.mktemp(f"onnx-{name}-{flavour}")
-        export_onnx(ckpt, out, flavour=flavour)
-        onnx_exports[name, flavour] = out
-    out = onnx_exports[name, flavour]
+    out = exported(family, flavour, onnx_exports, tmp_path_factory)
     hf_config = json.loads((out / "config.json").read_text())
     assert hf_config["model_type"] == model_type and "mlx_transformer_note" not in hf_config
     assert transformers.AutoConfig.from_pretrained(out).head_dim == ours.config.head_dim
@@ -236,6 +243,26 @@ def test_qwen2_with_sliding_window_layers_round_trips_with_transformers(tmp_path
     ).eval()
     assert back.config.layer_types == ["full_attention", "sliding_attention"]
     np.testing.assert_allclose(hf_logits(back, ids, mask)[real], want[real], atol=1e-6)
+
+
+@pytest.mark.parametrize("flavour", ["portable", "ort"])
+def test_family_export_runs_in_onnxruntime_genai(family, flavour, onnx_exports, tmp_path_factory):
+    """onnxruntime-genai on the export folder: the prompt's logits and 24 greedy tokens."""
+    og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai (the test extra)")
+    _, _, _, _, ours = family
+    out = exported(family, flavour, onnx_exports, tmp_path_factory)
+    prompt = [5, 17, 33, 2, 90, 41]
+    want = [int(t) for t in generate_step(prompt, ours, max_tokens=24)]
+    genai_model = og.Model(str(out))
+    params = og.GeneratorParams(genai_model)
+    params.set_search_options(max_length=len(prompt) + 24)  # greedy: the config's default
+    generator = og.Generator(genai_model, params)
+    generator.append_tokens(prompt)
+    prefill = np.asarray(generator.get_output("logits"))[0, -1]
+    assert np.abs(prefill - np.array(ours(mx.array([prompt])))[0, -1]).max() <= ATOL
+    while not generator.is_done():
+        generator.generate_next_token()
+    assert [int(t) for t in generator.get_sequence(0)[len(prompt) :]] == want
 
 
 # -- rotary frequencies ----------------------------------------------------------------------------
