@@ -245,6 +245,17 @@ def test_convert_imports_the_tokenizer_files(tmp_path, tiny_corpus_text, capsys)
     assert load_tokenizer(out).checksum == load_tokenizer(hf).checksum
     assert main(["info", str(out)]) == 0
     assert "tokenizer                tokenizer.json" in capsys.readouterr().out
+    # ... and back: convert --to-hf writes the same files, which transformers reads.
+    back = tmp_path / "back"
+    assert main(["convert", "--to-hf", str(out), "--out", str(back)]) == 0
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        assert (back / name).read_bytes() == (hf / name).read_bytes(), name
+    assert not (back / "tokenizer.model").exists()
+    ref = transformers.AutoTokenizer.from_pretrained(str(back))
+    text = "<|im_start|>user\nWhat, ho! 😀<|im_end|>\n"
+    assert ref(text, add_special_tokens=False).input_ids == load_tokenizer(out).encode(text)
+    assert json.loads((back / "generation_config.json").read_text())["eos_token_id"] == 2
+    assert "the model's own" in (back / "README.md").read_text()
 
 
 def test_convert_refuses_a_tokenizer_that_does_not_fit_or_load(tmp_path, tiny_corpus_text, capsys):

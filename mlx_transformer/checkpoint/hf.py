@@ -30,7 +30,7 @@ from ..config import MODEL_TYPE, ConfigError, ModelConfig
 from ..errors import UserError
 from ..model import Transformer
 from ..tokenizer import SPECIAL_IDS, Tokenizer
-from ..tokenizer_files import TOKENIZER_FILES
+from ..tokenizer_files import TOKENIZER_FILES, find_tokenizer
 from .format import (  # a Hugging Face folder uses the same file names as ours
     CONFIG_FILE,
     TOKENIZER_FILE,
@@ -41,7 +41,7 @@ from .format import (  # a Hugging Face folder uses the same file names as ours
 )
 from .hf_config import family_of, hf_config
 from .hf_families import CONFIG_READERS, UnsupportedField, _require
-from .hf_tokenizer import HF_TOKENIZER_FILES, hf_tokenizer_files, import_tokenizer
+from .hf_tokenizer import HF_TOKENIZER_FILES, hf_folder_tokenizer, import_tokenizer
 from .hf_window import LLAMA_LIKE, window_from_hf, window_mlx_lm_limits, window_to_hf
 from .mlx_io import load_checkpoint, save_checkpoint
 
@@ -57,7 +57,7 @@ CHECKPOINT = atomic.FolderKind(
 README_FILE = "README.md"
 HF_MODEL = atomic.FolderKind(
     "Hugging Face model",
-    entries=(CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE, *HF_TOKENIZER_FILES, README_FILE),
+    entries=(CONFIG_FILE, WEIGHTS_FILE, *TOKENIZER_FILES, *HF_TOKENIZER_FILES, README_FILE),
 )
 # The runtimes `convert --to-hf --for` can promise; the folder always loads in transformers.
 RUNTIMES = ("transformers", "mlx-lm")
@@ -298,15 +298,14 @@ def save_hf(
             f"mlx-lm cannot load this model correctly: {'; '.join(limits)}; convert without "
             "--for mlx-lm to use it with transformers"
         )
-    tokenizer = Tokenizer.load(tokenizer_path) if tokenizer_path is not None else None
-    files: dict[str, dict] = {}
-    if tokenizer is not None:
-        tokenizer.check_fits(model.config.vocab_size)
-        files = hf_tokenizer_files(tokenizer, model.config.max_position_embeddings)
+    tokenizer, write_tokenizer = None, None
+    if tokenizer_path is not None:
+        tokenizer, write_tokenizer = hf_folder_tokenizer(tokenizer_path, model.config)
     hf, weights = to_hf(model, tokenizer.special_ids if tokenizer is not None else None)
     dtype = next(iter(weights.values())).dtype
     hf["torch_dtype"] = {mx.float16: "float16", mx.bfloat16: "bfloat16"}.get(dtype, "float32")
-    readme = _readme(model.config, hf, limits, tokenizer is not None)
+    own_tokenizer = tokenizer is not None and not isinstance(tokenizer, Tokenizer)
+    readme = _readme(model.config, hf, limits, tokenizer is not None, own_tokenizer)
 
     def fill(tmp: Path) -> None:
         (tmp / CONFIG_FILE).write_text(json.dumps(hf, indent=2) + "\n")
@@ -316,18 +315,21 @@ def save_hf(
             {k: mx.contiguous(v) for k, v in weights.items()},
             metadata={"format": "pt"},
         )
-        if tokenizer is not None:
-            (tmp / TOKENIZER_FILE).write_bytes(tokenizer.model_bytes)
-            for name, content in files.items():
-                text = json.dumps(content, indent=2, ensure_ascii=False) + "\n"
-                (tmp / name).write_text(text, encoding="utf-8")
+        if write_tokenizer is not None:
+            write_tokenizer(tmp)
         (tmp / README_FILE).write_text(readme, encoding="utf-8")
 
     inputs = (*inputs, tokenizer_path)
     return atomic.write_folder(out_dir, fill, HF_MODEL, overwrite=overwrite, inputs=inputs)
 
 
-def _readme(config: ModelConfig, hf: dict, mlx_lm_limits: list[str], has_tokenizer: bool) -> str:
+def _readme(
+    config: ModelConfig,
+    hf: dict,
+    mlx_lm_limits: list[str],
+    has_tokenizer: bool,
+    own_tokenizer: bool = False,
+) -> str:
     """The output folder's README.md: what it is and which runtimes load it."""
     family = hf["model_type"]
     lines = [
@@ -367,7 +369,9 @@ def _readme(config: ModelConfig, hf: dict, mlx_lm_limits: list[str], has_tokeniz
                 'model, config = load_model(Path("PATH"))',
             ]
         lines += ["```", ""]
-    if has_tokenizer:
+    if own_tokenizer:
+        lines += ["The tokenizer files are the model's own, as `convert --from-hf` imported them."]
+    elif has_tokenizer:
         lines += [
             "The tokenizer files give the same ids as the sentencepiece model in tokenizer.model,",
             "which mlx-transformer uses: no bos/eos is added, spaces and newlines are kept as",
@@ -447,8 +451,7 @@ def run(args) -> int:
     else:
         model = load_checkpoint(args.to_hf, dtype=args.dtype)
         family = hf_family(model.config)
-        tokenizer = args.tokenizer or Path(args.to_hf) / TOKENIZER_FILE
-        tokenizer = tokenizer if Path(tokenizer).is_file() else None
+        tokenizer = args.tokenizer or find_tokenizer(args.to_hf)
         save_hf(
             model,
             args.out,

@@ -151,6 +151,40 @@ def write_hf_tokenizer_files(
     return list(files)
 
 
+def hf_folder_tokenizer(path: str | Path, config) -> tuple:
+    """The checkpoint's tokenizer at `path`, checked to fit `config` (a ModelConfig), and a
+    function that writes it into a Hugging Face folder: a sentencepiece model with the four
+    files above made from it, or an imported tokenizer.json as it is, with its config files and
+    generation_config.json.
+
+    Raises:
+        UserError: the tokenizer cannot be loaded, does not fit, or cannot be written exactly.
+    """
+    tok = load_tokenizer(path)
+    tok.check_fits(config.vocab_size)
+    if isinstance(tok, Tokenizer):
+        files = hf_tokenizer_files(tok, config.max_position_embeddings)
+
+        def write(folder: Path) -> None:
+            (folder / TOKENIZER_FILE).write_bytes(tok.model_bytes)
+            for name, content in files.items():
+                text = json.dumps(content, indent=2, ensure_ascii=False) + "\n"
+                (folder / name).write_text(text, encoding="utf-8")
+
+        return tok, write
+
+    def write(folder: Path) -> None:
+        copy_tokenizer(path, folder)
+        _write_generation_config(tok, folder)
+
+    return tok, write
+
+
+def _write_generation_config(tok, folder: Path) -> None:
+    ids = {f"{name}_token_id": i for name, i in tok.special_ids.items() if i >= 0 and name != "unk"}
+    atomic.write_text(Path(folder) / GENERATION_CONFIG, json.dumps(ids, indent=2) + "\n")
+
+
 def export_tokenizer_files(ckpt: str | Path, out: str | Path, model_max_length: int) -> str:
     """Put the checkpoint's tokenizer into the export folder `out` (atomically per file) for
     our runtime and the Hugging Face clients. A sentencepiece model is copied and the four files
@@ -169,8 +203,7 @@ def export_tokenizer_files(ckpt: str | Path, out: str | Path, model_max_length: 
             return f"not written: {e}"
         return "written (ids equal tokenizer.model's)"
     copy_tokenizer(source, out)
-    ids = {f"{name}_token_id": i for name, i in tok.special_ids.items() if i >= 0 and name != "unk"}
-    atomic.write_text(Path(out) / GENERATION_CONFIG, json.dumps(ids, indent=2) + "\n")
+    _write_generation_config(tok, out)
     return "copied (the model's own tokenizer.json)"
 
 
@@ -284,6 +317,7 @@ __all__ = [
     "hf_tokenizer_files",
     "write_hf_tokenizer_files",
     "export_tokenizer_files",
+    "hf_folder_tokenizer",
     "import_tokenizer",
     "HF_TOKENIZER_FILES",
     "TOKENIZER_JSON",
