@@ -16,8 +16,9 @@ Sections (`--only train,generate,onnx,scaling,window`; default all):
             window vs mlx-lm's RotatingKVCache, and the `--overflow slide` stall
             (scripts/bench_window.py)
 
-Ratios are ours / peer: above 1 means ours is faster. Each section's results are merged into
-`runs/bench/bench.json` with the exact command, the machine, its load average, versions and
+Ratios are ours / peer: above 1 means ours is faster; a row whose trials vary by more than 10%
+((max - min) / median, either side) says so next to its ratio. Each section's results are merged
+into `runs/bench/bench.json` with the exact command, the machine, its load average, versions and
 BLAS; the README's benchmark table (between `<!-- bench:start -->` and `<!-- bench:end -->`) is
 regenerated from that file (scripts/bench_readme.py). `--quick` is a smoke run (tiny sizes, one
 trial) that writes `runs/bench/bench-quick.json` and leaves the README alone.
@@ -143,8 +144,9 @@ def section_train(args) -> dict:
 def section_generate(args) -> dict:
     sizes = "small" if args.quick else "small,large"
     argv = ["--sizes", sizes, "--trials", str(1 if args.quick else max(args.trials // 2, 1))]
+    argv += ["--batch-trials", str(1 if args.quick else max(args.trials, 3))]
     if args.quick:
-        argv += ["--prompt-trials", "1", "--batch-trials", "1", "--new-tokens", "16"]
+        argv += ["--prompt-trials", "1", "--new-tokens", "16"]
     timing = script_json("bench_generate.py", argv)
     new_tokens = 16 if args.quick else 256
     memory = {}
@@ -243,8 +245,8 @@ def main(argv=None) -> int:
     results = load_results(path)
     command = " ".join(["python", *sys.orig_argv[1:]]) if argv is None else f"bench.py {argv}"
     for name in sections:
-        print(f"== {name}", file=sys.stderr, flush=True)
         machine, tic = machine_info(), time.time()
+        print(f"== {name} (load average {machine['load_average']})", file=sys.stderr, flush=True)
         try:
             data = RUNNERS[name](args)
         except Exception as e:  # keep the other sections' numbers
@@ -259,6 +261,8 @@ def main(argv=None) -> int:
         }
         if "error" in data:
             print(f"  {name} failed: {data['error']}", file=sys.stderr)
+        end = results["sections"][name]["load_average_end"]
+        print(f"   {name} done (load average {end})", file=sys.stderr, flush=True)
     results["rows"] = all_rows(results)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2) + "\n")

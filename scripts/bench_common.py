@@ -26,6 +26,16 @@ def median(values: Iterable[float]) -> float:
     return statistics.median(list(values))
 
 
+def spread(values: Iterable[float]) -> float:
+    """(max - min) / median of one measurement's trials: above 0.10 a row is flagged as noisy."""
+    v = list(values)
+    m = statistics.median(v) if v else 0.0
+    return (max(v) - min(v)) / m if m else 0.0
+
+
+NOISY = 0.10
+
+
 def ratio(a: float | None, b: float | None) -> float | None:
     """a / b, or None when either is missing or b is zero."""
     if a is None or b is None or not b:

@@ -8,8 +8,10 @@ peers trial by trial:
   batch 1   our `generate_step` vs mlx-lm's `generate_step` (greedy): prompt tok/s = prompt
             tokens / time to the first token; generation tok/s = (new tokens - 1) / time from the
             first token to the last. Same clock and loop for both.
-  batch 8   our `batch_generate` vs mlx-lm's `batch_generate` (greedy, EOS off): each one's own
-            prompt/generation tok/s, and end-to-end tokens/s = 8 * new tokens / wall time.
+  batch 8   our `batch_generate_step` vs mlx-lm's `BatchGenerator` (greedy, EOS off), the same
+            clock and loop for both: prompt tok/s = 8 * prompt tokens / time to the first
+            step's tokens, generation tok/s = 8 * (new tokens - 1) / the time after them, and
+            end-to-end tokens/s = 8 * new tokens / wall time.
 
 Medians over trials; ratio = ours / mlx-lm. Both run in this one process, so under the same BLAS
 (`ensure_fast_blas()` re-executes with OpenBLAS preloaded where available; see "blas" in the JSON).
@@ -25,6 +27,8 @@ import statistics
 import sys
 import tempfile
 import time
+
+from bench_common import NOISY, spread
 
 from mlx_transformer.cpu import blas
 
@@ -93,14 +97,14 @@ def build_peers(size: str, tmp: str):
     return ours, theirs, diff
 
 
-def time_stream(tokens) -> tuple[float, float, list[int]]:
+def time_stream(tokens) -> tuple[float, float, list]:
     """(seconds to the first token, seconds from the first to the last, the tokens)."""
     t0 = time.perf_counter()
     out, t_first = [], None
     for token in tokens:
         if t_first is None:
             t_first = time.perf_counter()
-        out.append(int(token))
+        out.append(token)
     return t_first - t0, time.perf_counter() - t_first, out
 
 
@@ -116,26 +120,49 @@ def batch1(ours, theirs, prompt, new_tokens):
     rates = {}
     for name, (ttft, rest, _) in (("ours", a), ("mlx_lm", b)):
         rates[name] = {"prompt_tps": len(prompt) / ttft, "generation_tps": (new_tokens - 1) / rest}
-    same = sum(x == y for x, y in zip(a[2], b[2])) / new_tokens
+    same = sum(int(x) == int(y) for x, y in zip(a[2], b[2])) / new_tokens
     return rates, same
 
 
+def lm_batch_steps(model, prompts, new_tokens):
+    """mlx-lm's batch generator as an iterator of steps (lists of B tokens), like ours."""
+    from mlx_lm.generate import BatchGenerator
+
+    gen = BatchGenerator(model, stop_tokens=[], max_tokens=new_tokens)
+    uids = gen.insert(prompts, [new_tokens] * len(prompts))
+    row = {uid: b for b, uid in enumerate(uids)}
+    try:
+        while responses := gen.next_generated():
+            step = [0] * len(prompts)
+            for r in responses:
+                step[row[r.uid]] = r.token
+            yield step
+    finally:
+        gen.close()
+
+
 def batch8(ours, theirs, prompts, new_tokens):
-    from mlx_lm.generate import batch_generate as lm_batch
+    """Both peers' batch generators (token ids in, token ids out, greedy, no EOS) on one clock:
+    prompt tok/s = prompt tokens / time to the first step's tokens, generation tok/s = tokens
+    after them / the time after them, end to end = all new tokens / wall time. (mlx-lm's own
+    `prompt_tps` times its prefill alone, without the first decode step.)"""
+    from mlx_transformer.generate.api import batch_generate_step
 
-    from mlx_transformer.generate.api import batch_generate
-
-    tok, rates = TokenShim(), {}
-    t0 = time.perf_counter()
-    r = batch_generate(ours, tok, prompts, max_tokens=new_tokens)
-    wall = time.perf_counter() - t0
-    rates["ours"] = dict(prompt_tps=r.prompt_tps, generation_tps=r.generation_tps)
-    rates["ours"]["end_to_end_tps"] = len(prompts) * new_tokens / wall
-    t0 = time.perf_counter()
-    s = lm_batch(theirs, tok, prompts, max_tokens=new_tokens).stats
-    wall = time.perf_counter() - t0
-    rates["mlx_lm"] = dict(prompt_tps=s.prompt_tps, generation_tps=s.generation_tps)
-    rates["mlx_lm"]["end_to_end_tps"] = len(prompts) * new_tokens / wall
+    rates = {}
+    runs = (
+        ("ours", lambda: batch_generate_step(prompts, ours, max_tokens=new_tokens)),
+        ("mlx_lm", lambda: lm_batch_steps(theirs, prompts, new_tokens)),
+    )
+    for name, steps in runs:
+        t0 = time.perf_counter()
+        ttft, rest, out = time_stream(steps())
+        wall = time.perf_counter() - t0
+        B, n = len(prompts), len(out)
+        rates[name] = {
+            "prompt_tps": B * len(prompts[0]) / ttft,
+            "generation_tps": B * (n - 1) / rest,
+            "end_to_end_tps": B * n / wall,
+        }
     return rates
 
 
@@ -145,6 +172,9 @@ def medians(trials: list[dict], keys: tuple[str, ...] | None = None) -> dict:
         names = keys or tuple(trials[0][peer])
         out[peer] = {k: statistics.median(t[peer][k] for t in trials) for k in names}
     out["ratio"] = {k: out["ours"][k] / out["mlx_lm"][k] for k in out["ours"]}
+    out["spread"] = {  # the wider of the two peers' (max - min) / median
+        k: max(spread([t[p][k] for t in trials]) for p in ("ours", "mlx_lm")) for k in out["ours"]
+    }
     return out
 
 
@@ -154,7 +184,11 @@ def bench_size(size, args, tmp) -> dict:
     ours, theirs, diff = build_peers(size, tmp)
     rng = __import__("numpy").random.default_rng(1)
     prompts = rng.integers(4, 8000, (8, args.prompt_tokens)).tolist()
-    batch1(ours, theirs, prompts[0], 2)  # warm-up (kernels, allocator, traces)
+    # Warm-up: kernels, allocator, traces. MLX's CPU compiler builds the compiled decode step's
+    # kernels per batch size the first time on a machine (~15 s at batch 8, then cached in
+    # $TMPDIR/mlx); a batch-8 trial that pays it reports a fraction of the steady rate.
+    batch1(ours, theirs, prompts[0], 2)
+    batch8(ours, theirs, prompts, 2)
     # Prefill of the small model takes ~50 ms, so prompt tok/s comes from many short runs (2 new
     # tokens: both peers queue one decode step before the first token is read, as in long runs);
     # generation tok/s from fewer long ones.
@@ -165,7 +199,7 @@ def bench_size(size, args, tmp) -> dict:
         long.append(rates)
         agree.append(same)
     prompt, gen = medians(short, ("prompt_tps",)), medians(long, ("generation_tps",))
-    one = {k: {**prompt[k], **gen[k]} for k in prompt}
+    one = {k: {**prompt[k], **gen[k]} for k in prompt}  # ours, mlx_lm, ratio, spread
     eight = [batch8(ours, theirs, prompts, args.new_tokens) for _ in range(args.batch_trials)]
     mx.clear_cache()
     return {
@@ -184,7 +218,9 @@ def table(results: dict) -> str:
             for k, v in r[batch]["ours"].items():
                 name = f"{size} {batch[5:]}x {k.replace('_tps', '')}"
                 theirs, ratio = r[batch]["mlx_lm"][k], r[batch]["ratio"][k]
-                lines.append(f"{name:32}{v:10.1f}{theirs:10.1f}{ratio:8.2f}")
+                noisy = r[batch]["spread"][k]
+                flag = f"  trials vary {noisy:.0%}" if noisy > NOISY else ""
+                lines.append(f"{name:32}{v:10.1f}{theirs:10.1f}{ratio:8.2f}{flag}")
     lines[0] = f"{'tokens/s':32}{'ours':>10}{'mlx-lm':>10}{'ratio':>8}"
     return "\n".join(lines)
 
@@ -195,7 +231,7 @@ def main(argv=None) -> int:
     parser.add_argument("--sizes", default="small,large")
     parser.add_argument("--trials", type=int, default=3, help="batch-1 long runs per size")
     parser.add_argument("--prompt-trials", type=int, default=15, help="short runs per size")
-    parser.add_argument("--batch-trials", type=int, default=2, help="batch-8 trials per size")
+    parser.add_argument("--batch-trials", type=int, default=3, help="batch-8 trials per size")
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--json", help="also write the results here")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench_common import fmt, fmt_ratio, markdown_table, ratio
+from bench_common import NOISY, fmt, fmt_ratio, markdown_table, ratio, spread
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 SCALING_PNG = "docs/scaling.png"
@@ -18,8 +18,12 @@ START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 # -- one table -------------------------------------------------------------------------------------
 
 
-def row(section, workload, ours, ours_v, peer, peer_v, ours_mb=None, peer_mb=None) -> dict:
+def row(
+    section, workload, ours, ours_v, peer, peer_v, ours_mb=None, peer_mb=None, noise=None
+) -> dict:
+    """One table row; `noise`: the wider (max - min) / median of the two sides' trials."""
     return {
+        "noise": noise,
         "section": section,
         "workload": workload,
         "ours": ours,
@@ -58,9 +62,9 @@ def rows_generate(data: dict) -> list[dict]:
             for metric in ("prompt_tps", "generation_tps"):
                 label = f"{name} b{batch[5:]} {metric.split('_')[0]} tok/s"
                 ours_v, peer_v = r[batch]["ours"][metric], r[batch]["mlx_lm"][metric]
-                out.append(
-                    row("generate", label, "ours", ours_v, "mlx-lm", peer_v, ours_mb, peer_mb)
-                )
+                noise = r[batch].get("spread", {}).get(metric)
+                sides = ("ours", ours_v, "mlx-lm", peer_v, ours_mb, peer_mb, noise)
+                out.append(row("generate", label, *sides))
     return out
 
 
@@ -83,6 +87,10 @@ def rows_onnx(data: dict) -> list[dict]:
                     continue
                 for metric in metrics:
                     label = f"{model} b{batch[5:]} {metric.split('_')[0]} tok/s"
+                    noise = max(
+                        spread(t[metric] for t in side.get("trials", {}).get(batch, [])) or 0.0
+                        for side in (a, b)
+                    )
                     out.append(
                         row(
                             "onnx",
@@ -93,6 +101,7 @@ def rows_onnx(data: dict) -> list[dict]:
                             b[batch][metric],
                             a["peak_rss_mb"],
                             b["peak_rss_mb"],
+                            noise,
                         )
                     )
     return out
@@ -145,6 +154,11 @@ def all_rows(results: dict) -> list[dict]:
     return out
 
 
+def noisy_note(noise: float | None) -> str:
+    """Flag a row whose trials varied by more than 10%: its ratio is not to be trusted."""
+    return f" (trials vary {noise:.0%})" if noise is not None and noise > NOISY else ""
+
+
 def table(rows: list[dict]) -> str:
     headers = ["section", "workload", "ours", "", "peer", "", "ratio", "peak MiB ours / peer"]
     cells = [
@@ -155,7 +169,7 @@ def table(rows: list[dict]) -> str:
             fmt(r["ours_value"]),
             r["peer"],
             fmt(r["peer_value"]),
-            fmt_ratio(r["ratio"]),
+            fmt_ratio(r["ratio"]) + noisy_note(r.get("noise")),
             f"{fmt(r['ours_peak_mb'], 0)} / {fmt(r['peer_peak_mb'], 0)}",
         ]
         for r in rows
