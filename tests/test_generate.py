@@ -94,6 +94,21 @@ def test_compiled_step_is_reused_but_follows_new_weights():
     assert key not in decode._COMPILED
 
 
+def test_compiled_step_follows_the_ops_choice():
+    """The trace fixes which kernels `ops` picked: turning the CPU kernels off (or moving to
+    another device) must not reuse a step traced with them."""
+    from mlx_transformer import ops
+
+    model = random_model(tiny_config(**LLAMA), seed=2)
+    with ops.use_cpu_kernels(True):
+        first = compiled_step(model)
+    with ops.use_cpu_kernels(False):
+        assert compiled_step(model) is not first
+        assert list(generate_step(PROMPTS[0], model, max_tokens=6)) == full_forward_greedy(
+            model, PROMPTS[0], 6
+        )
+
+
 def test_chunked_prefill_equals_one_pass():
     model = random_model(tiny_config(**LLAMA), seed=2)
     one = list(generate_step(PROMPTS[0], model, max_tokens=6))

@@ -26,6 +26,7 @@ from functools import partial
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from .. import ops
 from ..model import KVCache, Transformer, make_cache
 from .rules import available_memory
 
@@ -112,7 +113,9 @@ _COMPILED: dict[int, tuple[tuple, Callable]] = {}
 def compiled_step(model: Transformer) -> Callable:
     """The compiled `_static_step` of this model, reused across generations (MLX retraces it
     only for new shapes), so a second generation does not pay the ~10 ms trace again."""
-    depends_on = (model.training, *(id(p) for _, p in tree_flatten(model.parameters())))
+    # The trace also fixes the device and which ops `ops` picked (CPU kernels or MLX's).
+    choices = (model.training, str(mx.default_device()), ops.cpu_kernels())
+    depends_on = (*choices, *(id(p) for _, p in tree_flatten(model.parameters())))
     entry = _COMPILED.get(id(model))
     if entry is None or entry[0] != depends_on:
         if entry is None:
