@@ -29,11 +29,37 @@ TOKENIZER_FILES = (TOKENIZER_FILE, *HF_TOKENIZER_FILES)
 
 
 def find_tokenizer(folder: str | Path) -> Path | None:
-    """The tokenizer's main file in `folder` (tokenizer.model, else tokenizer.json), or None."""
-    for name in (TOKENIZER_FILE, TOKENIZER_JSON):
-        if (Path(folder) / name).is_file():
-            return Path(folder) / name
+    """The tokenizer's main file in `folder`, or None: tokenizer.model or tokenizer.json, the one
+    that is there; where both are, tokenizer.model if `prepare` could have trained it (then the
+    tokenizer.json beside it was written from it, by export or convert --to-hf), else
+    tokenizer.json, which is how transformers reads a pretrained model (Llama 2's sentencepiece
+    model adds a dummy prefix, which our line-by-line encoding would not reproduce)."""
+    model, hf_json = Path(folder) / TOKENIZER_FILE, Path(folder) / TOKENIZER_JSON
+    if model.is_file() and hf_json.is_file():
+        return model if _trained_here(model) else hf_json
+    for path in (model, hf_json):
+        if path.is_file():
+            return path
     return None
+
+
+def _trained_here(path: Path) -> bool:
+    """Whether a sentencepiece model keeps text as it is, as `prepare` trains them."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    proto = pb.ModelProto()
+    try:
+        proto.ParseFromString(path.read_bytes())
+    except Exception:  # not a model at all: loading it says so
+        return True
+    norm = proto.normalizer_spec
+    return (
+        norm.name in ("identity", "")
+        and not norm.precompiled_charsmap
+        and not norm.add_dummy_prefix
+        and not norm.remove_extra_whitespaces
+        and proto.trainer_spec.byte_fallback
+    )
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer | HFTokenizer:

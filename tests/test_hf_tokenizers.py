@@ -275,3 +275,33 @@ def test_convert_refuses_a_tokenizer_that_does_not_fit_or_load(tmp_path, tiny_co
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "hf/tokenizer.json cannot be loaded" in err
     assert fingerprint(tmp_path) == before
+
+
+def test_a_folder_with_both_files_is_read_as_transformers_reads_it(
+    tmp_path, tiny_corpus_text, tiny_tokenizer_path
+):
+    """Llama 2's folders hold tokenizer.model (with a dummy prefix) and tokenizer.json: the json
+    is used. Folders written here from a sentencepiece model we trained (export, --to-hf) hold
+    both too: the model is used (the json was made from it)."""
+    import io
+
+    import sentencepiece as spm
+
+    from mlx_transformer.checkpoint.hf_tokenizer import write_hf_tokenizer_files
+    from mlx_transformer.tokenizer_files import find_tokenizer
+
+    llama2 = metaspace_folder(tmp_path / "llama2", tiny_corpus_text[:20000], 400)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(tiny_corpus_text[:20000].split("\n")), model_writer=model,
+        vocab_size=400, byte_fallback=True, minloglevel=2, num_threads=1,
+    )  # fmt: skip
+    (llama2 / "tokenizer.model").write_bytes(model.getvalue())
+    assert find_tokenizer(llama2) == llama2 / "tokenizer.json"
+    assert isinstance(load_tokenizer(llama2), HFTokenizer)
+    ours = tmp_path / "ours"
+    ours.mkdir()
+    (ours / "tokenizer.model").write_bytes(tiny_tokenizer_path.read_bytes())
+    write_hf_tokenizer_files(tiny_tokenizer_path, ours)
+    assert find_tokenizer(ours) == ours / "tokenizer.model"
+    assert isinstance(load_tokenizer(ours), Tokenizer)

@@ -208,36 +208,14 @@ def export_tokenizer_files(ckpt: str | Path, out: str | Path, model_max_length: 
 
 
 def import_tokenizer(hf_dir: str | Path, vocab_size: int) -> Path | None:
-    """The tokenizer `convert --from-hf` takes from a Hugging Face folder (or the file given
-    with --tokenizer), checked to load and to fit the model's `vocab_size` embedding rows; None
-    when the folder has none.
-
-    tokenizer.json is preferred (it is what transformers reads). A tokenizer.model is taken when
-    it is alone, or when it is one `prepare` trained (the folder `convert --to-hf` wrote), whose
-    ids it gives exactly.
-    """
+    """The tokenizer `convert --from-hf` takes from a Hugging Face folder (`find_tokenizer`'s
+    choice) or the file given with --tokenizer, checked to load and to fit the model's
+    `vocab_size` embedding rows; None when the folder has none."""
     hf_dir = Path(hf_dir)
-    if hf_dir.is_file():
-        load_tokenizer(hf_dir).check_fits(vocab_size)
-        return hf_dir
-    model, hf_json = hf_dir / TOKENIZER_FILE, hf_dir / TOKENIZER_JSON
-    chosen = None
-    if model.is_file() and (not hf_json.is_file() or _is_exact_sentencepiece(model)):
-        chosen = model
-    elif hf_json.is_file():
-        chosen = hf_json
+    chosen = hf_dir if hf_dir.is_file() else find_tokenizer(hf_dir)
     if chosen is not None:
         load_tokenizer(chosen).check_fits(vocab_size)
     return chosen
-
-
-def _is_exact_sentencepiece(path: Path) -> bool:
-    """Whether a tokenizer.model is one our Hugging Face files reproduce (trained by `prepare`)."""
-    try:
-        hf_tokenizer_files(path)
-    except UserError:
-        return False
-    return True
 
 
 def _as_tokenizer(tokenizer: Tokenizer | str | Path | bytes) -> Tokenizer:
