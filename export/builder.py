@@ -140,8 +140,9 @@ def keep_mask(g: Graph, attention_mask: str, L: str, S: str) -> str:
 
 
 def window_keep_mask(g: Graph, attention_mask: str, L: str, S: str, config: ModelConfig) -> str:
-    """The sliding-window mask (`local_attention.window_mask`), from positions counted in the mask: only
-    differences of positions matter, so a past cut to its last columns keeps it exact."""
+    """The sliding-window mask (`local_attention.window_mask`), from positions counted in the
+    mask: only differences of positions matter, so a past cut to its last columns keeps it
+    exact."""
     path = "/model/attn_mask_window"
     zero, one = g.constant(0, np.int64), g.constant(1, np.int64)
     counts = g.node("Cast", [attention_mask], f"{path}/Cast", to=INT64)

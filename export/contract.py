@@ -146,19 +146,24 @@ def io_json(
         "hidden_size": config.hidden_size,
         "vocab_size": config.vocab_size,
         "context_length": config.max_position_embeddings,
-        **past_window(config),
+        **past_window(config, flavour),
         "special_tokens": special_tokens,
         "notes": notes,
     }
 
 
-def past_window(config: ModelConfig) -> dict:
+def past_window(config: ModelConfig, flavour: str) -> dict:
     """{"past_window": W - 1} when every layer slides through a window of W and there are no
     sinks: the runtime then keeps only that many past columns (the graph's mask counts positions
-    within the mask, so cutting the oldest columns changes nothing). Otherwise {}."""
-    if config.all_windowed and not config.attention_sinks and config.sliding_window > 1:
-        return {"past_window": config.sliding_window - 1}
-    return {}
+    within the mask, so cutting the oldest columns changes nothing). Otherwise {}.
+    "unbounded_positions": the graph computes rotary angles from position_ids (portable), so
+    such a model also generates past context_length."""
+    if not (config.all_windowed and not config.attention_sinks and config.sliding_window > 1):
+        return {}
+    out = {"past_window": config.sliding_window - 1}
+    if flavour == "portable" and config.position_encoding in ("rope", "none"):
+        out["unbounded_positions"] = True
+    return out
 
 
 # What the runtime reads of io.json: these keys, each a positive integer.

@@ -12,6 +12,7 @@ IO binding on GPU providers), so a padded row gives the same tokens as alone. Sa
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -88,22 +89,25 @@ class OnnxGenerator:
         L tokens yields at most context - L tokens; then generation ends ("error": the caller
         checked prompt + max_tokens fits) or, with "slide", the last half of the context is
         prefilled again with positions from 0 — the same policy as the MLX generator, so greedy
-        text matches it token for token.
+        text matches it token for token. A portable export of a sliding-window rotary model
+        (`OnnxModel.unbounded`) never fills: it runs until the caller stops, in bounded memory.
         """
         if not prompts or any(len(p) == 0 for p in prompts):
             raise UserError("every prompt needs at least one token")
         if overflow not in OVERFLOW_POLICIES:
             raise UserError(f"overflow must be one of {', '.join(OVERFLOW_POLICIES)}")
         sampler = make_sampler(temp, top_p, min_p, top_k, seed)
-        context = self.model.context_length
+        context, endless = self.model.context_length, self.model.unbounded
         keep = slide_keep(context)
         rows = [[int(t) for t in p] for p in prompts]
-        window = rows if max(map(len, rows)) < context else [r[-keep:] for r in rows]
+        fits = endless or max(map(len, rows)) < context
+        window = rows if fits else [r[-keep:] for r in rows]
         while True:
             ids, mask = left_pad(window, self.pad_id)
             history = np.where(mask == 1, ids, -1)
             logits, past = self.model(ids, mask)
-            for _ in range(context - ids.shape[1]):
+            # A sliding window with unbounded positions never fills: the cache stays bounded.
+            for _ in itertools.count() if endless else range(context - ids.shape[1]):
                 last = logits[:, -1].astype(np.float64)
                 if repetition_penalty != 1.0:
                     recent = history[:, -repetition_context_size:]
@@ -153,7 +157,8 @@ class OnnxGenerator:
         if vocab is not None and any(not 0 <= int(t) < vocab for p in prompts for t in p):
             raise UserError(f"a prompt token id is outside the model's vocabulary 0..{vocab - 1}")
         longest, context = max(len(p) for p in prompts), self.model.context_length
-        if overflow == "error" and longest + max_tokens > context:
+        endless = self.model.unbounded  # a bounded cache and positions without end
+        if overflow == "error" and longest + max_tokens > context and not endless:
             raise UserError(overflow_message(longest, max_tokens, context))
         if self.model.device is None:  # without IO binding the cache is numpy's
             io, B, tokens = self.model.io, len(prompts), min(context, longest + max_tokens)

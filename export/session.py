@@ -84,6 +84,8 @@ class OnnxModel:
         # A sliding-window model needs only its last past_window columns of past: the cache is
         # cut back to them whenever it reaches twice that (a copy every past_window steps).
         self.past_window = self.io.get("past_window")
+        # ... and when its positions have no table either, it runs past the context.
+        self.unbounded = bool(self.past_window and self.io.get("unbounded_positions") is True)
         device = DEVICE_TYPES.get(full_name(provider))
         use_binding = device is not None if io_binding is None else io_binding
         self.device = (device or "cpu") if use_binding else None
@@ -115,7 +117,7 @@ class OnnxModel:
         attention_mask = np.asarray(attention_mask, np.int64)
         B, L = input_ids.shape
         S = attention_mask.shape[1]
-        if S > self.context_length:
+        if S > self.context_length and not self.unbounded:
             raise UserError(
                 f"sequence of {S} tokens exceeds the model's context of {self.context_length}"
             )

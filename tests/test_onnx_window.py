@@ -13,6 +13,7 @@ from export import export_onnx
 from export.runtime import OnnxGenerator
 from export.session import OnnxModel
 from mlx_transformer.checkpoint.mlx_io import save_checkpoint
+from mlx_transformer.errors import UserError
 from mlx_transformer.generate.api import generate_step
 
 ROPE = dict(
@@ -125,3 +126,19 @@ def test_onnxruntime_genai_runs_the_window_from_the_graph(flavour, tmp_path_fact
         generator.generate_next_token()
     got = [int(t) for t in generator.get_sequence(0)[len(prompt) :]]
     assert got == list(generate_step(prompt, model, max_tokens=30))
+
+
+def test_portable_windowed_rotary_export_generates_past_the_context(tmp_path_factory):
+    """io.json says unbounded_positions for the portable graph (rotary angles from position_ids)
+    with a bounded past: 60 greedy tokens after a 7-token prompt, past the context of 48, equal
+    to MLX's. The ort graph's rotary tables end at the context: the usual one-line refusal."""
+    model, folder = exported("rope-window", "portable", tmp_path_factory)
+    gen = OnnxGenerator(folder)
+    assert gen.model.unbounded and gen.model.io["past_window"] == 4
+    prompt = [1, 2, 3, 4, 5, 6, 7]
+    got = gen.generate_tokens([prompt], max_tokens=60, stop_at_eos=False)[0]
+    assert got.tokens == list(generate_step(prompt, model, max_tokens=60))
+    assert got.finish_reason == "length"
+    _, ort_folder = exported("rope-window", "ort", tmp_path_factory)
+    with pytest.raises(UserError, match="exceeds the model's context of 48"):
+        OnnxGenerator(ort_folder).generate_tokens([prompt], max_tokens=60)
