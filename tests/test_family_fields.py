@@ -99,7 +99,7 @@ REFUSED = {
     ),
     "llama3 without its fields": (
         dict(rope_parameters={"rope_type": "llama3", "factor": 2.0, "rope_theta": 1e4}),
-        "rope_scaling.low_freq_factor",
+        "rope_parameters.low_freq_factor missing",
     ),
     "partial rotary": (dict(partial_rotary_factor=0.5), "partial_rotary_factor 0.5"),
     "unknown family": (dict(model_type="phi3"), "model_type 'phi3' is not supported"),

@@ -79,7 +79,9 @@ def rope_from_hf(hf: dict) -> tuple[float, dict | None]:
     theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
     if kind == "default":
         return theta, None
-    return theta, {"rope_type": kind, **{k: rope[k] for k in ROPE_SCALINGS[kind] if k in rope}}
+    for name in ROPE_SCALINGS[kind]:
+        _require(name in rope, f"{field}.{name} missing (rope_type {kind!r} needs it)")
+    return theta, {"rope_type": kind, **{k: rope[k] for k in ROPE_SCALINGS[kind]}}
 
 
 def config_from_llama(hf: dict) -> ModelConfig:
