@@ -5,6 +5,7 @@ train --lora -> fuse -> generate --chat -> export -> onnx-generate --chat in a p
 cannot be imported. Greedy text must be identical on both sides; transformers' tokenizer on the
 converted folder must give our ids."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -171,3 +172,21 @@ def test_finetune_a_pretrained_chat_model_end_to_end(hf_folder, tmp_path, capsys
     assert gen.generate_tokens([ids], max_tokens=24)[0].tokens == mlx.token_ids[0]
     assert mlx.texts[0] + "\n" == mlx_text, (mlx.texts, mlx_text)
     print(f"greedy answer ({len(mlx.token_ids[0])} tokens, equal on both sides): {mlx_text!r}")
+
+    # onnxruntime-genai reads the export folder with the model's own tokenizer.json.
+    if importlib.util.find_spec("onnxruntime_genai") is None:
+        return
+    import onnxruntime_genai as og
+
+    og_model = og.Model(str(onnx))
+    og_tokenizer = og.Tokenizer(og_model)
+    assert list(og_tokenizer.encode(rendered)) == ids
+    params = og.GeneratorParams(og_model)
+    params.set_search_options(do_sample=False, max_length=len(ids) + 24)
+    generator = og.Generator(og_model, params)
+    generator.append_tokens(ids)
+    while not generator.is_done():
+        generator.generate_next_token()
+    og_ids = [int(t) for t in generator.get_sequence(0)[len(ids) :]]
+    assert og_ids[: len(mlx.token_ids[0])] == mlx.token_ids[0]
+    assert og_tokenizer.decode(og_ids) == tok.decode(og_ids)
