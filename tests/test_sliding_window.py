@@ -127,7 +127,9 @@ def decode(model, ids: np.ndarray, mask: np.ndarray | None, prompt: int, rolling
         am = mx.array(mask[:, :end]) if mask is not None else None
         out.append(model(mx.array(ids[:, start:end]), attention_mask=am, cache=cache))
     for t in range(prompt, ids.shape[1]):
-        out.append(model(mx.array(ids[:, t : t + 1]), cache=cache))  # decode tokens are all real
+        # A rolling cache knows each row's padding and positions; a growing one needs the mask.
+        am = mx.array(mask[:, : t + 1]) if mask is not None and not rolling else None
+        out.append(model(mx.array(ids[:, t : t + 1]), attention_mask=am, cache=cache))
     return np.array(mx.concatenate(out, axis=1)), cache
 
 
@@ -235,3 +237,16 @@ def test_blocked_attention_equals_the_dense_mask(sinks):
     np.testing.assert_allclose(
         got.transpose(0, 2, 1, 3)[real], want.transpose(0, 2, 1, 3)[real], atol=1e-5
     )
+
+
+@pytest.mark.parametrize("cache", ["rolling", "growing"])
+def test_a_long_first_chunk_goes_through_blocks_with_a_cache(cache):
+    """A first prefill chunk longer than 2W (blocked attention) into either cache, then decoding:
+    equal to the full forward pass."""
+    model = random_model(tiny_config(**POSITIONS["rope"], sliding_window=4))
+    rng = np.random.default_rng(8)
+    ids, mask = padded(rng, model.config.vocab_size, [30, 21], "left")
+    full = np.array(model(mx.array(ids), attention_mask=mx.array(mask)))
+    got, _ = decode(model, ids, mask, prompt=17, rolling=cache == "rolling", chunk=17)
+    real = mask.astype(bool)
+    assert np.abs(got[real] - full[real]).max() <= 1e-5
