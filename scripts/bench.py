@@ -188,6 +188,7 @@ def section_onnx(args) -> dict:
 def section_scaling(args) -> dict:
     plot = str(ROOT / SCALING_PNG) if not args.quick else str(QUICK_JSON.parent / "scaling.png")
     argv = ["--plot", plot, "--trials", str(1 if args.quick else 3)]
+    argv += ["--window", "32" if args.quick else "256"]  # the second curve
     return script_json("bench_scaling.py", argv + (["--quick"] if args.quick else []))
 
 

@@ -11,7 +11,8 @@ and the context where the quadratic part equals the linear part is L* = a / b. T
 from FLOPs: per token and layer, the weight matmuls cost 2·(4D² + 2·D·F) (×3 with the backward
 pass) and the attention scores 2·2·L·D (×3), so attention equals the rest at L = 2D + F
 (= 6D for F = 4D) if both ran at the same speed; the measured L* says how far they do not.
-Peak memory is `mx.get_peak_memory()` (reset before each configuration).
+Peak memory is `mx.get_peak_memory()` (reset before each configuration). `--window W` adds the
+second curve: the same steps with a sliding window of W (blocked attention, O(L·W)).
 
     python scripts/bench_scaling.py [--json runs/bench/scaling.json] [--plot docs/scaling.png]
 """
@@ -102,13 +103,18 @@ def run(
     tokens=4096,
     steps=3,
     trials=3,
+    window=None,
 ) -> dict:
-    by_context = []
+    by_context, by_context_window = [], []
     for L in contexts:
         by_context.append(step_seconds(width, L, tokens, steps, trials))
         print(
             f"  width {width}, context {L}: {by_context[-1]['step_s']:.3f} s/step", file=sys.stderr
         )
+        if window:  # the second curve: the same model with a sliding window
+            by_context_window.append(step_seconds(width, L, tokens, steps, trials, window))
+            r = by_context_window[-1]
+            print(f"  ... window {window}: {r['step_s']:.3f} s/step", file=sys.stderr)
     by_width = []
     for D in widths:
         by_width.append(step_seconds(D, context, tokens, steps, trials))
@@ -126,6 +132,7 @@ def run(
     return {
         "fixed": {"width": width, "context": context, "tokens_per_step": tokens, "layers": LAYERS},
         "by_context": by_context,
+        **({"window": window, "by_context_window": by_context_window} if window else {}),
         "by_width": by_width,
         "fit": fit,
         "flop_crossover_context": flop_crossover,
@@ -148,6 +155,11 @@ def plot(results: dict, path: str | Path) -> None:
     ax.axhline(fit["a_us"], color="gray", lw=0.8, label="linear part a")
     if fit["crossover_context"]:
         ax.axvline(fit["crossover_context"], color="red", lw=0.8, label="L* = a/b")
+    windowed = results.get("by_context_window") or []
+    if windowed:
+        label = f"window {results['window']} (blocked)"
+        ax.plot([r["context"] for r in windowed], [r["us_per_token"] for r in windowed], "s-",
+                label=label)  # fmt: skip
     ax.set_xscale("log", base=2)
     ax.xaxis.set_major_formatter(ScalarFormatter())
     ax.set(xlabel="context L", ylabel="µs per token (train step)")
@@ -156,7 +168,11 @@ def plot(results: dict, path: str | Path) -> None:
     )
     ax.legend(fontsize=8)
     ax = axes[1]
-    ax.plot(L, [r["peak_memory_mb"] for r in ctx], "o-")
+    ax.plot(L, [r["peak_memory_mb"] for r in ctx], "o-", label="full attention")
+    if windowed:
+        ax.plot([r["context"] for r in windowed], [r["peak_memory_mb"] for r in windowed], "s-",
+                label=f"window {results['window']}")  # fmt: skip
+        ax.legend(fontsize=8)
     ax.set_xscale("log", base=2)
     ax.xaxis.set_major_formatter(ScalarFormatter())
     ax.set(xlabel="context L", ylabel="peak MLX memory (MiB)")
@@ -195,6 +211,7 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=4096, help="tokens per step (batch × context)")
     p.add_argument("--steps", type=int, default=2, help="steps per trial")
     p.add_argument("--trials", type=int, default=3)
+    p.add_argument("--window", type=int, help="also measure each context with this window")
     p.add_argument("--quick", action="store_true", help="three small contexts and widths")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--plot", help="write the figure here (PNG)")
@@ -209,7 +226,10 @@ def main(argv=None) -> int:
             1,
             1,
         )
-    results = run(contexts, widths, tokens=args.tokens, steps=args.steps, trials=args.trials)
+    results = run(
+        contexts, widths, tokens=args.tokens, steps=args.steps, trials=args.trials,
+        window=args.window,
+    )  # fmt: skip
     results["summary"] = summary(results)
     print(results["summary"], file=sys.stderr)
     if args.plot:
