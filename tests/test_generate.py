@@ -67,18 +67,22 @@ def test_greedy_is_argmax_of_full_forward_at_every_step(name, compiled):
     assert got == full_forward_greedy(model, prompt, 12)
 
 
-def test_compiled_static_cache_logits_equal_dynamic_cache_logits():
+@pytest.mark.parametrize("grow_by", [128, 3])
+def test_compiled_static_cache_logits_equal_dynamic_cache_logits(grow_by):
+    """Padded rows, and (grow_by 3) buffers that grow twice on the way to their capacity."""
     model = random_model(tiny_config(**LLAMA), seed=2)
     ids, mask = left_pad(PROMPTS)
     B, L = ids.shape
     prefix = mask[:, :-1]
-    static = StaticCacheDecoder(model, prefill(model, ids[:, :-1], prefix), prefix, L + 6, B)
+    cache = prefill(model, ids[:, :-1], prefix)
+    static = StaticCacheDecoder(model, cache, prefix, L + 6, B, grow_by=grow_by)
     dynamic = DynamicCacheDecoder(model, prefill(model, ids[:, :-1], prefix), prefix)
     y = ids[:, -1]
     for _ in range(6):
         a, b = static(y), dynamic(y)
         np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-4, atol=1e-4)
         y = mx.argmax(a, axis=-1)
+    assert static.keys[0].shape[2] == L + 6  # grown to the capacity, never past it
 
 
 def test_compiled_step_is_reused_but_follows_new_weights():

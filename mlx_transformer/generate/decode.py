@@ -128,13 +128,19 @@ def compiled_step(model: Transformer) -> Callable:
 class StaticCacheDecoder:
     """Decode steps over buffers of N slots (N - 1 columns of past + scratch), compiled.
 
+    The buffers start at the prompt plus `grow_by` slots and grow by `grow_by` (a copy and one
+    new trace each time) up to `capacity`: each step attends over every slot of the buffers,
+    so buffers sized for max_tokens from the start cost a batch-8 step up to ~40% more while
+    they are mostly empty.
+
     Args:
         model: the model.
         cache: the cache after prefill (its `offset` L may be 0).
         attention_mask: the prefill mask (B, L), or None when the prompts were not padded.
-        capacity: N; N - 1 - L steps can run, and N <= the model's context.
+        capacity: N at most; N - 1 - L steps can run, and N <= the model's context.
         batch_size: B, when attention_mask is None.
         compiled: False runs the same step eagerly (for tests).
+        grow_by: slots added at a time.
     """
 
     def __init__(
@@ -145,8 +151,10 @@ class StaticCacheDecoder:
         capacity: int,
         batch_size: int = 1,
         compiled: bool = True,
+        grow_by: int = 128,
     ):
-        L, N, config = cache[0].offset, capacity, model.config
+        L, config = cache[0].offset, model.config
+        N = min(capacity, L + grow_by)
         B = attention_mask.shape[0] if attention_mask is not None else batch_size
         K, hd = config.num_key_value_heads, config.head_dim
         dtype = model.embed_tokens.weight.dtype
@@ -166,9 +174,26 @@ class StaticCacheDecoder:
         self.scratch = mx.arange(N) == N - 1
         self.model = model  # the steps hold it weakly
         self._step = compiled_step(model) if compiled else partial(_static_step, weakref.ref(model))
+        self._next_column, self.capacity, self.grow_by = L, capacity, grow_by
+
+    def _grow(self) -> None:
+        """Move the past into buffers `grow_by` slots longer (at most `capacity`)."""
+        B, K, N, hd = self.keys[0].shape
+        M = min(self.capacity, N + self.grow_by)
+        for buffers in (self.keys, self.values):
+            for i, old in enumerate(buffers):
+                new = mx.zeros((B, K, M, hd), old.dtype)
+                new[..., : N - 1, :] = old[..., : N - 1, :]  # slot N - 1 was the scratch slot
+                buffers[i] = new
+        fresh = mx.ones((B, M - N + 1), mx.bool_)
+        self.key_valid = mx.concatenate([self.key_valid[:, : N - 1], fresh], axis=1)
+        self.scratch = mx.arange(M) == M - 1
 
     def __call__(self, tokens: mx.array) -> mx.array:
         """Feed tokens (B,) at the next position; return the next logits (B, V), lazily."""
+        if self._next_column == self.keys[0].shape[2] - 1:  # it would land on the scratch slot
+            self._grow()
+        self._next_column += 1
         logits, self.positions, self.column, self.keys, self.values = self._step(
             tokens[:, None],
             self.positions,
