@@ -10,7 +10,9 @@ phase (so a phase's time is its own):
           first step + argmax
 
 and the steady decode step (median ms/token). `--cprofile` prints the top Python functions of
-one of our batch-8 generations. Medians over `--trials`; ratio = mlx-lm time / ours.
+one of our batch-8 generations. `--all-cores` adds our phases with OpenBLAS on every core
+(`blas.gemm_bound`; the default is one thread, see cpu/blas.py) as a third column. Medians over
+`--trials`; ratio = mlx-lm time / ours.
 
     python scripts/profile_generate.py --size small --trials 7
 """
@@ -102,6 +104,11 @@ def theirs_phases(model, prompts, steps: int) -> dict:
     return t
 
 
+def all_cores(model, prompts, steps: int) -> dict:
+    with blas.gemm_bound():
+        return ours_phases(model, prompts, steps)
+
+
 def cprofile_ours(model, prompts, steps):
     import cProfile
     import pstats
@@ -125,6 +132,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=32, help="decode steps timed per trial")
     p.add_argument("--batches", default="1,8")
     p.add_argument("--cprofile", action="store_true")
+    p.add_argument("--all-cores", action="store_true", help="also ours with BLAS on all cores")
     args = p.parse_args(argv)
 
     import numpy as np
@@ -136,17 +144,25 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(1)
     for B in [int(b) for b in args.batches.split(",")]:
         prompts = rng.integers(4, 8000, (B, args.prompt_tokens)).tolist()
-        ours_phases(ours, prompts, 2), theirs_phases(theirs, prompts, 2)  # warm-up
-        runs = {"ours": [], "mlx_lm": []}
-        for _ in range(args.trials):
-            runs["ours"].append(ours_phases(ours, prompts, args.steps))
-            runs["mlx_lm"].append(theirs_phases(theirs, prompts, args.steps))
+        peers = {"ours": (ours_phases, ours), "mlx_lm": (theirs_phases, theirs)}
+        if args.all_cores:
+            peers["ours_all_cores"] = (all_cores, ours)
+        runs = {name: [] for name in peers}
+        for t in range(args.trials + 1):  # the first round warms up
+            for name, (run, model) in peers.items():
+                r = run(model, prompts, args.steps if t else 2)
+                if t:
+                    runs[name].append(r)
         print(f"\n{args.size} batch {B}, ms (median of {args.trials})")
-        print(f"{'phase':14}{'ours':>9}{'mlx-lm':>9}{'ratio':>7}")
+        extra = f"{'all cores':>11}{'ratio':>7}" if args.all_cores else ""
+        print(f"{'phase':14}{'ours':>9}{'mlx-lm':>9}{'ratio':>7}{extra}")
         for k in runs["ours"][0]:
-            a = statistics.median(r[k] for r in runs["ours"]) * 1e3
-            b = statistics.median(r[k] for r in runs["mlx_lm"]) * 1e3
-            print(f"{k:14}{a:9.2f}{b:9.2f}{(b / a if a else 0):7.2f}")
+            a, b = (statistics.median(r[k] for r in runs[n]) * 1e3 for n in ("ours", "mlx_lm"))
+            line = f"{k:14}{a:9.2f}{b:9.2f}{(b / a if a else 0):7.2f}"
+            if args.all_cores:
+                c = statistics.median(r[k] for r in runs["ours_all_cores"]) * 1e3
+                line += f"{c:11.2f}{(b / c if c else 0):7.2f}"
+            print(line)
         if args.cprofile and B > 1:
             cprofile_ours(ours, prompts, args.steps)
     print(f"load average {os.getloadavg()}")

@@ -144,6 +144,27 @@ def test_bench_table_and_readme_block(tmp_path):
     assert not bench_readme.update_readme(results, bare)
 
 
+def test_rows_whose_trials_vary_by_more_than_ten_percent_say_so():
+    assert bench_common.spread([100.0, 104.0, 96.0]) == pytest.approx(0.08)
+    assert bench_common.spread([100.0, 130.0, 90.0]) == pytest.approx(0.4)
+    sizes = {
+        "small": {
+            "config": {"num_hidden_layers": 4, "hidden_size": 256},
+            **{
+                batch: {
+                    "ours": {"prompt_tps": 20.0, "generation_tps": 10.0},
+                    "mlx_lm": {"prompt_tps": 10.0, "generation_tps": 10.0},
+                    "spread": {"prompt_tps": 0.25, "generation_tps": 0.05},
+                }
+                for batch in ("batch1", "batch8")
+            },
+        }
+    }
+    rows = bench_readme.rows_generate({"timing": {"sizes": sizes}})
+    table = bench_readme.table(rows)
+    assert "| 2.00x (trials vary 25%) |" in table and "| 1.00x |" in table
+
+
 # -- the torch-exported peer computes what transformers computes ---------------------------------
 
 
