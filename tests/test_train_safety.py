@@ -318,7 +318,7 @@ def test_init_from_a_checkpoint_of_another_tokenizer_is_refused(
         )
         assert code == 2
         assert "uses another tokenizer than the dataset" in one_line(err)
-        assert f"--tokenizer {base_run / 'latest' / 'tokenizer.model'}" in err
+        assert f"prepare --tokenizer {base_run / 'latest'}" in err
         assert not out.exists()
 
 
