@@ -159,9 +159,11 @@ def stall_rows(window: int, prompt_tokens: int) -> dict:
     for name, run in runs:
         list(run())  # warm-up (compiles)
         steps = timed_steps(run())[1:]
+        median = statistics.median(steps)
         out[name] = {
-            "median_step_ms": statistics.median(steps) * 1e3,
+            "median_step_ms": median * 1e3,
             "longest_step_ms": max(steps) * 1e3,
+            "steps_over_3x_median": sum(t > 3 * median for t in steps),  # the re-prefills
             "total_s": sum(steps),
         }
         print(f"  stall {name}: {out[name]}", file=sys.stderr)
