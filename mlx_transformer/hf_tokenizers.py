@@ -90,6 +90,13 @@ class HFTokenizer:
             else f"{_beside(where, TOKENIZER_CONFIG)} field chat_template"
         )
         self.config_file = TOKENIZER_CONFIG if TOKENIZER_CONFIG in self.files else None
+        # Whether transformers starts an encoded text with BOS (add_bos_token, else the
+        # post-processor's template): fine-tuning prompts are encoded so too.
+        self.adds_bos = self.bos_id >= 0 and (
+            bool(self.add_bos)
+            if self.add_bos is not None
+            else self._tok.encode("a", add_special_tokens=True).ids[:1] == [self.bos_id]
+        )
         ids = list(self._tok.get_vocab(with_added_tokens=True).values())
         self._vocab_size = max(ids) + 1 if ids else 0
         digest = hashlib.sha256()

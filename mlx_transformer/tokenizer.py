@@ -131,6 +131,8 @@ class Tokenizer:
 
     # No chat template: chat needs a Hugging Face tokenizer (see `chat.render_chat`).
     chat_template: str | None = None
+    # Prompts are encoded without BOS: training data has none (documents end with EOS).
+    adds_bos = False
 
     @property
     def files(self) -> dict[str, bytes]:

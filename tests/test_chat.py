@@ -229,3 +229,23 @@ def test_generate_chat_needs_a_chat_template(tmp_path, tiny_tokenizer_path, caps
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "the tokenizer has no chat template" in err
     assert main(["generate", *args[:-3], "--max-tokens", "2"]) == 0  # plain prompts still work
+
+
+def test_prompt_completion_examples_start_as_transformers_encodes_a_prompt(
+    tmp_path, tiny_corpus_text
+):
+    """A tokenizer that adds BOS (Llama 2's post-processor): each prompt starts with it, as a
+    generation prompt does; the completion is plain text followed by eos."""
+    folder = metaspace_folder(tmp_path / "tok", tiny_corpus_text[:20000], 400)
+    records = [{"prompt": "Who speaks first?", "completion": " First Citizen."}] * 3
+    data = write_jsonl(tmp_path / "qa.jsonl", records)
+    out = tmp_path / "ds"
+    assert main(["prepare", "--data", str(data), "--tokenizer", str(folder), "--out", str(out),
+                 "--val-fraction", "0"]) == 0  # fmt: skip
+    ref = transformers.AutoTokenizer.from_pretrained(str(folder))
+    prompt = ref(records[0]["prompt"]).input_ids
+    completion = ref(records[0]["completion"], add_special_tokens=False).input_ids
+    assert prompt[0] == ref.bos_token_id
+    want = (prompt + completion + [ref.eos_token_id], len(prompt))
+    assert examples(load_dataset(out)) == [want] * 3
+    assert load_tokenizer(out).encode_prompt(records[0]["prompt"]) == prompt

@@ -30,7 +30,7 @@ def _tasks(reader: _Reader, scan: _Scan, val_fraction: float) -> Iterator[tuple[
     """(split, task) in corpus order; a task is ~BLOCK_BYTES of one split.
 
     Pretraining items are (text or raw bytes, eos after it?); fine-tuning items are
-    (prompt, completion, eos after it?): a chat record gives one per assistant turn.
+    (prompt, completion, eos after it?, from a chat?): a chat gives one per assistant turn.
     """
     n = scan.documents
     n_val = 0 if val_fraction == 0 or n < 2 else min(max(round(val_fraction * n), 1), n - 1)
@@ -44,9 +44,9 @@ def _tasks(reader: _Reader, scan: _Scan, val_fraction: float) -> Iterator[tuple[
             examples = reader.chat_examples(
                 payload["messages"], f"{reader.sources[source]}:{where}"
             )
-            parts = [(doc_split, example) for example in examples]
+            parts = [(doc_split, (*example, True)) for example in examples]
         elif scan.kind == "finetune":
-            parts = [(doc_split, (payload["prompt"], payload["completion"], True))]
+            parts = [(doc_split, (payload["prompt"], payload["completion"], True, False))]
         elif cut is None:
             parts = [
                 (doc_split, (payload if isinstance(payload, bytes) else payload["text"], last))
@@ -103,8 +103,11 @@ def _encode_task(task: tuple[str, list]) -> tuple:
                 pieces.append([tok.eos_id])
         return _flatten(pieces, dtype), nbytes
     lens, completion_bytes = [], 0
-    for prompt, completion, eos in items:
-        p, c = tok.encode(prompt), tok.encode(completion, eos=eos)
+    for prompt, completion, eos, chat in items:
+        # A prompt starts as a generation prompt does (BOS where the tokenizer adds one); a
+        # chat's rendering holds whatever the template puts there, so it gets none.
+        bos = tok.adds_bos and not chat
+        p, c = tok.encode(prompt, bos=bos), tok.encode(completion, eos=eos)
         pieces += [p, c]
         lens.append((len(p), len(p) + len(c)))
         completion_bytes += len(completion.encode("utf-8"))

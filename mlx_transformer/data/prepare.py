@@ -20,7 +20,8 @@ Documents are files (text) or lines (JSONL); each is followed by eos. The valida
 whole documents spread evenly through the corpus; a corpus of one document is instead cut at
 the line end after (1 - val_fraction) of its bytes. Fine-tuning examples store
 prompt ids + completion ids + eos; the loss covers the completion and eos (a chat turn that
-the template already ends with eos gets none added).
+the template already ends with eos gets none added). A prompt starts with BOS where a Hugging
+Face tokenizer adds one, as the generation prompt does; a chat's comes from its template.
 
 Two passes over the data keep memory bounded whatever the corpus size: the first checks it
 (UTF-8, JSON), counts documents and feeds sentencepiece's sampled training; the second encodes
