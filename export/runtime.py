@@ -233,20 +233,31 @@ class OnnxGenerator:
         return self.tokenizer.encode_prompt(text)  # an empty prompt starts from EOS, as in MLX
 
     def generate(
-        self, prompts: str | Sequence[str], max_tokens: int = 100, add_bos: bool = False, **kw
+        self,
+        prompts: str | Sequence[str],
+        max_tokens: int = 100,
+        add_bos: bool = False,
+        chat: bool = False,
+        **kw,
     ) -> list[Generation]:
-        """Generate for one prompt or a batch; see `generate_step` for the sampling options."""
+        """Generate for one prompt or a batch; see `generate_step` for the sampling options.
+        `chat`: each prompt is a user message, rendered with the chat template (`encode`)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        ids = [self.encode(p, add_bos) for p in prompts]
+        ids = [self.encode(p, add_bos, chat) for p in prompts]
         return self.generate_tokens(ids, max_tokens, **kw)
 
     def stream(
-        self, prompt: str | Sequence[int], max_tokens: int = 100, add_bos: bool = False, **kw
+        self,
+        prompt: str | Sequence[int],
+        max_tokens: int = 100,
+        add_bos: bool = False,
+        chat: bool = False,
+        **kw,
     ) -> Iterator[str]:
         """Yield text segments of one prompt's (text or token ids) continuation as they become
-        final."""
+        final; `chat`: the text is a user message, rendered with the chat template."""
         stop, stop_at_eos = kw.pop("stop", ()), kw.pop("stop_at_eos", True)
-        ids = [self.encode(prompt, add_bos) if isinstance(prompt, str) else list(prompt)]
+        ids = [self.encode(prompt, add_bos, chat) if isinstance(prompt, str) else list(prompt)]
         for _, segments in self._generate(ids, max_tokens, stop, stop_at_eos, kw):
             if segments[0]:
                 yield segments[0]

@@ -170,6 +170,7 @@ def test_finetune_a_pretrained_chat_model_end_to_end(hf_folder, tmp_path, capsys
     rendered = ref.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
     assert ids == ref(rendered, add_special_tokens=False).input_ids
     assert gen.generate_tokens([ids], max_tokens=24)[0].tokens == mlx.token_ids[0]
+    assert gen.generate(PROMPT, max_tokens=24, chat=True)[0].text == mlx.texts[0]
     assert mlx.texts[0] + "\n" == mlx_text, (mlx.texts, mlx_text)
     print(f"greedy answer ({len(mlx.token_ids[0])} tokens, equal on both sides): {mlx_text!r}")
 
