@@ -153,14 +153,16 @@ def io_json(
 
 
 def past_window(config: ModelConfig, flavour: str) -> dict:
-    """{"past_window": W - 1} when every layer slides through a window of W and there are no
-    sinks: the runtime then keeps only that many past columns (the graph's mask counts positions
-    within the mask, so cutting the oldest columns changes nothing). Otherwise {}.
-    "unbounded_positions": the graph computes rotary angles from position_ids (portable), so
-    such a model also generates past context_length."""
-    if not (config.all_windowed and not config.attention_sinks and config.sliding_window > 1):
+    """{"past_window": W - 1} when every layer slides through a window of W (with
+    "attention_sinks": n when it has sinks): the runtime then keeps only that many past columns
+    and the sinks' (the graph's mask counts positions within the mask, so cutting the columns no
+    query sees changes nothing). Otherwise {}. "unbounded_positions": the graph computes rotary
+    angles from position_ids (portable), so such a model also generates past context_length."""
+    if not (config.all_windowed and config.sliding_window > 1):
         return {}
     out = {"past_window": config.sliding_window - 1}
+    if config.attention_sinks:
+        out["attention_sinks"] = config.attention_sinks
     if flavour == "portable" and config.position_encoding in ("rope", "none"):
         out["unbounded_positions"] = True
     return out
@@ -198,7 +200,7 @@ def read_io(onnx_dir: str | Path) -> dict:
         raise broken("not valid JSON (nested too deeply)") from None
     if not isinstance(io, dict):
         raise broken(f"a JSON {type(io).__name__}, not an object")
-    optional = [k for k in ("vocab_size", "past_window") if k in io]  # read when given
+    optional = [k for k in ("vocab_size", "past_window", "attention_sinks") if k in io]
     for key in (*RUNTIME_SIZES, *optional):
         value = io.get(key)
         if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):

@@ -81,9 +81,11 @@ class OnnxModel:
         )
         self.layers = self.io["num_hidden_layers"]
         self.context_length = self.io["context_length"]
-        # A sliding-window model needs only its last past_window columns of past: the cache is
-        # cut back to them whenever it reaches twice that (a copy every past_window steps).
+        # A sliding-window model needs only its last past_window columns of past (and the
+        # columns of its attention sinks): the cache is cut back to them whenever it reaches
+        # twice that (a copy every past_window steps).
         self.past_window = self.io.get("past_window")
+        self.sinks = self.io.get("attention_sinks", 0) if self.past_window else 0
         # ... and when its positions have no table either, it runs past the context.
         self.unbounded = bool(self.past_window and self.io.get("unbounded_positions") is True)
         device = DEVICE_TYPES.get(full_name(provider))
@@ -148,11 +150,11 @@ class OnnxModel:
         L = input_ids.shape[1]
         positions = positions_from_mask(attention_mask, L)  # from the whole mask: past cut or not
         kept = past[0].shape[2] if isinstance(past[0], np.ndarray) else past[0].shape()[2]
-        attention_mask = attention_mask[:, attention_mask.shape[1] - kept - L :]
+        full_mask, attention_mask = attention_mask, self._graph_mask(attention_mask, kept, L)
         inputs = feeds(input_ids, attention_mask, positions, past)
         if self.device is None:
             outputs = self.session.run(None, inputs)
-            return outputs[0], self._bounded(outputs[1:])
+            return outputs[0], self._bounded(outputs[1:], full_mask)
         binding = self.session.io_binding()
         for name, value in inputs.items():
             if isinstance(value, np.ndarray):
@@ -164,16 +166,40 @@ class OnnxModel:
             binding.bind_output(name, self.device)
         self.session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
-        return outputs[0].numpy(), self._bounded(list(outputs[1:]))
+        return outputs[0].numpy(), self._bounded(list(outputs[1:]), full_mask)
 
-    def _bounded(self, present: list) -> list:
-        """The present cut to its last past_window columns once it has twice that (or as is)."""
+    # A cut past holds the first H columns (every row's sinks; left padding makes them differ
+    # by row) and the last past_window ones. The graph counts positions within the mask it is
+    # given, so in that mask the head keeps only the sinks: they count 0..sinks-1 and the recent
+    # tokens go on from there, their distances unchanged (all the window compares).
+
+    def _head(self, attention_mask: np.ndarray) -> int:
+        """Columns kept at the start of a cut past: the sinks of the most left-padded row."""
+        return self.sinks + int(np.argmax(attention_mask > 0, axis=1).max()) if self.sinks else 0
+
+    def _graph_mask(self, attention_mask: np.ndarray, kept: int, L: int) -> np.ndarray:
+        """The mask for a past of `kept` columns: the whole one's last columns, or (cut) its
+        head's sinks and its last kept - H columns."""
+        S = attention_mask.shape[1]
+        if kept + L == S:
+            return attention_mask
+        H = self._head(attention_mask)
+        first = np.argmax(attention_mask > 0, axis=1)[:, None]  # each row's position 0
+        sinks = attention_mask[:, :H] * (np.arange(H)[None] - first < self.sinks)
+        return np.concatenate([sinks, attention_mask[:, S - (kept - H) - L :]], axis=1)
+
+    def _bounded(self, present: list, attention_mask: np.ndarray) -> list:
+        """The present cut to its head and last past_window columns once it has twice that (and
+        every real token of the head that is no sink has left every row's window), or as is."""
         W = self.past_window
         if not W:
             return present
         shape = present[0].shape if isinstance(present[0], np.ndarray) else present[0].shape()
-        if shape[2] < 2 * W:
+        H = self._head(attention_mask)
+        if shape[2] < H + 2 * W:
             return present
+        if self.sinks and attention_mask.sum(axis=1).min() <= H + W + 1:
+            return present  # a row's head still holds tokens in its window
         # Device values come back to the host once per W steps; the next call uploads them.
         arrays = [p if isinstance(p, np.ndarray) else p.numpy() for p in present]
-        return [np.ascontiguousarray(a[:, :, -W:]) for a in arrays]
+        return [np.concatenate([a[:, :, :H], a[:, :, -W:]], axis=2) for a in arrays]

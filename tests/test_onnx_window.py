@@ -60,18 +60,20 @@ def test_windowed_prefill_and_decode_match_mlx(name, flavour, tmp_path_factory):
     mask[1, :7] = 0
     want = np.array(model(mx.array(ids), attention_mask=mx.array(mask)))
     logits, past = onnx_model(ids[:, :10], mask[:, :10])
-    pieces, longest = [logits], 0
+    pieces, lengths = [logits], []
     for t in range(10, 40):
         logits, past = onnx_model(ids[:, t : t + 1], mask[:, : t + 1], past)
         pieces.append(logits)
-        longest = max(longest, past[0].shape[2])
+        lengths.append(past[0].shape[2])
     got, real = np.concatenate(pieces, axis=1), mask.astype(bool)
     np.testing.assert_allclose(got[real], want[real], atol=1e-4, rtol=1e-3)
-    bound = onnx_model.io.get("past_window")
-    if name in ("rope-window", "learned-window"):  # bounded: at most twice the window's past
-        assert bound == model.config.sliding_window - 1 and longest < 2 * bound
-    else:  # sinks or full-attention layers keep the whole past
-        assert bound is None and longest == 40
+    bound, sinks = onnx_model.io.get("past_window"), model.config.attention_sinks
+    if name != "rope-mixed":  # bounded: twice the window's past, and the sinks' columns
+        head = sinks + 7 if sinks else 0  # row 1's padding puts its sinks 7 columns later
+        assert bound == model.config.sliding_window - 1
+        assert max(lengths[-12:]) < head + 2 * bound < 40
+    else:  # full-attention layers keep the whole past
+        assert bound is None and lengths[-1] == 40
 
 
 @pytest.mark.parametrize("flavour", ["portable", "ort"])
@@ -128,17 +130,20 @@ def test_onnxruntime_genai_runs_the_window_from_the_graph(flavour, tmp_path_fact
     assert got == list(generate_step(prompt, model, max_tokens=30))
 
 
-def test_portable_windowed_rotary_export_generates_past_the_context(tmp_path_factory):
+@pytest.mark.parametrize("name", ["rope-window", "rope-sinks"])
+def test_portable_windowed_rotary_export_generates_past_the_context(name, tmp_path_factory):
     """io.json says unbounded_positions for the portable graph (rotary angles from position_ids)
     with a bounded past: 60 greedy tokens after a 7-token prompt, past the context of 48, equal
     to MLX's. The ort graph's rotary tables end at the context: the usual one-line refusal."""
-    model, folder = exported("rope-window", "portable", tmp_path_factory)
+    model, folder = exported(name, "portable", tmp_path_factory)
     gen = OnnxGenerator(folder)
-    assert gen.model.unbounded and gen.model.io["past_window"] == 4
-    prompt = [1, 2, 3, 4, 5, 6, 7]
-    got = gen.generate_tokens([prompt], max_tokens=60, stop_at_eos=False)[0]
-    assert got.tokens == list(generate_step(prompt, model, max_tokens=60))
-    assert got.finish_reason == "length"
-    _, ort_folder = exported("rope-window", "ort", tmp_path_factory)
+    assert gen.model.unbounded and gen.model.io["past_window"] == model.config.sliding_window - 1
+    prompts = [[1, 2, 3, 4, 5, 6, 7], [9, 8]]
+    got = gen.generate_tokens(prompts, max_tokens=60, stop_at_eos=False)
+    for prompt, result in zip(prompts, got):
+        assert result.tokens == list(generate_step(prompt, model, max_tokens=60))
+        assert result.finish_reason == "length"
+    prompt = prompts[0]
+    _, ort_folder = exported(name, "ort", tmp_path_factory)
     with pytest.raises(UserError, match="exceeds the model's context of 48"):
         OnnxGenerator(ort_folder).generate_tokens([prompt], max_tokens=60)
