@@ -3,5 +3,5 @@
 causal tracing, direct logit attribution and per-head patching (`tracing`); and the `inspect`
 command's pictures, JSON and summaries (`report`, `trace_report` for `--trace`).
 
-May import: errors, atomic, model, checkpoint, tokenizer.
+May import: errors, atomic, model, checkpoint, tokenizer (and tokenizer_files).
 """

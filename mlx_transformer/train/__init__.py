@@ -3,5 +3,6 @@ step (`step`), evaluation (`evaluate`), the run folder (`run_folder`; its lock `
 metrics log and loss curve `metrics`), the model to train (`model_setup`), LoRA adapters (`lora`)
 and folding them in (`fuse`, the `fuse` command).
 
-May import: config, errors, ops, model, checkpoint, data, generate (the device's free memory), cpu.
+May import: config, errors, ops, model, checkpoint, data, generate (the device's free memory), cpu,
+tokenizer_files.
 """
