@@ -6,6 +6,10 @@ Standard library plus sentencepiece's protobuf only: no MLX, no `tokenizers` nee
     files = hf_tokenizer_files(tokenizer, model_max_length=1024)  # {file name: JSON object}
     write_hf_tokenizer_files(tokenizer, out_dir)                  # writes them; returns the names
 
+A checkpoint imported with a Hugging Face tokenizer.json needs none of this: its files travel as
+they are (`import_tokenizer` for convert --from-hf, `hf_folder_tokenizer` for --to-hf,
+`export_tokenizer_files` for the export folder, each handling both kinds).
+
 `tokenizer.json` is a BPE model with byte fallback, laid out as Llama 2's (the layout every
 client reads, onnxruntime-genai's tokenizer included), made exact by these choices:
 
