@@ -145,7 +145,10 @@ def test_template_failure_missing_template_and_missing_tokenizer(
         (["--tokenizer", str(plain)], r"chat.jsonl:1: .*plain/tokenizer.json: the tokenizer has "
          r"no chat template"),
         ([], r"chat.jsonl:1: chat data .* pass --tokenizer CKPT"),
+        (["--tokenizer", str(tmp_path / "broken")], r"broken/tokenizer.json cannot be loaded"),
     ]  # fmt: skip
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "tokenizer.json").write_text('{"model": {"type": "BPE"}}')
     before = fingerprint(tmp_path)
     for extra, message in cases:
         assert main(["prepare", "--data", str(data), *extra, "--out", str(tmp_path / "ds")]) == 2

@@ -18,6 +18,7 @@ from hf_tokenizer_folders import (
 
 from mlx_transformer.cli import main
 from mlx_transformer.errors import UserError
+from mlx_transformer.generate.rules import chat_prompt_ids
 from mlx_transformer.hf_tokenizers import HFTokenizer
 from mlx_transformer.tokenizer import Tokenizer
 from mlx_transformer.tokenizer_files import copy_tokenizer, load_tokenizer, tokenizer_from_files
@@ -140,6 +141,12 @@ def test_chat_template_renders_as_transformers(tmp_path, tiny_corpus_text, templ
             assert ours.encode(want) == _ids(
                 ref.apply_chat_template(messages, tokenize=True, add_generation_prompt=gen)
             )
+        # generate --chat's prompt: the messages with the generation prompt, as transformers
+        # encodes them for generation.
+        want = _ids(ref.apply_chat_template(messages, tokenize=True, add_generation_prompt=True))
+        assert chat_prompt_ids(ours, messages) == want
+    user = [{"role": "user", "content": "Hi"}]
+    assert chat_prompt_ids(ours, "Hi") == chat_prompt_ids(ours, user)
 
 
 def _ids(result):
