@@ -129,6 +129,14 @@ def rows_window(data: dict) -> list[dict]:
                 row("window", label, f"window {W}", tps[0], "full attention", tps[1],
                     r["peak_memory_mb"], full["peak_memory_mb"])
             )  # fmt: skip
+    for r in data.get("attention", []):
+        label = f"attention fwd+bwd, L {r['context']}, calls/s"
+        for peer in ("full", "dense"):
+            name = {"full": "causal full", "dense": f"window {r['window']} as a mask"}[peer]
+            out.append(
+                row("window", label, f"window {r['window']} blocked", 1e3 / r["blocked"]["ms"],
+                    name, 1e3 / r[peer]["ms"], r["blocked"]["peak_mb"], r[peer]["peak_mb"])
+            )  # fmt: skip
     s = data.get("stall")
     if s:
         label = f"slowest of {s['new_tokens']} decode steps, steps/s (the slide's re-prefill)"

@@ -1,9 +1,12 @@
 """Sliding-window attention: what a window buys in training and in generation.
 
+attention  the attention op alone, forward and backward (B 1, 4 heads of 64): causal full
+        attention, the window as a dense mask over the L x L scores (what MLX's fused kernel
+        offers: no block-sparse mode) and blocked (`local_attention.blocked_attention`) — time
+        and peak memory vs L, where O(L²) and O(L·W) part.
 train   training step time and peak memory vs context L, full attention vs a window of 256
-        (`bench_scaling.step_seconds`: same tokens per step at every L). MLX has no
-        block-sparse attention kernel: a window is a boolean mask over the L x L scores of the
-        fused kernel, so its cost stays O(L²) — the rows say how far it is from the full one.
+        (`bench_scaling.step_seconds`: same tokens per step at every L; the model takes the
+        blocked path for L > 2W).
 decode  greedy generation of 8x the window after a short prompt: ours (rolling prefill, then
         the compiled ring-buffer step) vs mlx-lm's `generate_step` with a `RotatingKVCache`
         of the window per layer, on the same Llama-style weights (written by `save_hf`, read by
@@ -61,6 +64,52 @@ def train_rows(contexts, window, tokens, steps, trials) -> list[dict]:
                 f"  train L={L} {label}: {r['step_s']:.3f} s/step, {r['peak_memory_mb']:.0f} MiB",
                 file=sys.stderr,
             )
+    return rows
+
+
+def attention_rows(contexts, window, trials) -> list[dict]:
+    import mlx.core as mx
+
+    from mlx_transformer import ops
+    from mlx_transformer.local_attention import WindowMask, blocked_attention
+    from mlx_transformer.model import key_positions
+
+    B, H, hd = 1, 4, 64
+    kinds = {
+        "full": lambda q, k, v, m: ops.scaled_dot_product_attention(
+            q, k, v, hd**-0.5, "causal", True
+        ),
+        "dense": lambda q, k, v, m: ops.scaled_dot_product_attention(
+            q, k, v, hd**-0.5, m.dense, True
+        ),
+        "blocked": lambda q, k, v, m: blocked_attention(q, k, v, hd**-0.5, m, True),
+    }
+    rows = []
+    for L in contexts:
+        q, k, v = (mx.random.normal((B, H, L, hd)) for _ in range(3))
+        positions = key_positions(None, L)
+        mask = WindowMask(positions, positions, window)
+        row = {"context": L, "window": window}
+        for name, attend in kinds.items():
+
+            def loss(q, k, v, attend=attend, mask=mask):
+                return attend(q, k, v, mask).sum()
+
+            step = mx.value_and_grad(loss, (0, 1, 2))
+            mx.eval(step(q, k, v))
+            mx.clear_cache()
+            mx.reset_peak_memory()
+            times = []
+            for _ in range(trials):
+                tic = time.perf_counter()
+                mx.eval(step(q, k, v))
+                times.append(time.perf_counter() - tic)
+            row[name] = {
+                "ms": statistics.median(times) * 1e3,
+                "peak_mb": mx.get_peak_memory() / 2**20,
+            }
+        rows.append(row)
+        print(f"  attention L={L}: {row}", file=sys.stderr)
     return rows
 
 
@@ -173,7 +222,7 @@ def stall_rows(window: int, prompt_tokens: int) -> dict:
 def main(argv=None) -> int:
     ensure_fast_blas()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--only", default="train,decode,stall")
+    p.add_argument("--only", default="attention,train,decode,stall")
     p.add_argument("--contexts", default="256,512,1024,2048")
     p.add_argument("--tokens", type=int, default=4096, help="tokens per training step")
     p.add_argument("--trials", type=int, default=3)
@@ -186,6 +235,8 @@ def main(argv=None) -> int:
         window, contexts, prompt, tokens, steps, trials = 32, [64, 128], 16, 256, 1, 1
     only = args.only.split(",")
     results: dict = {}
+    if "attention" in only:
+        results["attention"] = attention_rows([*contexts, 2 * contexts[-1]], window, trials + 2)
     if "train" in only:
         results["train"] = train_rows(contexts, window, tokens, steps, trials)
     if "decode" in only:

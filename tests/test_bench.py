@@ -235,6 +235,15 @@ def test_window_rows_are_higher_is_better():
             "slide": {"longest_step_ms": 40.0},
         },
     }
+    data["attention"] = [
+        {
+            "context": 2048,
+            "window": 256,
+            "full": {"ms": 800.0, "peak_mb": 900.0},
+            "dense": {"ms": 1000.0, "peak_mb": 900.0},
+            "blocked": {"ms": 200.0, "peak_mb": 100.0},
+        }
+    ]
     rows = bench_readme.rows_window(data)
-    assert [round(r["ratio"], 2) for r in rows] == [1.5, 2.0, 4.0]
+    assert [round(r["ratio"], 2) for r in rows] == [1.5, 2.0, 4.0, 5.0, 4.0]
     assert rows[1]["ours_value"] == 4 * 1024 / 1.0
