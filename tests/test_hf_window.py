@@ -7,10 +7,11 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
+from mlx.utils import tree_flatten, tree_unflatten
 from test_hf import hf_logits
 from test_model import random_model, tiny_config
 
-from mlx_transformer.checkpoint.hf import import_hf, save_hf
+from mlx_transformer.checkpoint.hf import import_hf, llama_name, save_hf
 from mlx_transformer.checkpoint.hf_window import window_from_hf
 from mlx_transformer.errors import UserError
 from mlx_transformer.model import make_cache
@@ -149,12 +150,19 @@ def test_window_fields_of_each_family():
     }
 
 
-def test_rolling_cache_decoding_matches_mlx_lm_rotating_cache(tmp_path):
+@pytest.mark.parametrize("sinks", [0, 2])
+def test_rolling_cache_decoding_matches_mlx_lm_rotating_cache(sinks, tmp_path):
     """mlx-lm's Llama with layer_types (its RotatingKVCache on the sliding layers) on our weights:
-    prefill, then decode 8x the window, logits equal at every step."""
+    prefill, then decode 8x the window, logits equal at every step. Sinks are its `keep`: a
+    RotatingKVCache of window + keep slots keeps the first `keep` tokens, and its Llama's window
+    (over those slots) is then window + keep; its prefill knows no sinks, so there the prompt
+    fits the window."""
     llama = pytest.importorskip("mlx_lm.models.llama")
+    from mlx_lm.models.cache import RotatingKVCache
+
     types = ["full_attention", "sliding_attention"]
-    model = random_model(tiny_config(**ROPE, sliding_window=4, layer_types=types), seed=3)
+    config = tiny_config(**ROPE, sliding_window=4, layer_types=types, attention_sinks=sinks)
+    model = random_model(config, seed=3)
     c = model.config
     args = llama.ModelArgs(
         model_type="llama",
@@ -170,15 +178,15 @@ def test_rolling_cache_decoding_matches_mlx_lm_rotating_cache(tmp_path):
         tie_word_embeddings=False,
         max_position_embeddings=c.max_position_embeddings,
         layer_types=types,
-        sliding_window=4,
+        sliding_window=4 + sinks,  # its masks window the cache's slots, sinks included
     )
     theirs = llama.Model(args)
-    save_hf(model, tmp_path)  # the same tensors mlx-lm would read from the folder
-    theirs.load_weights(str(tmp_path / "model.safetensors"))
+    theirs.update(tree_unflatten([(llama_name(k), v) for k, v in tree_flatten(model.parameters())]))
     ids = np.random.default_rng(4).integers(0, c.vocab_size, (1, 4 * 8 + 7))
     their_cache, our_cache = theirs.make_cache(), make_cache(model, rolling=True)
     assert type(their_cache[1]).__name__ == "RotatingKVCache"
-    prompt = 7
+    their_cache[1] = RotatingKVCache(max_size=4 + sinks, keep=sinks)
+    prompt = 4 if sinks else 7
     a = theirs(mx.array(ids[:, :prompt]), cache=their_cache)
     b = model(mx.array(ids[:, :prompt]), cache=our_cache)
     worst = np.abs(np.array(a) - np.array(b)).max()
@@ -187,7 +195,7 @@ def test_rolling_cache_decoding_matches_mlx_lm_rotating_cache(tmp_path):
         b = model(mx.array(ids[:, t : t + 1]), cache=our_cache)
         worst = max(worst, np.abs(np.array(a) - np.array(b)).max())
     assert worst <= 1e-4
-    assert our_cache[1].size == 3 and their_cache[1].keys.shape[2] <= 4 + 1
+    assert our_cache[1].size == 3 + sinks and their_cache[1].keys.shape[2] <= 4 + sinks + 1
 
 
 @pytest.mark.parametrize(
