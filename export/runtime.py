@@ -54,10 +54,12 @@ class OnnxGenerator:
     Args:
         onnx_dir: an exported folder; its tokenizer (tokenizer.model, or an imported model's
             tokenizer.json) is used when present.
-        provider, io_binding, provider_options, strict, precision: see `OnnxModel`.
+        provider, io_binding, provider_options, strict, precision, share_buffer (default on):
+            see `OnnxModel`.
     """
 
     def __init__(self, onnx_dir: str | Path, provider: str = "cpu", **model_options):
+        model_options.setdefault("share_buffer", True)  # the KV cache is opaque here
         self.model = OnnxModel(onnx_dir, provider, **model_options)
         self.tokenizer = None
         path = find_tokenizer(onnx_dir)

@@ -7,7 +7,10 @@
     logits, present = model(logits[:, -1:].argmax(-1), mask, present)  # one step
 
 The KV cache goes out as `present.*` and comes back as `past_key_values.*`; on GPU providers IO
-binding keeps it on the device between calls. Batches are left-padded; positions are counted
+binding keeps it on the device between calls. With `share_buffer` (the ort flavour on the CPU)
+past and present are one preallocated buffer per tensor that GroupQueryAttention appends to in
+place (`SharedKV`, onnxruntime-genai's `past_present_share_buffer`), instead of a copy of the
+whole cache per step. Batches are left-padded; positions are counted
 from the attention mask (Hugging Face style), so a padded row gives the same logits as alone.
 Where a provider computes some chunks wrongly, `OnnxModel` cuts them (`workarounds`).
 """
@@ -18,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 
 from mlx_transformer.errors import UserError
 
@@ -48,6 +52,17 @@ def positions_from_mask(attention_mask: np.ndarray, length: int) -> np.ndarray:
     return np.maximum(positions[:, -length:], 0).astype(np.int64)
 
 
+class SharedKV:
+    """The KV cache of a `share_buffer` session: per tensor one (B, K, capacity, hd) OrtValue that
+    the graph reads as past and writes as present in place; the first `length` columns hold
+    tokens. Opaque: pass it back as `past`."""
+
+    STEP = 256  # columns added when it is full (a copy of the cache each time)
+
+    def __init__(self, buffers: list, length: int):
+        self.buffers, self.length = buffers, length
+
+
 class OnnxModel:
     """One decoder session and its IO contract (io.json): logits and KV cache per call.
 
@@ -59,6 +74,9 @@ class OnnxModel:
         strict: no silent CPU fallback (`session.disable_cpu_ep_fallback`).
         io: the io.json contents, for a folder that has none yet (during export).
         precision: which of the folder's precisions to load (default: its first).
+        share_buffer: where the graph supports it (ort flavour, CPU, no sliding window), keep
+            the KV cache in preallocated buffers that are past and present at once: `present`
+            is then a `SharedKV`. Measured 1.2x (batch 1) to 1.6x (batch 8) faster decode steps.
     """
 
     def __init__(
@@ -70,6 +88,7 @@ class OnnxModel:
         strict: bool = False,
         io: dict | None = None,
         precision: str | None = None,
+        share_buffer: bool = False,
     ):
         self.dir = Path(onnx_dir)
         self.io = select_precision(read_io(onnx_dir) if io is None else io, precision, onnx_dir)
@@ -95,6 +114,8 @@ class OnnxModel:
         # when batch > 1: such chunks are fed one token at a time.
         gqa = self.io.get("flavour") == "ort"
         self.split_chunks = gqa
+        cpu = full_name(provider) == "CPUExecutionProvider"
+        self.share_buffer = share_buffer and gqa and cpu and not self.past_window
         # The WebGPU plugin EP (0.4.0, on Mesa lavapipe) computes GroupQueryAttention wrongly
         # for 32 or more new tokens (measured: logit errors ~0.2-0.7 from position 8 on, with
         # or without attention_bias); 31 and fewer are exact. So feed it at most 16 at a time.
@@ -147,6 +168,8 @@ class OnnxModel:
         return chunks
 
     def _run(self, input_ids, attention_mask, past) -> tuple[np.ndarray, list]:
+        if self.share_buffer:
+            return self._run_shared(input_ids, attention_mask, past)
         L = input_ids.shape[1]
         positions = positions_from_mask(attention_mask, L)  # from the whole mask: past cut or not
         kept = past[0].shape[2] if isinstance(past[0], np.ndarray) else past[0].shape()[2]
@@ -167,6 +190,39 @@ class OnnxModel:
         self.session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
         return outputs[0].numpy(), self._bounded(list(outputs[1:]), full_mask)
+
+    def _run_shared(self, input_ids, attention_mask, past) -> tuple[np.ndarray, SharedKV]:
+        B, L = input_ids.shape
+        past = past if isinstance(past, SharedKV) else SharedKV([], 0)
+        positions = positions_from_mask(attention_mask, L)
+        attention_mask = attention_mask[:, attention_mask.shape[1] - past.length - L :]
+        buffers = self._reserve(past, B, past.length + L)
+        binding = self.session.io_binding()
+        for name, value in feeds(input_ids, attention_mask, positions, buffers).items():
+            if isinstance(value, np.ndarray):
+                binding.bind_cpu_input(name, value)
+            else:
+                binding.bind_ortvalue_input(name, value)
+        binding.bind_output(LOGITS, "cpu")  # first: get_outputs() follows the binding order
+        for name, value in zip(kv_names(PRESENT, self.layers), buffers):
+            binding.bind_ortvalue_output(name, value)  # the past's own buffer
+        self.session.run_with_iobinding(binding)
+        return binding.get_outputs()[0].numpy(), SharedKV(buffers, past.length + L)
+
+    def _reserve(self, past: SharedKV, B: int, needed: int) -> list:
+        """The past's buffers, or larger copies of them when `needed` columns do not fit."""
+        capacity = past.buffers[0].shape()[2] if past.buffers else 0
+        if needed <= capacity:
+            return past.buffers
+        grown = min(max(self.context_length, needed), -(-needed // SharedKV.STEP) * SharedKV.STEP)
+        shape = (B, self.io["num_key_value_heads"], grown, self.io["head_dim"])
+        buffers = []
+        for i in range(2 * self.layers):
+            array = np.zeros(shape, np.float32)
+            if past.buffers:
+                array[:, :, :capacity] = past.buffers[i].numpy()
+            buffers.append(ort.OrtValue.ortvalue_from_numpy(array))
+        return buffers
 
     # A cut past holds the first H columns (every row's sinks; left padding makes them differ
     # by row) and the last past_window ones. The graph counts positions within the mask it is

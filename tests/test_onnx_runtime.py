@@ -135,6 +135,30 @@ def test_batched_left_padding_gives_each_prompt_its_own_tokens(text_model):
         assert result.tokens == alone.tokens and result.text == alone.text
 
 
+def test_shared_past_present_buffers_give_the_same_logits(text_model, monkeypatch):
+    """The ort graph appending to one preallocated buffer per tensor (past_present_share_buffer)
+    computes what it computes from a past it copies: left padding, batched decode, and buffers
+    that grow twice on the way."""
+    from export.session import OnnxModel, SharedKV
+
+    monkeypatch.setattr(SharedKV, "STEP", 8)
+    _, _, out = text_model
+    shared, copied = OnnxModel(out, share_buffer=True), OnnxModel(out)
+    ids, mask = left_pad([[5, 6, 7, 8, 9, 10], [11, 12]])
+    a, past_a = shared(ids, mask)
+    b, past_b = copied(ids, mask)
+    np.testing.assert_array_equal(a, b)
+    assert isinstance(past_a, SharedKV) and isinstance(past_b, list)
+    for _ in range(12):
+        token = a[:, -1:].argmax(-1)
+        mask = np.concatenate([mask, np.ones((2, 1), np.int64)], axis=1)
+        a, past_a = shared(token, mask, past_a)
+        b, past_b = copied(token, mask, past_b)
+        np.testing.assert_array_equal(a, b)
+    assert past_a.length == 18 and past_a.buffers[0].shape()[2] == 24
+    assert OnnxGenerator(out).model.share_buffer  # what generation uses
+
+
 def test_sampling_is_reproducible_with_a_seed(text_model):
     gen = OnnxGenerator(text_model[2])
     settings = dict(max_tokens=30, temp=0.9, top_p=0.9, top_k=40, min_p=0.02, seed=7)
