@@ -110,12 +110,17 @@ def _static_step(model_ref, tokens, positions, column, key_valid, scratch, keys,
 _COMPILED: dict[int, tuple[tuple, Callable]] = {}
 
 
+def trace_key(model: Transformer) -> tuple:
+    """What a compiled step of `model` depends on: a new value means a new trace."""
+    # The trace also fixes the device and which ops `ops` picked (CPU kernels or MLX's).
+    choices = (model.training, str(mx.default_device()), ops.cpu_kernels())
+    return (*choices, *(id(p) for _, p in tree_flatten(model.parameters())))
+
+
 def compiled_step(model: Transformer) -> Callable:
     """The compiled `_static_step` of this model, reused across generations (MLX retraces it
     only for new shapes), so a second generation does not pay the ~10 ms trace again."""
-    # The trace also fixes the device and which ops `ops` picked (CPU kernels or MLX's).
-    choices = (model.training, str(mx.default_device()), ops.cpu_kernels())
-    depends_on = (*choices, *(id(p) for _, p in tree_flatten(model.parameters())))
+    depends_on = trace_key(model)
     entry = _COMPILED.get(id(model))
     if entry is None or entry[0] != depends_on:
         if entry is None:

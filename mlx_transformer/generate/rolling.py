@@ -16,10 +16,10 @@ from collections.abc import Callable
 from functools import partial
 
 import mlx.core as mx
-from mlx.utils import tree_flatten
 
 from ..model import Transformer
 from ..rolling_cache import RollingKVCache
+from .decode import trace_key
 
 
 class RingKVCache(RollingKVCache):
@@ -71,7 +71,7 @@ _COMPILED: dict[int, tuple[tuple, Callable]] = {}
 
 def compiled_ring_step(model: Transformer) -> Callable:
     """The compiled `_ring_step` of this model, kept as `decode.compiled_step` keeps its own."""
-    depends_on = (model.training, *(id(p) for _, p in tree_flatten(model.parameters())))
+    depends_on = trace_key(model)
     entry = _COMPILED.get(id(model))
     if entry is None or entry[0] != depends_on:
         if entry is None:
