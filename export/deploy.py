@@ -17,8 +17,10 @@ other weights) is not.
 onnxruntime-genai: "type": "llama" for every model. Its llama path feeds input_ids,
 attention_mask, position_ids and past/present by the names given here, which is all our graph
 takes; its "gpt2" type expects another input set (measured: "Model input was not found").
-The cache is not shared between past and present (our graph concatenates), and search defaults
-to greedy up to the context length. A sliding window lives in the graph's mask, so genai runs it
+The ort flavour's cache is one buffer shared between past and present
+(`past_present_share_buffer`: GroupQueryAttention appends in place; same tokens as without); the
+portable graph concatenates, so it is not shared there. Search defaults to greedy up to the
+context length. A sliding window lives in the graph's mask, so genai runs it
 exactly with its growing cache; genai's own `decoder.sliding_window` is not written: it selects a
 windowed static cache for NPU graphs (uint8 caches), which refuses ours.
 """
@@ -59,8 +61,11 @@ def hf_config(config: ModelConfig, special_tokens: dict | None) -> dict:
     return hf
 
 
-def genai_config(config: ModelConfig, model_file: str, special_tokens: dict | None) -> dict:
-    """onnxruntime-genai's genai_config.json for the graph in `model_file` (relative path)."""
+def genai_config(
+    config: ModelConfig, model_file: str, special_tokens: dict | None, share_buffer: bool = False
+) -> dict:
+    """onnxruntime-genai's genai_config.json for the graph in `model_file` (relative path);
+    `share_buffer`: the graph appends to its past in place (the ort flavour, no window)."""
     c = config
     ids = token_ids(config, special_tokens)
     return {
@@ -105,7 +110,7 @@ def genai_config(config: ModelConfig, model_file: str, special_tokens: dict | No
             "diversity_penalty": 0.0,
             "no_repeat_ngram_size": 0,
             "early_stopping": True,
-            "past_present_share_buffer": False,
+            "past_present_share_buffer": share_buffer,
         },
     }
 

@@ -241,7 +241,8 @@ def export_onnx(
         shutil.copyfile(ckpt / CONFIG_FILE, tmp / MODEL_CONFIG_FILE)
         special = info["special_tokens"]
         write_json(tmp / HF_CONFIG_FILE, hf_config(config, special))
-        write_json(tmp / GENAI_CONFIG_FILE, genai_config(config, info["model"], special))
+        shared = flavour == "ort" and not config.windowed  # as OnnxModel's share_buffer
+        write_json(tmp / GENAI_CONFIG_FILE, genai_config(config, info["model"], special, shared))
         family, exact = hf_family(config)
         info["deploy"] = {
             "config.json": f"Hugging Face {family}"

@@ -83,6 +83,9 @@ def test_folder_holds_the_files_each_runtime_reads(case):
     assert (out / decoder["filename"]).is_file()
     ours = json.loads((out / "mlx_transformer_config.json").read_text())
     assert ours["num_hidden_layers"] == c.num_hidden_layers
+    # The ort graph appends to its past in place: genai may hand it one shared buffer.
+    flavour = json.loads((out / "io.json").read_text())["flavour"]
+    assert genai["search"]["past_present_share_buffer"] == (flavour == "ort")
 
 
 def test_hugging_face_config_loads_in_transformers(case):
