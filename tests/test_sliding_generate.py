@@ -79,11 +79,19 @@ def test_greedy_past_the_context_batched_equals_alone_and_full_forward(compiled)
 
 
 def test_learned_positions_keep_the_context_limit():
+    """Within the context a learned-position model rolls too (bounded cache); past it, the one
+    thing there is for a table of positions: refuse, or re-prefill with --overflow slide."""
     model = random_model(tiny_config(sliding_window=6), seed=4)
+    for compiled in (True, False):
+        got = list(generate_step([1, 2, 3], model, max_tokens=40, compiled=compiled))
+        ids = [1, 2, 3]
+        for _ in range(40):
+            ids.append(int(mx.argmax(model(mx.array([ids]))[0, -1]).item()))
+        assert got == ids[3:]
     with pytest.raises(ContextOverflowError, match="exceeds the model's context of 48"):
         batch_generate_step([[1, 2, 3]], model, max_tokens=46)
     got = list(generate_step([1, 2, 3], model, max_tokens=60, overflow="slide"))
-    assert len(got) == 60  # the one thing there is for learned positions: re-prefill
+    assert len(got) == 60
 
 
 def test_mixed_layers_generate_within_the_context_like_the_full_forward():

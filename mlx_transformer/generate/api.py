@@ -16,7 +16,8 @@ costs one prefill of half a context per half a context of new tokens, and works 
 position encoding (a rotating cache would need positions beyond those the model was trained on).
 A model whose every layer slides (`sliding_window`) with rotary or no positions never overflows:
 its caches are bounded (`RollingKVCache`, then `rolling.RingCacheDecoder`) and positions go on
-counting past `max_position_embeddings`, in constant memory and with no re-prefill.
+counting past `max_position_embeddings`, in constant memory and with no re-prefill (with
+learned or sinusoidal positions such a model rolls within its context, and overflows as others).
 """
 
 from __future__ import annotations
@@ -103,8 +104,11 @@ def batch_generate_step(
         )
     longest = max(len(r) for r in rows)
     options = (sampler or greedy, list(logits_processors), prefill_step_size, compiled)
-    if rolls(model.config):  # bounded cache, positions without end: nothing overflows
-        c = model.config
+    c = model.config
+    fits = longest + max_tokens <= context
+    # Every layer slides: a bounded cache. With rotary positions (or none) nothing overflows;
+    # learned or sinusoidal ones roll within their table, and slide (or refuse) past it.
+    if rolls(c) or (c.all_windowed and fits):
         held = c.sliding_window + c.attention_sinks + min(longest, prefill_step_size)
         check_cache_memory(model, len(rows), held)
         return _decode_window(model, rows, max_tokens, *options, rolling=True)
