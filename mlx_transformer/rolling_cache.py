@@ -7,7 +7,7 @@ appended, what no later query can see is dropped. Positions keep counting (rotar
 `max_position_embeddings`), and each kept key's position is stored too (-1: padding), which is
 what the model builds the mask from. mlx-lm's `RotatingKVCache` is the same idea in a ring buffer.
 
-Padding may be on the left of the first chunk (batched prompts) or on the right of a chunk.
+Padding may be on the left of the first chunk (batched prompts) or on the right of the last.
 """
 
 from __future__ import annotations
