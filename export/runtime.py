@@ -292,7 +292,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--overflow",
         choices=OVERFLOW_POLICIES,
         default="error",
-        help="prompt + max tokens beyond the context: error, or slide the window",
+        help="prompt + max tokens beyond the context: error, or re-prefill the last half (a "
+        "portable sliding-window rotary export never overflows)",
     )
     parser.add_argument(
         "--chat",

@@ -421,7 +421,8 @@ def add_arguments(parser) -> None:
         "--overflow",
         choices=OVERFLOW_POLICIES,
         default="error",
-        help="prompt + max tokens over the context: error, or slide the window",
+        help="prompt + max tokens over the context: error, or re-prefill the last half (a "
+        "sliding-window rotary model never overflows)",
     )
     parser.add_argument("--prefill-step-size", type=int, default=512, help="prompt chunk size")
     parser.add_argument(
