@@ -1,6 +1,6 @@
 """One command: this project against its peers on the same weights and data, one table of ratios.
 
-Sections (`--only train,generate,onnx,scaling,window`; default all):
+Sections (`--only train,generate,onnx,scaling,window,quality`; default all):
 
   train     training tokens/s, our compiled MLX step vs Hugging Face GPT-2 in PyTorch eager and
             torch.compile (scripts/bench_train.py: nanoGPT's CPU config 4 layers/width 128/
@@ -15,6 +15,9 @@ Sections (`--only train,generate,onnx,scaling,window`; default all):
   window    sliding window 256: training step vs context (full vs window), decode over 8x the
             window vs mlx-lm's RotatingKVCache, and the `--overflow slide` stall
             (scripts/bench_window.py)
+  quality   training wall time to 1.898 nats/char on the whole validation split (nanoGPT's
+            result): our nanoGPT recipe and shakespeare_char_fast vs nanoGPT's recipe in
+            PyTorch, one after the other (scripts/bench_quality.py; writes docs/quality.png)
 
 Ratios are ours / peer: above 1 means ours is faster; a row whose trials vary by more than 10%
 ((max - min) / median, either side) says so next to its ratio. Each section's results are merged
@@ -50,7 +53,7 @@ from bench_common import (  # noqa: E402
 )
 from bench_readme import END, SCALING_PNG, START, all_rows, table, update_readme  # noqa: E402
 
-SECTIONS = ("train", "generate", "onnx", "scaling", "window")
+SECTIONS = ("train", "generate", "onnx", "scaling", "window", "quality")
 DEFAULT_JSON = ROOT / "runs/bench/bench.json"
 QUICK_JSON = ROOT / "runs/bench/bench-quick.json"
 
@@ -197,12 +200,18 @@ def section_window(args) -> dict:
     return script_json("bench_window.py", argv)
 
 
+def section_quality(args) -> dict:
+    argv = ["--quick"] if args.quick else []
+    return script_json("bench_quality.py", argv, timeout=3 * 3600)
+
+
 RUNNERS = {
     "train": section_train,
     "generate": section_generate,
     "onnx": section_onnx,
     "scaling": section_scaling,
     "window": section_window,
+    "quality": section_quality,
 }
 
 

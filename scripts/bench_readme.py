@@ -147,12 +147,28 @@ def rows_window(data: dict) -> list[dict]:
     return out
 
 
+def rows_quality(data: dict) -> list[dict]:
+    """Training seconds to the target loss (bench_quality.py, interpolated between checkpoints):
+    lower wins, so the ratio is the peer's time over ours."""
+    out, runs = [], data.get("runs", {})
+    for r in data.get("ratios", []):
+        ours, peer = runs[r["run"]], runs[r["vs"]]
+        label = f"train s to {data['target']} nats/char, whole val (lower wins)"
+        line = row(
+            "quality", label, r["run"], ours["interpolated_s"], r["vs"], peer["interpolated_s"]
+        )
+        line["ratio"] = r["interpolated_s"]
+        out.append(line)
+    return out
+
+
 def all_rows(results: dict) -> list[dict]:
     makers = {
         "train": rows_train,
         "generate": rows_generate,
         "onnx": rows_onnx,
         "window": rows_window,
+        "quality": rows_quality,
     }
     out = []
     for name, maker in makers.items():

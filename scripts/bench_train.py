@@ -81,9 +81,10 @@ def mlx_runner(c: dict, seed: int = 0, streams: int | None = None):
     return run
 
 
-def torch_runner(c: dict, compiled: bool, seed: int = 0):
+def torch_model(c: dict, seed: int = 0):
+    """nanoGPT's model in PyTorch (Hugging Face GPT-2, dropout 0) and AdamW's parameter groups
+    (weight decay 0.1 on matrices and embeddings, as nanoGPT and we do)."""
     import torch
-    import torch.nn.functional as F
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
@@ -97,12 +98,22 @@ def torch_runner(c: dict, compiled: bool, seed: int = 0):
         resid_pdrop=0.0,
         embd_pdrop=0.0,
         attn_pdrop=0.0,
+        bos_token_id=None,  # GPT-2's 50256 lies outside these vocabularies
+        eos_token_id=None,
     )
     model = GPT2LMHeadModel(config)
     model.train()
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}]
+    return model, groups
+
+
+def torch_runner(c: dict, compiled: bool, seed: int = 0):
+    import torch
+    import torch.nn.functional as F
+
+    model, groups = torch_model(c, seed)
     optimizer = torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.99))
     forward = torch.compile(model) if compiled else model
     gen = torch.Generator().manual_seed(seed)
