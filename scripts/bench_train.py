@@ -51,8 +51,7 @@ def mlx_runner(c: dict, seed: int = 0, streams: int | None = None):
         num_hidden_layers=c["layers"],
         num_attention_heads=c["heads"],
         max_position_embeddings=c["context"],
-        hidden_act="gelu_tanh",
-        sliding_window=c.get("window"),
+        **{"hidden_act": "gelu_tanh", "sliding_window": c.get("window"), **c.get("model", {})},
     )
     mx.random.seed(seed)
     model = Transformer(config)
