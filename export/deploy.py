@@ -31,7 +31,9 @@ from pathlib import Path
 
 from mlx_transformer.checkpoint.hf_config import family_of, token_ids
 from mlx_transformer.checkpoint.hf_config import hf_config as family_config
+from mlx_transformer.checkpoint.hf_window import window_to_hf
 from mlx_transformer.config import ModelConfig
+from mlx_transformer.errors import UserError
 
 from .contract import ATTENTION_MASK, INPUT_IDS, LOGITS, PAST, POSITION_IDS, PRESENT
 
@@ -53,6 +55,11 @@ def hf_config(config: ModelConfig, special_tokens: dict | None) -> dict:
     """The Hugging Face config.json that describes the exported graph (see the module doc)."""
     family, exact = hf_family(config)
     hf = {**family_config(config, family, special_tokens), "use_cache": True}
+    if exact and config.windowed:
+        try:  # the family with the window stated: Mistral, Ministral, or Qwen's own fields
+            hf = window_to_hf(hf, config)
+        except UserError:  # attention sinks: no Hugging Face field says them
+            exact = False
     if not exact:
         hf["mlx_transformer_note"] = (
             "no Hugging Face family describes this model; this config describes the ONNX "

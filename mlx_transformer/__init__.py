@@ -22,6 +22,7 @@ FRAMEWORK_FREE = (
     "mlx_transformer.checkpoint",
     "mlx_transformer.checkpoint.format",
     "mlx_transformer.checkpoint.hf_config",
+    "mlx_transformer.checkpoint.hf_window",
     "mlx_transformer.checkpoint.hf_tokenizer",
     "mlx_transformer.generate",
     "mlx_transformer.generate.rules",

@@ -147,3 +147,16 @@ def test_portable_windowed_rotary_export_generates_past_the_context(name, tmp_pa
     _, ort_folder = exported(name, "ort", tmp_path_factory)
     with pytest.raises(UserError, match="exceeds the model's context of 48"):
         OnnxGenerator(ort_folder).generate_tokens([prompt], max_tokens=60)
+
+
+def test_export_folder_config_states_the_window(tmp_path_factory):
+    """The deployment folder's Hugging Face config.json says Mistral with the window (what
+    optimum and transformers.js read); with sinks, which no Hugging Face field says, it
+    describes the graph's interface only."""
+    transformers = pytest.importorskip("transformers")
+    _, folder = exported("rope-window", "portable", tmp_path_factory)
+    hf = transformers.AutoConfig.from_pretrained(folder)
+    assert hf.model_type == "mistral" and hf.sliding_window == 5
+    _, folder = exported("rope-sinks", "portable", tmp_path_factory)
+    hf = transformers.AutoConfig.from_pretrained(folder)
+    assert hf.model_type == "llama" and "interface only" in hf.mlx_transformer_note
