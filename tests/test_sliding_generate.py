@@ -104,3 +104,34 @@ def test_mixed_layers_generate_within_the_context_like_the_full_forward():
         for _ in range(20):
             ids.append(int(mx.argmax(model(mx.array([ids]))[0, -1]).item()))
         assert got == ids[len(PROMPTS[0]) :]
+
+
+@pytest.mark.slow  # prepare, train and generate: ~20 s on a loaded 2-core machine
+def test_train_then_generate_past_the_context_from_the_command_line(
+    tmp_path, tiny_corpus_text, tiny_tokenizer_path, capsys
+):
+    """`train --sliding-window 4 --attention-sinks 1` (rotary, context 16) writes a checkpoint
+    whose config keeps the window; `generate --max-tokens 40` then runs past the context (no
+    --overflow needed) and prints what the API generates."""
+    from mlx_transformer.checkpoint.mlx_io import load_checkpoint
+    from mlx_transformer.cli import main
+    from mlx_transformer.data.prepare import prepare
+    from mlx_transformer.generate.api import generate
+    from mlx_transformer.tokenizer import Tokenizer
+
+    (tmp_path / "corpus.txt").write_text(tiny_corpus_text[:20_000])
+    prepare([tmp_path / "corpus.txt"], tmp_path / "ds", tokenizer=tiny_tokenizer_path)
+    flags = "--hidden-size 32 --num-hidden-layers 2 --num-attention-heads 4 "
+    flags += "--max-position-embeddings 16 --position-encoding rope --norm-type rmsnorm "
+    flags += "--hidden-act swiglu --sliding-window 4 --attention-sinks 1 --batch-size 4 "
+    flags += "--max-steps 3 --warmup-steps 1 --eval-every 0 --save-every 3 --no-progress"
+    args = ["train", "--data", str(tmp_path / "ds"), "--out", str(tmp_path / "run")]
+    assert main(args + flags.split()) == 0
+    ckpt = tmp_path / "run" / "latest"
+    model = load_checkpoint(ckpt)
+    assert (model.config.sliding_window, model.config.attention_sinks) == (4, 1)
+    capsys.readouterr()
+    rc = main(["generate", "--model", str(ckpt), "--prompt", "The king", "--max-tokens", "40"])
+    out = capsys.readouterr().out
+    tokenizer = Tokenizer.load(ckpt)
+    assert rc == 0 and out == generate(model, tokenizer, "The king", max_tokens=40) + "\n"
