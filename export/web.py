@@ -222,6 +222,50 @@ def page_tokenizer_files(tokenizer_model: Path, context: int) -> dict[str, bytes
     return {name: json.dumps(files[name], ensure_ascii=False).encode() for name in HF_FILES}
 
 
+def page_tokenizer(onnx_dir: Path, context: int) -> tuple[dict[str, bytes], dict]:
+    """The page's tokenizer files and what web.json says about decoding, for the export's
+    tokenizer: a sentencepiece model (`page_tokenizer_files`), or an imported tokenizer.json,
+    copied as it is with its tokenizer_config.json.
+
+    web.json: "eos_ids" (generation stops at any), "prompt_prefix" (BOS where the tokenizer adds
+    one), "empty_prompt" (the id an empty prompt starts from); for sentencepiece "control_ids"
+    and "unk"; for tokenizer.json "special_ids" (decode to nothing), "byte_ids" (byte-fallback
+    pieces: a run of them is held until whole) and "known_ids" (ids past it, a padded embedding
+    row, decode to nothing), as `hf_tokenizers.HFTokenizer` decodes.
+    """
+    from mlx_transformer.tokenizer import Tokenizer
+    from mlx_transformer.tokenizer_files import find_tokenizer, load_tokenizer
+
+    path = find_tokenizer(onnx_dir)
+    if path is None:
+        raise UserError(
+            f"{onnx_dir} has no {TOKENIZER_FILE} nor tokenizer.json; the page needs the "
+            "tokenizer: export a checkpoint that has one"
+        )
+    tok = load_tokenizer(path)
+    start = tok.bos_id if tok.bos_id >= 0 and not isinstance(tok, Tokenizer) else tok.eos_id
+    decoding = {
+        "tokenizer": path.name,
+        "eos": tok.eos_id,
+        "eos_ids": list(tok.eos_ids),
+        "prompt_prefix": [tok.bos_id] if getattr(tok, "adds_bos", False) else [],
+        "empty_prompt": start,
+    }
+    if isinstance(tok, Tokenizer):
+        special = tok.special_ids
+        # Control tokens decode to nothing and unk to " ⁇ ", as in sentencepiece.
+        controls = {special[k] for k in ("bos", "eos", "pad")} - {-1}
+        decoding.update(control_ids=sorted(controls), unk=tok.unk_id)
+        return page_tokenizer_files(path, context), decoding
+    decoding.update(
+        special_ids=sorted(tok.special_token_ids()),
+        byte_ids=sorted(tok.byte_piece_ids()),
+        known_ids=tok.vocab_size,
+    )
+    files = {name: tok.files.get(name, b"{}") for name in HF_FILES}
+    return files, decoding
+
+
 def write_web(
     onnx_dir: str | Path, out: str | Path, precision: str | None = None, overwrite: bool = False
 ) -> dict:
@@ -239,14 +283,8 @@ def write_web(
         raise UserError(f"{model_path}: not found; re-export the model")
     graph, external = read_graph(model_path)
     tables = tabulate_positions(graph, io["context_length"])
-    if not (onnx_dir / TOKENIZER_FILE).is_file():
-        raise UserError(
-            f"{onnx_dir} has no {TOKENIZER_FILE}; the page needs the tokenizer: export a "
-            "checkpoint that has one"
-        )
-    tokenizer = page_tokenizer_files(onnx_dir / TOKENIZER_FILE, io["context_length"])
+    tokenizer, decoding = page_tokenizer(onnx_dir, io["context_length"])
     runtime = runtime_files()
-    special = io.get("special_tokens") or {}
     config = {
         "model": MODEL_FILE,
         "external_data": external,
@@ -257,10 +295,7 @@ def write_web(
         "head_dim": io["head_dim"],
         "context_length": io["context_length"],
         "vocab_size": io.get("vocab_size"),
-        "eos": special.get("eos", -1),
-        # Control tokens decode to nothing and unk to " ⁇ ", as in sentencepiece.
-        "control_ids": sorted({special[k] for k in ("bos", "eos", "pad") if k in special} - {-1}),
-        "unk": special.get("unk", -1),
+        **decoding,
     }
 
     def fill(tmp: Path) -> None:

@@ -80,6 +80,7 @@ class HFTokenizer:
             token = self.special_tokens.get(f"{name}_token")
             token_id = self._tok.token_to_id(token) if token is not None else None
             self._ids[name] = -1 if token_id is None else token_id
+        self._eos_ids = tuple(i for i in (self._ids["eos"],) if i >= 0)
         self.add_bos = config.get("add_bos_token")  # None: as tokenizer.json's post-processor
         self.chat_template = _chat_template(self.files, config, where)
         # Where the template came from, for messages: "DIR/chat_template.jinja" or
@@ -153,6 +154,12 @@ class HFTokenizer:
     @property
     def eos_id(self) -> int:
         return self._ids["eos"]
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        """The ids generation stops at: EOS first, then generation_config.json's other
+        eos_token_id (Llama 3 Instruct stops at <|eot_id|> and <|end_of_text|>)."""
+        return self._eos_ids
 
     @property
     def pad_id(self) -> int:

@@ -110,6 +110,11 @@ class Tokenizer:
         return self._sp.eos_id()
 
     @property
+    def eos_ids(self) -> tuple[int, ...]:
+        """The ids generation stops at: EOS alone (none without one)."""
+        return (self.eos_id,) if self.eos_id >= 0 else ()
+
+    @property
     def pad_id(self) -> int:
         """The padding id; models trained here have pad=3. Foreign models may say -1."""
         return self._sp.pad_id()

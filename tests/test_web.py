@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hf_tokenizer_folders import byte_level_folder, metaspace_folder
 from test_model import CONFIGS, random_model, tiny_config
 
 from export.web import NPM_PACKAGES, page_tokenizer_files, web_home
@@ -30,6 +31,15 @@ INSTALL = "run scripts/install_web_clients.sh (scripts/test.sh does)"
 PROMPT = "ROMEO:\nWhat light"
 MAX_TOKENS = 32
 SHAPES = {"gpt2": CONFIGS["gpt2"], "llama": CONFIGS["llama-gqa"], "paper": CONFIGS["paper"]}
+QWEN2 = {**CONFIGS["llama-gqa"], "attention_bias": True, "attention_out_bias": False}
+# Models whose tokenizer is an imported tokenizer.json: (shape, tokenizer folder builder).
+HF_SHAPES = {
+    "qwen2-byte-level": (QWEN2, byte_level_folder),  # GPT-2 / Qwen style BPE
+    "llama-byte-fallback": (CONFIGS["llama-gqa"], metaspace_folder),  # Llama 2 / SmolLM style
+}
+# Greedy text of a random model is mostly invalid UTF-8 and byte pieces: the page's decoding of
+# both, streamed, is compared with ours.
+HF_PROMPT = "ROMEO:\nWhat light, é 😀"
 
 
 def _need(*packages: str) -> None:
@@ -82,19 +92,44 @@ def export_random(
     return ckpt, root / "onnx"
 
 
-@pytest.fixture(scope="module", params=list(SHAPES))
-def exported(request, tmp_path_factory, tiny_tokenizer_path, tiny_char_tokenizer_path):
-    """(checkpoint, ONNX export, the text `generate --temp 0` writes) of a random model; BPE
-    tokenizer, characters for the paper's shape; the Llama's weights in external data."""
+def export_hf_random(root: Path, shape: str, text: str) -> tuple[Path, Path]:
+    """(checkpoint, ONNX export) of a random model of HF_SHAPES[`shape`] whose tokenizer is a
+    tokenizer.json trained on `text`, with 24 padded embedding rows past its ids."""
+    from export.exporter import export_onnx
+    from mlx_transformer.checkpoint.mlx_io import save_checkpoint
+    from mlx_transformer.hf_tokenizers import HFTokenizer
+
+    dims, build = HF_SHAPES[shape]
+    folder = build(root / "tokenizer", text, vocab_size=500)
+    vocab = HFTokenizer.load(folder).vocab_size + 24
+    config = tiny_config(vocab_size=vocab, max_position_embeddings=64, **dims)
+    tokenizer = folder / "tokenizer.json"
+    ckpt = save_checkpoint(root / "ckpt", random_model(config), tokenizer_path=tokenizer)
+    export_onnx(ckpt, root / "onnx", measure=False)
+    return ckpt, root / "onnx"
+
+
+@pytest.fixture(scope="module", params=[*SHAPES, *HF_SHAPES])
+def exported(
+    request, tmp_path_factory, tiny_tokenizer_path, tiny_char_tokenizer_path, tiny_corpus_text
+):
+    """(checkpoint, ONNX export, its prompt, the text `generate --temp 0` writes) of a random
+    model; BPE tokenizer, characters for the paper's shape, an imported tokenizer.json for
+    HF_SHAPES; the Llama's weights in external data."""
     root = tmp_path_factory.mktemp(request.param)
-    tokenizer = tiny_char_tokenizer_path if request.param == "paper" else tiny_tokenizer_path
-    external = request.param == "llama"
-    ckpt, onnx_dir = export_random(root, request.param, tokenizer, external=external)
-    assert any((onnx_dir / "onnx").glob("*_data")) == external
-    done = cli("generate", "--model", str(ckpt), "--prompt", PROMPT, "--temp", "0",
+    prompt = PROMPT
+    if request.param in HF_SHAPES:
+        ckpt, onnx_dir = export_hf_random(root, request.param, tiny_corpus_text)
+        prompt = HF_PROMPT
+    else:
+        tokenizer = tiny_char_tokenizer_path if request.param == "paper" else tiny_tokenizer_path
+        external = request.param == "llama"
+        ckpt, onnx_dir = export_random(root, request.param, tokenizer, external=external)
+        assert any((onnx_dir / "onnx").glob("*_data")) == external
+    done = cli("generate", "--model", str(ckpt), "--prompt", prompt, "--temp", "0",
                "--max-tokens", str(MAX_TOKENS))  # fmt: skip
     assert done.stdout.endswith("\n")
-    return ckpt, onnx_dir, done.stdout[:-1]
+    return ckpt, onnx_dir, prompt, done.stdout[:-1]
 
 
 # -- the web page in headless Chromium ---------------------------------------------------------
@@ -190,15 +225,15 @@ def test_web_page_greedy_matches_generate(exported, tmp_path):
     logits; sampling with a seed repeats, top-k 1 is greedy, no tokens is no text."""
     from export.runtime import OnnxGenerator
 
-    ckpt, onnx_dir, want = exported
+    ckpt, onnx_dir, prompt, want = exported
     web = tmp_path / "web"
     cli("web", str(onnx_dir), str(web))
     for name in ("index.html", "generate.js", "web.json", "model.onnx", "tokenizer.json"):
         assert (web / name).is_file(), name
-    greedy = dict(prompt=PROMPT, maxTokens=MAX_TOKENS, temp=0)
-    sampled = dict(prompt=PROMPT, maxTokens=MAX_TOKENS, temp=1.0, topK=20, seed=7)
-    last = dict(prompt=PROMPT, logits=True)
-    ui = dict(prompt=PROMPT, maxTokens=MAX_TOKENS, ui=True)
+    greedy = dict(prompt=prompt, maxTokens=MAX_TOKENS, temp=0)
+    sampled = dict(prompt=prompt, maxTokens=MAX_TOKENS, temp=1.0, topK=20, seed=7)
+    last = dict(prompt=prompt, logits=True)
+    ui = dict(prompt=prompt, maxTokens=MAX_TOKENS, ui=True)
     top1, none = {**sampled, "topK": 1}, {**greedy, "maxTokens": 0}
     requests = [greedy, sampled, sampled, top1, none, last, ui]
     got = run_page(web, tmp_path, requests)
@@ -208,21 +243,27 @@ def test_web_page_greedy_matches_generate(exported, tmp_path):
     assert len(page["tokens"]) == MAX_TOKENS and page["finishReason"] == "length"
     assert page["text"] == want == "".join(page["segments"])  # streamed in pieces
     assert len(page["segments"]) > 1
-    assert typed["output"] == PROMPT + want, typed["status"]
-    ids = OnnxGenerator(onnx_dir).generate(PROMPT, MAX_TOKENS, stop_at_eos=False)[0].tokens
+    assert typed["output"] == prompt + want, typed["status"]
+    gen = OnnxGenerator(onnx_dir)
+    assert page["ids"] == gen.encode(prompt)
+    ids = gen.generate(prompt, MAX_TOKENS, stop_at_eos=False)[0].tokens
     assert page["tokens"] == ids
+    if (onnx_dir / "tokenizer.json").is_file() and not (onnx_dir / "tokenizer.model").exists():
+        for name in ("tokenizer.json", "tokenizer_config.json"):  # an imported one: as it is
+            assert (web / name).read_bytes() == (onnx_dir / name).read_bytes()
+        print(f"greedy text (streamed in {len(page['segments'])} segments): {want!r}")
     assert first["tokens"] == again["tokens"] != page["tokens"]
     assert top1["tokens"] == page["tokens"]
     assert (none["tokens"], none["text"]) == ([], "")
-    np.testing.assert_allclose(logits, _onnx_logits(onnx_dir), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(logits, _onnx_logits(onnx_dir, prompt), atol=1e-5, rtol=1e-5)
 
 
-def _onnx_logits(onnx_dir: Path) -> np.ndarray:
-    """The last logits after PROMPT on onnxruntime's CPU provider."""
+def _onnx_logits(onnx_dir: Path, prompt: str = PROMPT) -> np.ndarray:
+    """The last logits after `prompt` on onnxruntime's CPU provider."""
     from export.runtime import OnnxGenerator
 
     gen = OnnxGenerator(onnx_dir)
-    ids = gen.encode(PROMPT)
+    ids = gen.encode(prompt)
     return gen.model(np.array([ids]), np.ones((1, len(ids)), np.int64))[0][0, -1]
 
 
@@ -231,7 +272,7 @@ def _onnx_logits(onnx_dir: Path) -> np.ndarray:
 def test_web_page_on_webgpu(exported, tmp_path):
     """The page on Chromium's software WebGPU adapter (SwiftShader): greedy text and logits,
     with positions' sin/cos from tables (computed on this adapter: up to 6e-4 off)."""
-    ckpt, onnx_dir, want = exported
+    ckpt, onnx_dir, _, want = exported
     web = tmp_path / "web"
     cli("web", str(onnx_dir), str(web))
     requests = [dict(prompt=PROMPT, maxTokens=MAX_TOKENS, temp=0), dict(prompt=PROMPT, logits=True)]
@@ -410,13 +451,13 @@ def test_install_script_pins_the_pages_versions():
 TRANSFORMERS_JS_SCRIPT = r"""
 import path from "node:path";
 import { AutoModelForCausalLM, AutoTokenizer, env } from "@huggingface/transformers";
-const [dir, prompt, maxTokens] = process.argv.slice(2);
+const [dir, prompt, maxTokens, addSpecial] = process.argv.slice(2);
 env.allowRemoteModels = false;
 env.localModelPath = path.dirname(dir) + "/";
 const id = path.basename(dir);
 const tokenizer = await AutoTokenizer.from_pretrained(id);
 const model = await AutoModelForCausalLM.from_pretrained(id, { dtype: "fp32" });
-const inputs = tokenizer(prompt, { add_special_tokens: false });
+const inputs = tokenizer(prompt, { add_special_tokens: addSpecial === "1" });
 const n = inputs.input_ids.dims[1];
 const { logits } = await model(inputs);
 const V = logits.dims[2];
@@ -439,11 +480,19 @@ def test_transformers_js_greedy_matches_generate(exported):
     from export.runtime import OnnxGenerator
 
     _need("@huggingface/transformers")
-    _, onnx_dir, want = exported
-    got = node(TRANSFORMERS_JS_SCRIPT, str(onnx_dir), PROMPT, str(MAX_TOKENS))
+    _, onnx_dir, prompt, want = exported
+    # An imported tokenizer.json adds BOS as transformers does (Llama 2's); ours adds none.
+    imported = not (onnx_dir / "tokenizer.model").exists()
+    got = node(TRANSFORMERS_JS_SCRIPT, str(onnx_dir), prompt, str(MAX_TOKENS), str(int(imported)))
     gen = OnnxGenerator(onnx_dir)
-    ids = gen.encode(PROMPT)
+    ids = gen.encode(prompt)
     assert got["prompt_ids"] == ids
     logits, _ = gen.model(np.array([ids]), np.ones((1, len(ids)), np.int64))
     np.testing.assert_allclose(got["last"], logits[0, -1], atol=1e-5, rtol=1e-5)
+    assert got["tokens"] == gen.generate_tokens([ids], MAX_TOKENS)[0].tokens
+    if imported and "\ufffd" in want and gen.tokenizer.byte_fallback:
+        # transformers.js decodes a run of byte pieces that is not UTF-8 with one U+FFFD per
+        # invalid sequence, the tokenizers library with one per byte (a trained model's runs
+        # are whole characters): the same ids, another text.
+        return
     assert got["text"] == want

@@ -43,6 +43,9 @@ function createSession(config, provider) {
 
 async function load() {
   const config = await fetchJson("web.json");
+  config.special = new Set(config.special_ids ?? config.control_ids);
+  config.bytes = new Set(config.byte_ids ?? []);
+  config.known_ids ??= Infinity;
   const tokenizer = new Tokenizer(
     await fetchJson("tokenizer.json"), await fetchJson("tokenizer_config.json"));
   ort.env.wasm.wasmPaths = new URL("ort/", location.href).href;
@@ -106,9 +109,14 @@ function sample(row, { temp, topK, topP }, random) {
 
 // -- generation --------------------------------------------------------------------------------
 
-// Text of ids as sentencepiece decodes it: control tokens are nothing, unk is " ⁇ " (the
-// page's tokenizer.json marks neither as special, see web.py).
+// Text of ids as our tokenizer decodes it (web.json "tokenizer" says which).
 function decode(model, ids) {
+  return model.config.tokenizer === "tokenizer.json" ? decodeHF(model, ids) : decodeSP(model, ids);
+}
+
+// As sentencepiece: control tokens are nothing, unk is " ⁇ " (the page's tokenizer.json
+// marks neither as special, see web.py).
+function decodeSP(model, ids) {
   const { control_ids, unk } = model.config;
   const parts = [[]];
   for (const id of ids) {
@@ -117,6 +125,48 @@ function decode(model, ids) {
   }
   // tokenizers.js refuses to decode []
   return parts.map((p) => (p.length ? model.tokenizer.decode(p) : "")).join(" \u2047 ");
+}
+
+// As the `tokenizers` library (Rust) decodes a tokenizer.json: special tokens and ids past the
+// vocabulary (padded embedding rows) are nothing, and a run of byte-fallback pieces that is not
+// valid UTF-8 is one U+FFFD per byte (tokenizers.js's TextDecoder would merge them).
+function decodeHF(model, ids) {
+  const { known_ids, special, bytes } = model.config;
+  const tokenizer = model.tokenizer;
+  const kept = ids.filter((id) => id < known_ids && !special.has(id));
+  if (!kept.length) return "";
+  if (!bytes.size) {
+    return tokenizer.decode(kept, { skip_special_tokens: true, clean_up_tokenization_spaces: false });
+  }
+  const tokens = [];
+  let run = [];
+  const flush = () => {
+    const values = run.map((id) => parseInt(tokenizer.model.vocab[id].slice(3, 5), 16));
+    try {
+      new TextDecoder("utf-8", { fatal: true }).decode(Uint8Array.from(values));
+      for (const id of run) tokens.push(tokenizer.model.vocab[id]);
+    } catch {
+      for (const _ of run) tokens.push("\uFFFD");
+    }
+    run = [];
+  };
+  for (const id of kept) {
+    if (bytes.has(id)) { run.push(id); continue; }
+    if (run.length) flush();
+    tokens.push(tokenizer.model.vocab[id]);
+  }
+  if (run.length) flush();
+  return tokenizer.decoder ? tokenizer.decoder(tokens) : tokens.join(" ");
+}
+
+// Whether the text of `tokens` may still change: it ends in U+FFFD (a character whose bytes
+// are not all there yet) or in byte-fallback pieces (a run is decoded whole).
+function unfinished(model, tokens) {
+  const { special, bytes } = model.config;
+  for (let k = tokens.length - 1; k >= 0; k--) {
+    if (!special.has(tokens[k])) return bytes.has(tokens[k]);
+  }
+  return false;
 }
 
 const int64 = (values, dims) => new ort.Tensor("int64", BigInt64Array.from(values, BigInt), dims);
@@ -159,10 +209,11 @@ async function forward(model, input, total, past) {
 }
 
 function promptIds(model, prompt) {
-  const ids = model.tokenizer.encode(prompt, { add_special_tokens: false }).ids;
+  const { prompt_prefix, empty_prompt } = model.config;  // BOS where the tokenizer adds one
+  const ids = [...prompt_prefix, ...model.tokenizer.encode(prompt, { add_special_tokens: false }).ids];
   if (ids.length) return ids;
-  if (model.config.eos < 0) throw new Error("the prompt is empty and the tokenizer has no EOS");
-  return [model.config.eos];  // an empty prompt starts a new document, as in training
+  if (empty_prompt < 0) throw new Error("the prompt is empty and the tokenizer has no BOS or EOS");
+  return [empty_prompt];  // an empty prompt starts a new document, as in training
 }
 
 // Generate from `prompt` (text) or `ids`; onText(segment) gets the text as it becomes final.
@@ -186,11 +237,12 @@ async function generate(model, {
     ({ logits, past } = await forward(model, input, total, past));
     total += input.length;
     const token = sample(logits, { temp, topK, topP }, random);
-    if (token === model.config.eos) { finishReason = "eos"; break; }
+    if (model.config.eos_ids.includes(token)) { finishReason = "eos"; break; }
     tokens.push(token);
     input = [token];
-    // Decode everything so far; a trailing U+FFFD may be an unfinished UTF-8 sequence: held back.
-    const full = decode(model, tokens);
+    // Decode everything so far; a trailing U+FFFD may be an unfinished UTF-8 sequence (one
+    // stands for all of its bytes), a run of byte pieces may change when it ends: held back.
+    const full = unfinished(model, tokens) ? "" : decode(model, tokens);
     const shown = full.endsWith("\uFFFD") ? full.slice(0, -1) : full;
     if (shown.length > text.length && shown.startsWith(text)) {
       onText(shown.slice(text.length));
