@@ -50,11 +50,21 @@ from optimum.onnxruntime import ORTModelForCausalLM
 results = []
 for case in json.load(sys.stdin):
     model = ORTModelForCausalLM.from_pretrained(case["folder"], **case["load"])
+    tokenizer = None
+    if "text" in case:  # the prompt as text: the folder's tokenizer encodes it
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(case["folder"])
+        case["prompt"] = tokenizer(case["text"]).input_ids
     ids = torch.tensor([case["prompt"]])
     mask = torch.ones_like(ids)
     out = model.generate(ids, attention_mask=mask, max_new_tokens=case["tokens"], do_sample=False)
     logits = model(input_ids=ids, attention_mask=mask).logits[0]
-    results.append({"tokens": out[0, ids.shape[1]:].tolist(), "logits": logits.tolist()})
+    tokens = out[0, ids.shape[1]:].tolist()
+    result = {"prompt": case["prompt"], "tokens": tokens, "logits": logits.tolist()}
+    if tokenizer is not None:
+        result["text"] = tokenizer.decode(tokens, skip_special_tokens=True)
+    results.append(result)
 print(json.dumps(results))
 """
 
@@ -142,3 +152,31 @@ def test_optimum_runs_lower_precisions(tiny_tokenizer_path, tmp_path):
             requests.append({"folder": str(out), "load": load, "prompt": prompt, "tokens": TOKENS})
     for (shape, precision, want), result in zip(wants, run_optimum(requests), strict=True):
         assert until_eos(result["tokens"], tokenizer.eos_id) == want, (shape, precision)
+
+
+@pytest.mark.slow
+def test_optimum_reads_an_imported_tokenizer(tmp_path, tiny_corpus_text):
+    """Exports whose tokenizer is a model's own tokenizer.json (Qwen2 with byte-level BPE, Llama
+    with byte-fallback BPE): transformers' AutoTokenizer on the folder gives our prompt ids,
+    optimum's greedy tokens and their text are ours, the logits within fp32 tolerance."""
+    from test_web import HF_PROMPT, HF_SHAPES, export_hf_random
+
+    from mlx_transformer.checkpoint.mlx_io import load_checkpoint
+    from mlx_transformer.tokenizer_files import load_tokenizer
+
+    skip_without_optimum()
+    cases, requests = [], []
+    for shape in HF_SHAPES:
+        ckpt, out = export_hf_random(tmp_path / shape, shape, tiny_corpus_text)
+        model, tokenizer = load_checkpoint(ckpt), load_tokenizer(ckpt)
+        prompt = tokenizer.encode_prompt(HF_PROMPT)
+        cases.append((shape, model, tokenizer, prompt))
+        requests.append({"folder": str(out), "load": {}, "text": HF_PROMPT, "tokens": TOKENS})
+    for (shape, model, tokenizer, prompt), result in zip(cases, run_optimum(requests), strict=True):
+        assert result["prompt"] == prompt, shape
+        want = mlx_greedy(model, tokenizer, prompt)
+        assert until_eos(result["tokens"], tokenizer.eos_id) == want, shape
+        assert result["text"] == tokenizer.decode(want), shape
+        print(f"{shape}: {len(prompt)} prompt ids, {len(want)} greedy tokens equal")
+        logits = mlx_logits(model, prompt)
+        np.testing.assert_allclose(np.array(result["logits"]), logits, atol=ATOL, rtol=RTOL)
