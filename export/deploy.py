@@ -27,6 +27,7 @@ windowed static cache for NPU graphs (uint8 caches), which refuses ours.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from mlx_transformer.checkpoint.hf_config import family_of, token_ids
@@ -69,12 +70,19 @@ def hf_config(config: ModelConfig, special_tokens: dict | None) -> dict:
 
 
 def genai_config(
-    config: ModelConfig, model_file: str, special_tokens: dict | None, share_buffer: bool = False
+    config: ModelConfig,
+    model_file: str,
+    special_tokens: dict | None,
+    share_buffer: bool = False,
+    eos_ids: Sequence[int] = (),
 ) -> dict:
     """onnxruntime-genai's genai_config.json for the graph in `model_file` (relative path);
-    `share_buffer`: the graph appends to its past in place (the ort flavour, no window)."""
+    `share_buffer`: the graph appends to its past in place (the ort flavour, no window);
+    `eos_ids`: every id generation stops at, where the tokenizer has several (a list)."""
     c = config
     ids = token_ids(config, special_tokens)
+    if len(eos_ids) > 1:
+        ids["eos_token_id"] = [int(i) for i in eos_ids]
     return {
         "model": {
             "type": "llama",

@@ -136,6 +136,12 @@ def special_tokens(ckpt: Path) -> dict | None:
     return None if path is None else load_tokenizer(path).special_ids
 
 
+def eos_ids(ckpt: Path) -> tuple[int, ...]:
+    """Every id generation stops at (the tokenizer's eos_ids); () without a tokenizer."""
+    path = find_tokenizer(ckpt)
+    return () if path is None else load_tokenizer(path).eos_ids
+
+
 def export_onnx(
     ckpt: str | Path,
     out: str | Path,
@@ -242,7 +248,8 @@ def export_onnx(
         special = info["special_tokens"]
         write_json(tmp / HF_CONFIG_FILE, hf_config(config, special))
         shared = flavour == "ort" and not config.windowed  # as OnnxModel's share_buffer
-        write_json(tmp / GENAI_CONFIG_FILE, genai_config(config, info["model"], special, shared))
+        genai = genai_config(config, info["model"], special, shared, eos_ids(ckpt))
+        write_json(tmp / GENAI_CONFIG_FILE, genai)
         family, exact = hf_family(config)
         info["deploy"] = {
             "config.json": f"Hugging Face {family}"

@@ -69,6 +69,9 @@ class OnnxGenerator:
                 self.tokenizer.check_fits(self.model.io["vocab_size"])
         special = self.model.io.get("special_tokens") or {}
         self.eos_id = special.get("eos", -1)
+        # Generation stops at any of these: the tokenizer's (several where its
+        # generation_config.json lists them), else io.json's eos.
+        self.eos_ids = set(self.tokenizer.eos_ids if self.tokenizer else [self.eos_id]) - {-1}
         self.pad_id = max(special.get("pad", 0), 0)
 
     # -- token level ---------------------------------------------------------------------------
@@ -133,7 +136,7 @@ class OnnxGenerator:
         stop_at_eos: bool = True,
         **sampling,
     ) -> list[Generation]:
-        """Generate for each prompt (token ids) until EOS, a stop string, or max_tokens."""
+        """Generate for each prompt (token ids) until an eos id, a stop string, or max_tokens."""
         *_, (results, _) = self._generate(prompts, max_tokens, stop, stop_at_eos, sampling)
         return results
 
@@ -185,7 +188,7 @@ class OnnxGenerator:
                 if r.finish_reason is not None:
                     continue
                 t = int(token[i])
-                if stop_at_eos and t == self.eos_id:
+                if stop_at_eos and t in self.eos_ids:
                     r.finish_reason = "eos"
                 else:
                     r.tokens.append(t)

@@ -8,6 +8,8 @@ files a pretrained model comes with and gives the ids training and generation ne
   tokenizer_config.json    special tokens (bos/eos/pad/unk), add_bos_token, chat_template
   special_tokens_map.json  special tokens, for older folders
   chat_template.jinja      the chat template, where newer folders keep it
+  generation_config.json   eos_token_id: the ids generation stops at (one, or a list: Llama 3
+                           Instruct ends a turn with <|eot_id|>, a text with <|end_of_text|>)
 
 Text is encoded as transformers encodes it (`tokenizer(text, add_special_tokens=False)`):
 special tokens written in the text ("<|im_start|>") are read as those tokens, which is what chat
@@ -30,8 +32,15 @@ TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 SPECIAL_TOKENS_MAP = "special_tokens_map.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
+GENERATION_CONFIG = "generation_config.json"
 # Every file of a Hugging Face tokenizer this module reads, the model first.
-HF_TOKENIZER_FILES = (TOKENIZER_JSON, TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP, CHAT_TEMPLATE_FILE)
+HF_TOKENIZER_FILES = (
+    TOKENIZER_JSON,
+    TOKENIZER_CONFIG,
+    SPECIAL_TOKENS_MAP,
+    CHAT_TEMPLATE_FILE,
+    GENERATION_CONFIG,
+)
 
 _SPECIAL_NAMES = ("unk", "bos", "eos", "pad")
 
@@ -80,7 +89,8 @@ class HFTokenizer:
             token = self.special_tokens.get(f"{name}_token")
             token_id = self._tok.token_to_id(token) if token is not None else None
             self._ids[name] = -1 if token_id is None else token_id
-        self._eos_ids = tuple(i for i in (self._ids["eos"],) if i >= 0)
+        generation = self._read_config(GENERATION_CONFIG, where)
+        self._eos_ids = _eos_ids(self._ids["eos"], generation, _beside(where, GENERATION_CONFIG))
         self.add_bos = config.get("add_bos_token")  # None: as tokenizer.json's post-processor
         self.chat_template = _chat_template(self.files, config, where)
         # Where the template came from, for messages: "DIR/chat_template.jinja" or
@@ -356,6 +366,18 @@ def _has_type(component: dict | None, name: str) -> bool:
         return True
     parts = component.get("pretokenizers") or component.get("decoders") or []
     return any(_has_type(part, name) for part in parts)
+
+
+def _eos_ids(eos: int, generation: dict, where) -> tuple[int, ...]:
+    """The tokenizer's eos, then generation_config.json's eos_token_id (an id or a list)."""
+    listed = generation.get("eos_token_id")
+    listed = [] if listed is None else listed if isinstance(listed, list) else [listed]
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in listed):
+        raise UserError(
+            f"{where}: eos_token_id is {generation['eos_token_id']!r}, not a token id or a list "
+            "of them; fix the file"
+        )
+    return tuple(dict.fromkeys(([eos] if eos >= 0 else []) + listed))
 
 
 def _content(token) -> str | None:

@@ -182,7 +182,7 @@ def test_stop_strings_eos_and_streaming(text_model):
     assert "".join(gen.stream("def ", max_tokens=40)) == full.text
     # Pretend the first token not generated before is EOS: generation stops just before it.
     k = next(i for i, t in enumerate(full.tokens) if i > 0 and t not in full.tokens[:i])
-    gen.eos_id = full.tokens[k]
+    gen.eos_ids = {full.tokens[k]}
     eos = gen.generate("def ", max_tokens=40)[0]
     assert eos.finish_reason == "eos" and eos.tokens == full.tokens[:k]
 

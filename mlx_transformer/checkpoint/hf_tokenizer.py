@@ -185,8 +185,17 @@ def hf_folder_tokenizer(path: str | Path, config) -> tuple:
 
 
 def _write_generation_config(tok, folder: Path) -> None:
-    ids = {f"{name}_token_id": i for name, i in tok.special_ids.items() if i >= 0 and name != "unk"}
-    atomic.write_text(Path(folder) / GENERATION_CONFIG, json.dumps(ids, indent=2) + "\n")
+    """generation_config.json with the tokenizer's special ids over the model's own file (its
+    other settings kept); eos_token_id lists every id generation stops at, where several."""
+    config = json.loads(tok.files.get(GENERATION_CONFIG, b"{}"))
+    for name, i in tok.special_ids.items():
+        if name != "unk":
+            config.pop(f"{name}_token_id", None)
+            if i >= 0:
+                config[f"{name}_token_id"] = i
+    if len(tok.eos_ids) > 1:
+        config["eos_token_id"] = list(tok.eos_ids)
+    atomic.write_text(Path(folder) / GENERATION_CONFIG, json.dumps(config, indent=2) + "\n")
 
 
 def export_tokenizer_files(ckpt: str | Path, out: str | Path, model_max_length: int) -> str:

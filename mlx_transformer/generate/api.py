@@ -285,9 +285,9 @@ def stream_generate(
 ) -> Iterator[GenerationResponse]:
     """Generate text and yield it piece by piece, with timings (tokens/s) and peak memory.
 
-    Stops at EOS, at a stop string (which is not returned, nor anything after it), or after
-    max_tokens. `chat`: apply the tokenizer's chat template to the prompt (`encode_prompt`).
-    Other keyword arguments go to `batch_generate_step` (sampler, ...).
+    Stops at EOS (any of `tokenizer.eos_ids`), at a stop string (which is not returned, nor
+    anything after it), or after max_tokens. `chat`: apply the tokenizer's chat template to the
+    prompt (`encode_prompt`). Other keyword arguments go to `batch_generate_step` (sampler, ...).
     """
     ids = encode_prompt(tokenizer, prompt, chat)
     tic = time.perf_counter()
@@ -302,7 +302,7 @@ def stream_generate(
             tic = now
         stats["generation_tokens"] = n + 1
         stats["generation_tps"] = n / (now - tic) if n else 0.0  # tokens after the first
-        if token == tokenizer.eos_id:
+        if token in tokenizer.eos_ids:
             reason = "stop"
             break
         detok.add_token(token)
@@ -374,7 +374,7 @@ def batch_generate(
             if reasons[b] is not None:
                 continue
             result.generation_tokens += 1
-            if token == tokenizer.eos_id:
+            if token in tokenizer.eos_ids:
                 reasons[b] = "stop"
                 continue
             token_ids[b].append(token)
