@@ -59,6 +59,30 @@ def _set_eos(folder: Path, eos) -> None:
     path.write_text(json.dumps({**config, "eos_token_id": eos}, indent=2))
 
 
+def test_eos_ids_come_from_generation_config(tmp_path, tiny_corpus_text):
+    """eos_ids: the tokenizer's eos, then generation_config.json's others (an id or a list,
+    repeats dropped); the file travels with the tokenizer; a value that is no id is one line."""
+    from mlx_transformer.errors import UserError
+    from mlx_transformer.tokenizer_files import copy_tokenizer
+
+    folder = byte_level_folder(tmp_path / "tok", tiny_corpus_text, vocab_size=300)
+    eos, other = (load_tokenizer(folder).piece_to_id(t) for t in ("<|im_end|>", "<|endoftext|>"))
+    assert load_tokenizer(folder).eos_ids == (eos,)
+    for listed, want in ((other, (eos, other)), ([other, eos], (eos, other)), ([], (eos,))):
+        _set_eos(folder, listed)
+        assert load_tokenizer(folder).eos_ids == want, listed
+    _set_eos(folder, [eos, other])
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    assert "generation_config.json" in copy_tokenizer(folder, copy)
+    assert load_tokenizer(copy).eos_ids == (eos, other)
+    for bad in ("<|endoftext|>", [eos, -1], [True]):
+        _set_eos(folder, bad)
+        with pytest.raises(UserError, match="generation_config.json: eos_token_id is"):
+            load_tokenizer(folder)
+
+
+@pytest.mark.slow
 def test_convert_keeps_every_eos_id(hf_folder, tmp_path, capsys):
     """The tokenizer's eos first, then generation_config.json's others; a list that is not of
     ids is one line naming the file, and nothing is written."""
