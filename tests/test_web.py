@@ -268,20 +268,21 @@ def _onnx_logits(onnx_dir: Path, prompt: str = PROMPT) -> np.ndarray:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("exported", ["llama", "paper"], indirect=True)  # RoPE, sinusoidal
+# RoPE, sinusoidal, and Qwen2 (biases on q/k/v) with a byte-level tokenizer.json
+@pytest.mark.parametrize("exported", ["llama", "paper", "qwen2-byte-level"], indirect=True)
 def test_web_page_on_webgpu(exported, tmp_path):
     """The page on Chromium's software WebGPU adapter (SwiftShader): greedy text and logits,
     with positions' sin/cos from tables (computed on this adapter: up to 6e-4 off)."""
-    ckpt, onnx_dir, _, want = exported
+    ckpt, onnx_dir, prompt, want = exported
     web = tmp_path / "web"
     cli("web", str(onnx_dir), str(web))
-    requests = [dict(prompt=PROMPT, maxTokens=MAX_TOKENS, temp=0), dict(prompt=PROMPT, logits=True)]
+    requests = [dict(prompt=prompt, maxTokens=MAX_TOKENS, temp=0), dict(prompt=prompt, logits=True)]
     got = run_page(web, tmp_path, requests, "?ep=webgpu", gpu=("--enable-unsafe-webgpu",))
     if any("no WebGPU adapter" in e for e in got["errors"]):
         pytest.skip("this Chromium gives no WebGPU adapter")
     assert got["errors"] == [] and got["provider"] == "webgpu"
     page, logits = got["results"]
-    error = np.abs(np.array(logits) - _onnx_logits(onnx_dir)).max()
+    error = np.abs(np.array(logits) - _onnx_logits(onnx_dir, prompt)).max()
     print(f"webgpu: max |logit error| {error:.2e}")
     assert page["text"] == want
     assert error < 1e-5  # sin/cos run on the GPU instead of tables: 3e-4 (RoPE)
