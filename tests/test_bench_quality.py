@@ -20,7 +20,7 @@ from mlx_transformer.train import args as train_args
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 
-import bench_quality  # noqa: E402
+import bench_quality_report  # noqa: E402
 import bench_readme  # noqa: E402
 
 
@@ -47,7 +47,7 @@ def test_fast_recipe_resolves_as_train_reads_it():
 
 
 def curve(points: list[tuple[int, float, float]], target: float = 2.0) -> dict:
-    c = bench_quality.Curve("run", every=100, target=target, stop_at_target=False)
+    c = bench_quality_report.Curve("run", every=100, target=target, stop_at_target=False)
     for step, seconds, loss in points:
         c.add(step, seconds, 0.5, loss)
     return c.result({})
@@ -70,7 +70,7 @@ def test_ratios_are_the_baselines_time_over_the_runs_and_become_rows():
         "shakespeare_char_fast": curve([(100, 10.0, 1.95)]),
         "torch": curve([(100, 30.0, 2.4), (200, 60.0, 1.9)]),
     }
-    ratios = bench_quality.ratio_rows(runs, ["torch", "shakespeare_char"])
+    ratios = bench_quality_report.ratio_rows(runs, ["torch", "shakespeare_char"])
     pairs = {(r["run"], r["vs"]): r for r in ratios}
     assert set(pairs) == {
         ("shakespeare_char", "torch"),
