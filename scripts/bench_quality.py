@@ -298,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     results = {
         "target": target,
+        "val_batches": args.val_batches,  # 0: the whole validation split
         "machine": f"{cpu_model()}, {os.cpu_count()} cores",
         "load_average": loads,
         "command": " ".join(["python", *sys.orig_argv[1:]]) if argv is None else str(argv),

@@ -88,8 +88,10 @@ def report(results: dict) -> str:
         return "-" if v is None else f"{v:.{digits}f}"
 
     loads = ", ".join(f"{k} {v[0]}" for k, v in results["load_average"].items())
+    n = results.get("val_batches")
+    val = f"{n} batches of the validation split" if n else "the whole validation split"
     lines = [
-        f"time to {results['target']} nats/char on the whole validation split "
+        f"time to {results['target']} nats/char on {val} "
         f"(training wall time, evaluation excluded; load average at each start: {loads})",
         "",
         "| run | steps to target | s to target (interpolated) | s to target (first checkpoint) "

@@ -153,7 +153,8 @@ def rows_quality(data: dict) -> list[dict]:
     out, runs = [], data.get("runs", {})
     for r in data.get("ratios", []):
         ours, peer = runs[r["run"]], runs[r["vs"]]
-        label = f"train s to {data['target']} nats/char, whole val (lower wins)"
+        val = "whole val" if not data.get("val_batches") else f"{data['val_batches']} val batches"
+        label = f"train s to {data['target']} nats/char, {val} (lower wins)"
         line = row(
             "quality", label, r["run"], ours["interpolated_s"], r["vs"], peer["interpolated_s"]
         )
