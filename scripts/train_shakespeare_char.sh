@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 RUN=${1:-runs/shakespeare_char}
 DATA=${DATA:-runs/data/shakespeare_char}
-RECIPE=shakespeare_char  # mlx_transformer/train/recipes/shakespeare_char.json
+RECIPE=${RECIPE:-shakespeare_char}  # mlx_transformer/train/recipes/: RECIPE=shakespeare_char_fast for ours
 
 $PY -m mlx_transformer prepare --model-type char --vocab-size 330 --out "$DATA"
 $PY -m mlx_transformer train --config "$RECIPE" --data "$DATA" --out "$RUN" "${@:2}"
