@@ -1,4 +1,5 @@
-"""What several test files need: a fingerprint of a folder tree and a user's things to protect."""
+"""What several test files need: a fingerprint of a folder tree, a user's things to protect, and
+the Llama-style model fields."""
 
 from __future__ import annotations
 
@@ -33,3 +34,16 @@ def add_user_files(world: Path) -> None:
     (world / "webapp/manifest.json").write_text('{"name": "my-web-app"}\n')
     (world / "webapp/index.html").write_text("<html></html>\n")
     (world / "file.txt").write_text("a plain file\n")
+
+
+# A Llama-style model's fields (rotary, RMSNorm, SwiGLU, grouped key/value heads, no biases),
+# for `tests.test_model.tiny_config(**LLAMA, ...)`.
+LLAMA = dict(
+    position_encoding="rope",
+    norm_type="rmsnorm",
+    hidden_act="swiglu",
+    num_key_value_heads=2,
+    attention_bias=False,
+    mlp_bias=False,
+    tie_word_embeddings=False,
+)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
+from helpers import LLAMA
 from mlx.utils import tree_flatten, tree_unflatten
 from test_hf import hf_logits
 from test_model import random_model, tiny_config
@@ -43,15 +44,7 @@ HF_MODELS = {
         )
     ),
 }
-ROPE = dict(
-    position_encoding="rope",
-    norm_type="rmsnorm",
-    hidden_act="swiglu",
-    num_key_value_heads=2,
-    attention_bias=False,
-    mlp_bias=False,
-    tie_word_embeddings=False,
-)
+ROPE = LLAMA  # the windowed tests run on rotary models
 
 
 def o1_weights(model) -> None:

@@ -6,6 +6,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from helpers import LLAMA
 from mlx.utils import tree_flatten, tree_unflatten
 
 import reference
@@ -22,15 +23,7 @@ CONFIGS = {
         hidden_act="relu",
         scale_embeddings=True,
     ),
-    "llama-gqa": dict(
-        position_encoding="rope",
-        norm_type="rmsnorm",
-        hidden_act="swiglu",
-        num_key_value_heads=2,
-        attention_bias=False,
-        mlp_bias=False,
-        tie_word_embeddings=False,
-    ),
+    "llama-gqa": LLAMA,
     "rope-traditional-mqa": dict(
         position_encoding="rope",
         rope_traditional=True,

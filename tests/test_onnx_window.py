@@ -6,6 +6,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
+from helpers import LLAMA
 from test_model import random_model, tiny_config
 from test_onnx_providers import HAS_WEBGPU, NO_WEBGPU
 
@@ -16,13 +17,7 @@ from mlx_transformer.checkpoint.mlx_io import save_checkpoint
 from mlx_transformer.errors import UserError
 from mlx_transformer.generate.api import generate_step
 
-ROPE = dict(
-    position_encoding="rope",
-    norm_type="rmsnorm",
-    hidden_act="swiglu",
-    num_key_value_heads=2,
-    attention_bias=False,
-)
+ROPE = LLAMA  # the windowed tests run on rotary models
 CASES = {
     "rope-window": dict(**ROPE, sliding_window=5),
     "rope-sinks": dict(**ROPE, sliding_window=4, attention_sinks=2),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
+from helpers import LLAMA
 from test_model import random_model, tiny_config
 
 from mlx_transformer.config import ModelConfig
@@ -18,13 +19,7 @@ from mlx_transformer.generate.decode import DynamicCacheDecoder, left_pad, prefi
 from mlx_transformer.generate.rolling import RingCacheDecoder
 from mlx_transformer.model import Transformer
 
-ROPE = dict(
-    position_encoding="rope",
-    norm_type="rmsnorm",
-    hidden_act="swiglu",
-    num_key_value_heads=2,
-    attention_bias=False,
-)
+ROPE = LLAMA  # the windowed tests run on rotary models
 PROMPTS = [[5, 9, 2, 7, 7, 1, 30, 4, 11], [3], [8, 8, 12, 40, 2]]
 
 
