@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 import mlx.core as mx
+import mlx.optimizers as optim
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_unflatten
@@ -114,6 +115,41 @@ def test_streams_equal_one_stream(streams):
     scale = max(np.abs(np.array(g)).max() for _, g in tree_flatten(grads1))
     for (name, a), (_, b) in zip(tree_flatten(grads1), tree_flatten(grads)):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6 * scale, err_msg=name)
+
+
+@pytest.mark.parametrize("clip", [0.0, 1e-3])
+def test_update_gets_the_clipped_gradient_of_the_mean_loss(clip):
+    """The step's AdamW receives d(mean loss)/dW, clipped to `clip` in global norm (0: off), as
+    plain autodiff and optim.clip_grad_norm give it; the returned norm is the unclipped one.
+    Compared in the first moment, which after one step is (1 - beta1) * that gradient."""
+    rng = np.random.default_rng(5)
+    batch = random_batch(rng, 3)
+    args = TrainingArgs(learning_rate=1e-2, warmup_steps=0, grad_clip=clip)
+    moments, norms = [], []
+    for compiled in (True, False):
+        model = tiny_model()
+        optimizer = make_optimizer(args, model.trainable_parameters())
+        if compiled:
+            _, norm = Stepper(model, optimizer, grad_clip=clip).step(batch)
+        else:
+
+            def mean_loss(params, model=model):
+                model.update(params)
+                total, count = loss_sum(model, batch)
+                return total / count
+
+            grads = mx.grad(mean_loss)(model.trainable_parameters())
+            clipped, norm = optim.clip_grad_norm(grads, clip if clip > 0 else math.inf)
+            optimizer.update(model, clipped)
+        mx.eval(optimizer.state, norm)
+        state = tree_flatten(optimizer.state)
+        moments.append({k: np.array(v) for k, v in state if k.endswith(".m")})
+        norms.append(norm.item())
+    assert norms[0] == pytest.approx(norms[1], rel=1e-5)
+    scale = max(np.abs(m).max() for m in moments[1].values())
+    assert moments[0].keys() == moments[1].keys() and len(moments[0]) > 10
+    for name, m in moments[1].items():
+        np.testing.assert_allclose(moments[0][name], m, rtol=1e-4, atol=1e-6 * scale, err_msg=name)
 
 
 def test_shards_cover_the_batch_with_masks():

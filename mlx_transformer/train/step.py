@@ -175,20 +175,21 @@ class Stepper:
     def _update_impl(
         self, total: mx.array, count: mx.array, grads: dict
     ) -> tuple[mx.array, mx.array]:
+        per_token = 1 / count  # the gradient of the mean loss is the summed one times this
         if self.world_size > 1:
             # average_gradients packs small arrays into few all-reduces; it divides by N, so
-            # divide by the mean token count to get the gradient of the global mean loss.
+            # multiply by N / (global token count) to get the gradient of the global mean loss.
             grads = nn.average_gradients(grads, group=self.group)
             total = mx.distributed.all_sum(total, group=self.group)
             count = mx.distributed.all_sum(count, group=self.group)
-            grads = tree_map(lambda g: g * (self.world_size / count).astype(g.dtype), grads)
-        else:
-            grads = tree_map(lambda g: g / count.astype(g.dtype), grads)
-        if self.grad_clip > 0:
-            grads, norm = optim.clip_grad_norm(grads, self.grad_clip)
-        else:
-            norm = global_norm(grads)
-        self.optimizer.update(self.model, grads)
+            per_token = self.world_size / count
+        # One scalar (1/count, times the clipping factor) multiplies the summed gradients inside
+        # AdamW's fused update: scaling them first would write and re-read every gradient.
+        norm = global_norm(grads) * per_token
+        scale = per_token
+        if self.grad_clip > 0:  # as optim.clip_grad_norm
+            scale = scale * mx.minimum(self.grad_clip / (norm + 1e-6), 1.0)
+        self.optimizer.update(self.model, tree_map(lambda g: g * scale.astype(g.dtype), grads))
         return total / count, norm
 
     def accumulate(self, batch: BatchArrays, acc: tuple | None = None) -> tuple:
