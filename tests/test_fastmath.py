@@ -172,3 +172,25 @@ def test_ops_picks_cpu_kernels_only_where_asked():
             assert mx.array_equal(ops.gelu_tanh(x), fastmath.gelu_tanh(x)).item()
             assert mx.array_equal(ops.silu(x), fastmath.silu(x)).item()
             assert not mx.array_equal(ops.gelu_tanh(x), ops.gelu_tanh_reference(x)).item()
+
+
+def test_blocked_causal_attention_matches_float64_and_mlx_gradients():
+    """Causal self-attention long enough to run in query blocks (131 queries: blocks of 65 and 66,
+    grouped k/v heads) equals float64 numpy, and its gradients equal MLX's fused attention's."""
+    rng = np.random.default_rng(3)
+    B, H, K, hd = 1, 4, 2, 8
+    L = 2 * fastmath.CAUSAL_BLOCK + 3
+    q, k, v, w = (
+        mx.array(rng.normal(0, 1, (B, h, L, hd)).astype(np.float32)) for h in (H, K, K, H)
+    )
+    keep = (np.arange(L)[None] <= np.arange(L)[:, None])[None, None]
+    out = fastmath.scaled_dot_product_attention(q, k, v, 0.3, "causal")
+    np.testing.assert_allclose(np.array(out), reference_attention(q, k, v, 0.3, keep), atol=2e-6)
+
+    def loss(f):
+        return lambda q, k, v: (f(q, k, v, scale=0.3, mask="causal") * w).sum()
+
+    got = mx.grad(loss(fastmath.scaled_dot_product_attention), argnums=(0, 1, 2))(q, k, v)
+    want = mx.grad(loss(mx.fast.scaled_dot_product_attention), argnums=(0, 1, 2))(q, k, v)
+    for g, r in zip(got, want):
+        np.testing.assert_allclose(np.array(g), np.array(r), atol=2e-5)
