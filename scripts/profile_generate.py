@@ -11,7 +11,7 @@ phase (so a phase's time is its own):
 
 and the steady decode step (median ms/token). `--cprofile` prints the top Python functions of
 one of our batch-8 generations. `--all-cores` adds our phases with OpenBLAS on every core
-(`blas.gemm_bound`; the default is one thread, see cpu/blas.py) as a third column. Medians over
+(`blas.gemm_bound`; the default is half the cores, see cpu/blas.py) as a third column. Medians over
 `--trials`; ratio = mlx-lm time / ours.
 
     python scripts/profile_generate.py --size small --trials 7

@@ -52,10 +52,10 @@ MAX_DEFAULT_THREADS = 4
 def default_threads(cores: int) -> int:
     """OpenBLAS threads to use when the user has not set OPENBLAS_NUM_THREADS.
 
-    Half the cores, at most 4: MLX runs its other CPU ops on its own thread, and idle OpenBLAS
-    threads spin-wait for a while after each GEMM, stealing that thread's core. On the 2-core
-    machine this was measured on (scripts/bench_blas.py), 1 thread matched 2 for a small training
-    step and prefill and was faster for decode; only a lone 1024³ matmul gained (~2x) from 2.
+    Half the cores, at most 4: MLX runs its other CPU ops on its own thread, and a GEMM split over
+    more threads than the scheduler gives it waits for the parked one. On 2 idle cores
+    (scripts/profile_generate.py --all-cores) 2 threads made generation 1.05-2x faster, but with
+    one other busy process 2 threads made batch-8 decoding 1.9x slower; 1 never collapses.
     """
     return max(1, min(MAX_DEFAULT_THREADS, cores // 2))
 
@@ -102,8 +102,8 @@ def gemm_bound(env: Mapping[str, str] | None = None, callers: int = 1) -> Iterat
     """Within the block, OpenBLAS uses every core, shared among `callers` threads that call it
     at once (training's MLX streams): for training, whose GEMMs are big enough.
 
-    The default (`default_threads`) serves decoding, which is dispatch-bound and slower with
-    more threads. Measured on 2 idle cores (scripts/bench_train.py, separate processes): 2 threads
+    The default (`default_threads`) serves generation, where a second thread pays only on an idle
+    machine. Measured on 2 idle cores (scripts/bench_train.py, separate processes): 2 threads
     trained 1.2x (4 layers, width 128) and 1.5x (6 layers, width 384) faster than 1 from one
     stream. A thread count the user set (OPENBLAS_NUM_THREADS) is left alone.
     """
