@@ -11,7 +11,8 @@ at or below the target, and interpolated linearly between that checkpoint and th
           file: by default nanoGPT's (shakespeare_char) and ours (shakespeare_char_fast)
   torch   nanoGPT's recipe in PyTorch on nanoGPT's model (scripts/bench_train.py's GPT-2):
           the same batches, schedule (warmup, cosine to 1e-4), AdamW, clipping and evaluation;
-          torch's default threads, eager as nanoGPT's CPU recipe runs (--torch-compile: compiled)
+          torch's default threads, eager as nanoGPT's CPU recipe runs (--torch-modes eager,compile:
+          also torch.compile'd, a second run)
 
 The runs go one after the other in this process (PyTorch's threads slow down badly when other
 work shares the cores, so nothing here runs concurrently); the load average is printed around
@@ -233,7 +234,11 @@ def parser() -> argparse.ArgumentParser:
         default=True,
         help="also run nanoGPT's recipe in PyTorch (default: yes)",
     )
-    p.add_argument("--torch-compile", action="store_true", help="torch.compile the model")
+    p.add_argument(
+        "--torch-modes",
+        default="eager",
+        help="comma-separated PyTorch runs: eager, compile (torch.compile the model) (eager)",
+    )
     p.add_argument("--torch-threads", type=int, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--torch-recipe", default="shakespeare_char", help=argparse.SUPPRESS)
     p.add_argument("--target", type=float, help=f"nats/char (default {TARGET})")
@@ -264,6 +269,9 @@ def main(argv: list[str] | None = None) -> int:
         args.eval_batch = min(args.eval_batch, 16)
         args.target = 5.5 if args.target is None else args.target
     target = TARGET if args.target is None else args.target
+    modes = [m for m in args.torch_modes.split(",") if m]
+    if not modes or set(modes) - {"eager", "compile"}:
+        raise SystemExit(f"--torch-modes {args.torch_modes!r}: use eager, compile or eager,compile")
     ensure_data(args.data)
     from bench_common import cpu_model
 
@@ -285,13 +293,15 @@ def main(argv: list[str] | None = None) -> int:
 
                 torch.set_num_threads(args.torch_threads)
             base = {"max_steps": args.max_steps} if args.max_steps else {}
-            settings = recipe_args(args.torch_recipe, base, args.data, Path(tmp) / "torch")
-            name = TORCH + (" compile" if args.torch_compile else "")
-            curve = Curve(name, args.every, target, args.stop_at_target)
-            loads[name] = _load(f"{name}: start")
-            runs[name] = run_torch(
-                settings, curve, args.val_batches, args.eval_batch, args.torch_compile
-            )
+            for mode in modes:
+                out = Path(tmp) / f"torch_{mode}"
+                settings = recipe_args(args.torch_recipe, base, args.data, out)
+                name = TORCH + (" compile" if mode == "compile" else "")
+                curve = Curve(name, args.every, target, args.stop_at_target)
+                loads[name] = _load(f"{name}: start")
+                runs[name] = run_torch(
+                    settings, curve, args.val_batches, args.eval_batch, mode == "compile"
+                )
     loads["end"] = _load("end")
     baselines = [r for r in runs if r.startswith(TORCH)] + [
         r for r in runs if r.split(" [")[0] == "shakespeare_char"
