@@ -10,6 +10,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from helpers import save_hf_model
 from mlx.utils import tree_flatten
 from test_hf import hf_logits
 
@@ -83,15 +84,8 @@ ATOL = 1e-4
 def family(request, tmp_path_factory):
     """(name, model_type, Hugging Face folder, transformers model, our import of it)."""
     model_type, make = HF_MODELS[request.param]
-    torch.manual_seed(0)
-    hf_model = make().eval()
-    with torch.no_grad():  # O(1) weights (norms near 1) so no difference hides in tiny values
-        for p in hf_model.parameters():
-            p.normal_(0, 0.5 / np.sqrt(p.shape[-1]) if p.ndim == 2 else 0.1).add_(
-                1.0 if p.ndim == 1 else 0.0
-            )
     folder = tmp_path_factory.mktemp(request.param)
-    hf_model.save_pretrained(folder, safe_serialization=True)
+    hf_model = save_hf_model(make, folder)
     return request.param, model_type, folder, hf_model, import_hf(folder)
 
 
@@ -219,9 +213,9 @@ def test_qwen2_with_sliding_window_layers_round_trips_with_transformers(tmp_path
         **SHAPE, use_sliding_window=True, sliding_window=8, max_window_layers=1
     )
     config._attn_implementation = "eager"  # transformers' sdpa path ignores the window
-    torch.manual_seed(0)
-    hf_model = transformers.Qwen2ForCausalLM(config).eval()
-    hf_model.save_pretrained(tmp_path, safe_serialization=True)
+    hf_model = save_hf_model(
+        lambda: transformers.Qwen2ForCausalLM(config), tmp_path, o1_weights=False
+    )
     ours = import_hf(tmp_path)
     assert [ours.config.layer_window(i) for i in range(2)] == [None, 8]
     ids, mask = padded_batch(6, "left", length=30)

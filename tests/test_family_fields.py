@@ -10,6 +10,7 @@ import json
 import mlx.core as mx
 import numpy as np
 import pytest
+from helpers import save_hf_model
 from test_families import ATOL, LLAMA3, SHAPE, padded_batch
 from test_hf import hf_logits
 from test_model import random_model, tiny_config
@@ -80,8 +81,11 @@ def test_rope_frequencies_match_transformers_and_reference(scaling):
 def _hf_folder(tmp_path, **changes):
     """A tiny random Qwen2 folder whose config.json has `changes` (None deletes a key)."""
     folder = tmp_path / "hf"
-    config = transformers.Qwen2Config(**SHAPE)
-    transformers.Qwen2ForCausalLM(config).save_pretrained(folder, safe_serialization=True)
+    save_hf_model(
+        lambda: transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**SHAPE)),
+        folder,
+        o1_weights=False,
+    )
     d = json.loads((folder / "config.json").read_text())
     d.update(changes)
     (folder / "config.json").write_text(json.dumps(d))

@@ -14,6 +14,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from helpers import save_hf_model
 from hf_tokenizer_folders import byte_level_folder
 
 from mlx_transformer.cli import main
@@ -73,7 +74,6 @@ def hf_folder(tmp_path_factory, tiny_corpus_text) -> Path:
     root = tmp_path_factory.mktemp("pretrained")
     tok_dir = byte_level_folder(root / "tokenizer", tiny_corpus_text, vocab_size=600)
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(tok_dir))
-    torch.manual_seed(0)
     config = transformers.Qwen2Config(
         vocab_size=640,  # padded beyond the tokenizer's 600 ids, as pretrained models often are
         hidden_size=64,
@@ -87,9 +87,8 @@ def hf_folder(tmp_path_factory, tiny_corpus_text) -> Path:
         eos_token_id=hf_tok.eos_token_id,
         pad_token_id=hf_tok.pad_token_id,
     )
-    model = transformers.Qwen2ForCausalLM(config).eval()
     folder = root / "hf"
-    model.save_pretrained(folder, safe_serialization=True)
+    save_hf_model(lambda: transformers.Qwen2ForCausalLM(config), folder, o1_weights=False)
     hf_tok.save_pretrained(folder)
     return folder
 

@@ -8,6 +8,7 @@ import json
 import mlx.core as mx
 import numpy as np
 import pytest
+from helpers import HF_GPT2, HF_LLAMA, save_hf_model
 from test_hf_tokenizer import PROBES
 from test_model import CONFIGS, random_model, tiny_config
 
@@ -23,32 +24,9 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 HF_MODELS = {
-    # learned positions, pre-LN LayerNorm, GELU-tanh, tied embeddings
-    "gpt2": lambda: transformers.GPT2LMHeadModel(
-        transformers.GPT2Config(
-            vocab_size=97,
-            n_embd=48,
-            n_layer=2,
-            n_head=4,
-            n_positions=64,
-            resid_pdrop=0,
-            embd_pdrop=0,
-            attn_pdrop=0,
-        )
-    ),
-    # rotary, RMSNorm, SwiGLU, grouped-query attention, untied head
+    "gpt2": lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(**HF_GPT2)),
     "llama": lambda: transformers.LlamaForCausalLM(
-        transformers.LlamaConfig(
-            vocab_size=97,
-            hidden_size=64,
-            intermediate_size=96,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-            rope_theta=10000.0,
-            tie_word_embeddings=False,
-        )
+        transformers.LlamaConfig(**HF_LLAMA, rope_theta=10000.0)
     ),
 }
 
@@ -64,15 +42,8 @@ def hf_logits(model, ids: np.ndarray, mask: np.ndarray | None = None) -> np.ndar
 
 @pytest.fixture(params=list(HF_MODELS), scope="module")
 def hf_folder(request, tmp_path_factory):
-    torch.manual_seed(0)
-    model = HF_MODELS[request.param]().eval()
-    with torch.no_grad():  # O(1) weights so differences are not hidden by tiny activations
-        for p in model.parameters():
-            p.normal_(0, 0.5 / np.sqrt(p.shape[-1]) if p.ndim == 2 else 0.1).add_(
-                1.0 if p.ndim == 1 else 0.0
-            )
     folder = tmp_path_factory.mktemp(request.param)
-    model.save_pretrained(folder, safe_serialization=True)
+    model = save_hf_model(HF_MODELS[request.param], folder)
     return folder, model
 
 

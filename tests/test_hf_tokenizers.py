@@ -7,7 +7,7 @@ import json
 import random
 
 import pytest
-from helpers import fingerprint
+from helpers import fingerprint, save_hf_model
 from hf_tokenizer_folders import (
     CHATML,
     LLAMA2,
@@ -227,13 +227,12 @@ def test_text_that_is_not_utf8_is_one_line(folders):
 
 
 def tiny_hf_model(folder, vocab_size: int):
-    torch = pytest.importorskip("torch")
-    torch.manual_seed(0)
+    pytest.importorskip("torch")
     config = transformers.LlamaConfig(
         vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
         num_attention_heads=2, max_position_embeddings=64,
     )  # fmt: skip
-    transformers.LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
+    save_hf_model(lambda: transformers.LlamaForCausalLM(config), folder, o1_weights=False)
     return folder
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
-from helpers import LLAMA
+from helpers import HF_LLAMA, LLAMA, save_hf_model
 from mlx.utils import tree_flatten, tree_unflatten
 from test_hf import hf_logits
 from test_model import random_model, tiny_config
@@ -20,17 +20,7 @@ from mlx_transformer.model import make_cache
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-LLAMA_DIMS = dict(
-    vocab_size=97,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-    tie_word_embeddings=False,
-    attn_implementation="eager",
-)
+LLAMA_DIMS = dict(**HF_LLAMA, attn_implementation="eager")
 HF_MODELS = {
     "mistral": lambda: transformers.MistralForCausalLM(
         transformers.MistralConfig(**LLAMA_DIMS, sliding_window=6)
@@ -47,16 +37,6 @@ HF_MODELS = {
 ROPE = LLAMA  # the windowed tests run on rotary models
 
 
-def o1_weights(model) -> None:
-    """O(1) random weights, so that differences are not hidden by tiny activations."""
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.5 / np.sqrt(p.shape[-1]) if p.ndim == 2 else 0.1).add_(
-                1.0 if p.ndim == 1 else 0.0
-            )
-
-
 def padded_batch(seed: int, vocab: int, T: int = 30) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     ids = rng.integers(0, vocab, (3, T))
@@ -68,10 +48,8 @@ def padded_batch(seed: int, vocab: int, T: int = 30) -> tuple[np.ndarray, np.nda
 
 @pytest.fixture(params=list(HF_MODELS), scope="module")
 def hf_folder(request, tmp_path_factory):
-    model = HF_MODELS[request.param]().eval()
-    o1_weights(model)
     folder = tmp_path_factory.mktemp(request.param)
-    model.save_pretrained(folder, safe_serialization=True)
+    model = save_hf_model(HF_MODELS[request.param], folder)
     return folder, model
 
 

@@ -9,6 +9,7 @@ import json
 import mlx.core as mx
 import numpy as np
 import pytest
+from helpers import HF_GPT2, HF_LLAMA, save_hf_model
 from mlx.utils import tree_flatten
 from test_model import CONFIGS, random_model, tiny_config
 
@@ -167,20 +168,13 @@ def test_direct_logit_attribution_sums_to_the_logit():
 
 
 LENS_MODELS = {
-    # learned positions, LayerNorm, GELU-tanh, tied embeddings
     "gpt2": lambda transformers: transformers.GPT2LMHeadModel(
-        transformers.GPT2Config(vocab_size=97, n_embd=48, n_layer=3, n_head=4, n_positions=64,
-                                resid_pdrop=0, embd_pdrop=0, attn_pdrop=0, bos_token_id=0,
-                                eos_token_id=0)
+        transformers.GPT2Config(**{**HF_GPT2, "n_layer": 3}, bos_token_id=0, eos_token_id=0)
     ),
-    # rotary, RMSNorm, SwiGLU, grouped-query attention, untied head
     "llama": lambda transformers: transformers.LlamaForCausalLM(
-        transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96,
-                                 num_hidden_layers=2, num_attention_heads=4,
-                                 num_key_value_heads=2, max_position_embeddings=64,
-                                 tie_word_embeddings=False, bos_token_id=0, eos_token_id=0)
+        transformers.LlamaConfig(**HF_LLAMA, bos_token_id=0, eos_token_id=0)
     ),
-}  # fmt: skip
+}
 
 
 @pytest.fixture(scope="module", params=list(LENS_MODELS))
@@ -195,15 +189,8 @@ def lens_pair(request, tmp_path_factory):
 
     from mlx_transformer.checkpoint.hf import import_hf
 
-    torch.manual_seed(0)
-    hf = LENS_MODELS[request.param](transformers).eval()
-    with torch.no_grad():  # O(1) weights, so differences are not hidden by tiny activations
-        for p in hf.parameters():
-            p.normal_(0, 0.5 / np.sqrt(p.shape[-1]) if p.ndim == 2 else 0.1).add_(
-                1.0 if p.ndim == 1 else 0.0
-            )
     folder = tmp_path_factory.mktemp(f"{request.param}_lens")
-    hf.save_pretrained(folder, safe_serialization=True)
+    hf = save_hf_model(lambda: LENS_MODELS[request.param](transformers), folder)
     words = tokenizers.Tokenizer(
         tokenizers.models.WordLevel({f"t{i}": i for i in range(97)}, unk_token="t0")
     )

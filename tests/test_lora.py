@@ -9,6 +9,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from helpers import save_hf_model
 from mlx.utils import tree_flatten
 
 from mlx_transformer.checkpoint.mlx_io import load_checkpoint, save_checkpoint
@@ -147,7 +148,7 @@ def test_lora_run_resume_and_fuse_cli(finetune_data, tmp_path, tiny_tokenizer_pa
 def test_full_finetune_from_hugging_face_gpt2(tmp_path, tiny_tokenizer_path, finetune_data):
     transformers = pytest.importorskip("transformers")
     config = transformers.GPT2Config(vocab_size=400, n_positions=32, n_embd=32, n_layer=2, n_head=4)
-    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "hf", safe_serialization=True)
+    save_hf_model(lambda: transformers.GPT2LMHeadModel(config), tmp_path / "hf", o1_weights=False)
     result = train(
         TrainingArgs(
             data=str(finetune_data),

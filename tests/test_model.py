@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 import pytest
-from helpers import LLAMA
+from helpers import LLAMA, assert_training_matches_reference
 from mlx.utils import tree_flatten, tree_unflatten
 
 import reference
@@ -121,29 +120,7 @@ def test_training_mode_matches_reference_and_eval_gradients(model, cpu_kernels):
     mask[0, :5] = 0  # left padding
     mask[1, 12:] = 0  # right padding
     expected, _ = reference.forward(model.config, params_np(model), ids, mask)
-    weights = (
-        mx.array(rng.normal(0, 1, expected.shape).astype(np.float32)) * mx.array(mask)[..., None]
-    )
-
-    def loss(m):
-        return (m(mx.array(ids), attention_mask=mx.array(mask)) * weights).sum()
-
-    model.train()  # dropout is 0 in every test config
-    try:
-        with ops.use_cpu_kernels(cpu_kernels):
-            got = np.array(model(mx.array(ids), attention_mask=mx.array(mask)))
-            train_grads = nn.value_and_grad(model, loss)(model)[1]
-    finally:
-        model.eval()
-    with ops.use_cpu_kernels(False):
-        eval_grads = nn.value_and_grad(model, loss)(model)[1]
-    real = mask.astype(bool)
-    np.testing.assert_allclose(got[real], expected[real], atol=2e-4, rtol=1e-4)
-    scale = max(np.abs(np.array(g)).max() for _, g in tree_flatten(eval_grads))
-    for (name, a), (_, b) in zip(tree_flatten(train_grads), tree_flatten(eval_grads)):
-        np.testing.assert_allclose(
-            np.array(a), np.array(b), rtol=1e-4, atol=1e-5 * scale, err_msg=name
-        )
+    assert_training_matches_reference(model, ids, mask, expected, rng, cpu_kernels)
 
 
 def test_causality(model):

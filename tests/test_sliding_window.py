@@ -4,10 +4,9 @@ rolling KV cache against the full forward pass."""
 from __future__ import annotations
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 import pytest
-from mlx.utils import tree_flatten
+from helpers import assert_training_matches_reference
 from test_model import params_np, random_model, tiny_config
 
 import reference
@@ -91,28 +90,7 @@ def test_training_with_a_window_matches_reference_and_gradients(pe):
     rng = np.random.default_rng(5)
     ids, mask = padded(rng, model.config.vocab_size, [17, 9], "right")
     expected, _ = reference.forward(model.config, params_np(model), ids, mask)
-    weights = (
-        mx.array(rng.normal(0, 1, expected.shape).astype(np.float32)) * mx.array(mask)[..., None]
-    )
-
-    def loss(m):
-        return (m(mx.array(ids), attention_mask=mx.array(mask)) * weights).sum()
-
-    model.train()
-    try:
-        got = np.array(model(mx.array(ids), attention_mask=mx.array(mask)))
-        train_grads = nn.value_and_grad(model, loss)(model)[1]
-    finally:
-        model.eval()
-    with ops.use_cpu_kernels(False):
-        eval_grads = nn.value_and_grad(model, loss)(model)[1]
-    real = mask.astype(bool)
-    np.testing.assert_allclose(got[real], expected[real], atol=2e-4, rtol=1e-4)
-    scale = max(np.abs(np.array(g)).max() for _, g in tree_flatten(eval_grads))
-    for (name, a), (_, b) in zip(tree_flatten(train_grads), tree_flatten(eval_grads)):
-        np.testing.assert_allclose(
-            np.array(a), np.array(b), rtol=1e-4, atol=1e-5 * scale, err_msg=name
-        )
+    assert_training_matches_reference(model, ids, mask, expected, rng)
 
 
 # -- the rolling cache ---------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import save_hf_model
 from hf_tokenizer_folders import byte_level_folder
 
 from mlx_transformer.cli import main
@@ -32,7 +33,6 @@ def hf_folder(tmp_path_factory, tiny_corpus_text) -> Path:
     root = tmp_path_factory.mktemp("stop-ids")
     tok_dir = byte_level_folder(root / "tokenizer", tiny_corpus_text, vocab_size=500)
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(tok_dir))
-    torch.manual_seed(0)
     config = transformers.LlamaConfig(
         vocab_size=512,
         hidden_size=32,
@@ -46,7 +46,7 @@ def hf_folder(tmp_path_factory, tiny_corpus_text) -> Path:
         eos_token_id=hf_tok.eos_token_id,
     )
     folder = root / "hf"
-    transformers.LlamaForCausalLM(config).eval().save_pretrained(folder)
+    save_hf_model(lambda: transformers.LlamaForCausalLM(config), folder, o1_weights=False)
     hf_tok.save_pretrained(folder)
     eos = [hf_tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
     _set_eos(folder, eos)
