@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import UserError
+from .tokenizer import Detokenizer
 
 TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -270,7 +271,7 @@ class HFTokenizer:
             raise RuntimeError(f"tokenizers failed to encode the text: {e}") from e
 
 
-class HFStreamingDetokenizer:
+class HFStreamingDetokenizer(Detokenizer):
     """Ids to text one at a time (the interface of `tokenizer.StreamingDetokenizer`).
 
     Each new token is decoded with the token before it as context (`decode` is not additive:
@@ -290,9 +291,7 @@ class HFStreamingDetokenizer:
         self.reset()
 
     def reset(self) -> None:
-        self.tokens: list[int] = []
-        self._text = ""
-        self._unread: list[str] = []
+        super().reset()
         self._start = 0  # the next window decodes tokens[_start:] ...
         self._context = ""  # ... and drops this, the text of tokens already shown
 
@@ -316,7 +315,8 @@ class HFStreamingDetokenizer:
             new = window[len(self._context) :]
         else:
             full = decode(self.tokens)
-            new = full[len(self._text) :] if full.startswith(self._text) else ""
+            text = self.text
+            new = full[len(text) :] if full.startswith(text) else ""
         if not final and (new.endswith("\ufffd") or self._in_byte_run()):
             return  # an incomplete character: wait for the rest of its bytes
         self._emit(new)
@@ -339,23 +339,6 @@ class HFStreamingDetokenizer:
             if token not in self._special_ids:
                 return token in self._byte_ids
         return False
-
-    @property
-    def last_segment(self) -> str:
-        """The text completed since the last read of `last_segment`."""
-        segment = "".join(self._unread)
-        self._unread.clear()
-        return segment
-
-    @property
-    def text(self) -> str:
-        """All the text so far (held bytes are not included until complete)."""
-        return self._text
-
-    def _emit(self, text: str) -> None:
-        if text:
-            self._text += text
-            self._unread.append(text)
 
 
 def _has_type(component: dict | None, name: str) -> bool:

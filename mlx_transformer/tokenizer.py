@@ -322,7 +322,38 @@ class _DecodeTables:
 _NORMAL, _CONTROL, _UNK, _BYTE = range(4)
 
 
-class StreamingDetokenizer:
+class Detokenizer:
+    """What every streaming detokenizer shares: the ids added so far (`tokens`), the text they
+    make (`text`) and the text not yet read (`last_segment`). Subclasses add `add_token` and
+    `finalize` and pass each completed piece of text to `_emit`."""
+
+    def reset(self) -> None:
+        """Forget everything; start a new sequence."""
+        self.tokens: list[int] = []
+        self._parts: list[str] = []  # all text so far
+        self._unread: list[str] = []  # text not yet returned by last_segment
+
+    @property
+    def last_segment(self) -> str:
+        """The text completed since the last read of `last_segment`."""
+        segment = "".join(self._unread)
+        self._unread.clear()
+        return segment
+
+    @property
+    def text(self) -> str:
+        """All the text so far (bytes still held are not included until complete)."""
+        if len(self._parts) > 1:
+            self._parts[:] = ["".join(self._parts)]  # keep repeated reads cheap
+        return self._parts[0] if self._parts else ""
+
+    def _emit(self, text: str) -> None:
+        if text:
+            self._parts.append(text)
+            self._unread.append(text)
+
+
+class StreamingDetokenizer(Detokenizer):
     """Turns ids into text one at a time, as generation produces them (mlx-lm style).
 
     After any sequence of `add_token` calls and `finalize()`, `text == tokenizer.decode(tokens)`.
@@ -345,9 +376,7 @@ class StreamingDetokenizer:
 
     def reset(self) -> None:
         """Forget everything; start a new sequence."""
-        self.tokens: list[int] = []
-        self._parts: list[str] = []  # all text so far
-        self._unread: list[str] = []  # text not yet returned by last_segment
+        super().reset()
         self._pending_ids: list[int] = []  # byte pieces not yet forming whole characters
         self._pending_bytes = bytearray()
         self._at_start = True  # sentencepiece's "is_bos_ws"
@@ -386,24 +415,9 @@ class StreamingDetokenizer:
         """End the sequence: flush bytes still held (invalid UTF-8 decodes to U+FFFD)."""
         self._flush_bytes()
 
-    @property
-    def last_segment(self) -> str:
-        """The text completed since the last read of `last_segment`."""
-        segment = "".join(self._unread)
-        self._unread.clear()
-        return segment
-
-    @property
-    def text(self) -> str:
-        """All the text so far (bytes still held are not included until complete)."""
-        if len(self._parts) > 1:
-            self._parts[:] = ["".join(self._parts)]  # keep repeated reads cheap
-        return self._parts[0] if self._parts else ""
-
     def _emit(self, text: str) -> None:
         if text:
-            self._parts.append(text)
-            self._unread.append(text)
+            super()._emit(text)
             self._at_start = False
 
     def _flush_bytes(self) -> None:
