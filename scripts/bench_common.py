@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Iterable, Sequence
 from importlib import metadata
+from pathlib import Path
 
 PACKAGES = ("mlx", "mlx-lm", "torch", "transformers", "onnxruntime", "onnx", "numpy")
 
@@ -61,6 +62,15 @@ def fmt(value, digits: int = 1) -> str:
 
 def fmt_ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
+
+
+def print_json(results: dict, path: str | None) -> None:
+    """Print the results as indented JSON on stdout and, given a path, write them there too."""
+    text = json.dumps(results, indent=2)
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text + "\n")
+    print(text)
 
 
 def markdown_table(headers: Sequence[str], rows: Iterable[Sequence]) -> str:

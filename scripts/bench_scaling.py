@@ -20,13 +20,14 @@ second curve: the same steps with a sliding window of W (blocked attention, O(LÂ
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_common import print_json  # noqa: E402
 
 from mlx_transformer.cpu.blas import ensure_fast_blas  # noqa: E402  (before mlx loads)
 
@@ -234,11 +235,7 @@ def main(argv=None) -> int:
     print(results["summary"], file=sys.stderr)
     if args.plot:
         plot(results, args.plot)
-    text = json.dumps(results, indent=2)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(text + "\n")
-    print(text)
+    print_json(results, args.json)
     return 0
 
 

@@ -32,18 +32,13 @@ CONFIGS = {
 }
 
 
-def mlx_runner(c: dict, seed: int = 0, streams: int | None = None):
-    """Our step as `mlx-transformer train` runs it: streams=None picks its default (one per core
-    on the CPU backend); streams=1 measures the single-stream step."""
+def mlx_model(c: dict, seed: int = 0):
+    """Our GPT-2 style Transformer of config `c` (with c["window"] and c["model"]'s fields where
+    given), random weights from `seed`, in training mode."""
     import mlx.core as mx
-    import numpy as np
 
     from mlx_transformer.config import ModelConfig
-    from mlx_transformer.cpu.blas import cores
-    from mlx_transformer.cpu.training import default_streams, training_environment
     from mlx_transformer.model import Transformer
-    from mlx_transformer.train.args import TrainingArgs
-    from mlx_transformer.train.step import Stepper, make_optimizer
 
     config = ModelConfig(
         vocab_size=c["vocab"],
@@ -56,6 +51,21 @@ def mlx_runner(c: dict, seed: int = 0, streams: int | None = None):
     mx.random.seed(seed)
     model = Transformer(config)
     model.train()
+    return model
+
+
+def mlx_runner(c: dict, seed: int = 0, streams: int | None = None):
+    """Our step as `mlx-transformer train` runs it: streams=None picks its default (one per core
+    on the CPU backend); streams=1 measures the single-stream step."""
+    import mlx.core as mx
+    import numpy as np
+
+    from mlx_transformer.cpu.blas import cores
+    from mlx_transformer.cpu.training import default_streams, training_environment
+    from mlx_transformer.train.args import TrainingArgs
+    from mlx_transformer.train.step import Stepper, make_optimizer
+
+    model = mlx_model(c, seed)
     args = TrainingArgs(learning_rate=1e-3, warmup_steps=10)
     streams = min(streams or default_streams(cores()), c["batch"])
     optimizer = make_optimizer(args, model.trainable_parameters())

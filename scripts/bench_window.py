@@ -22,7 +22,6 @@ stall   `--overflow slide` on the same weights without a window (context = the w
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -32,23 +31,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_common import print_json  # noqa: E402
+from bench_generate import LLAMA as GENERATE_LLAMA  # noqa: E402
+from bench_generate import SIZES  # noqa: E402
+
 from mlx_transformer.cpu.blas import ensure_fast_blas  # noqa: E402  (before mlx loads)
 
 WINDOW = 256
-LLAMA = dict(
-    vocab_size=8000,
-    hidden_size=256,
-    num_hidden_layers=4,
-    num_attention_heads=8,
-    num_key_value_heads=4,
-    intermediate_size=768,
-    position_encoding="rope",
-    norm_type="rmsnorm",
-    hidden_act="swiglu",
-    attention_bias=False,
-    mlp_bias=False,
-    tie_word_embeddings=False,
-)
+# bench_generate's small Llama; each model here sets its own max_position_embeddings.
+LLAMA = {**GENERATE_LLAMA, **SIZES["small"]}
+LLAMA.pop("max_position_embeddings")
 
 
 def train_rows(contexts, window, tokens, steps, trials) -> list[dict]:
@@ -243,11 +235,7 @@ def main(argv=None) -> int:
         results["decode"] = decode_rows(window, prompt, trials)
     if "stall" in only:
         results["stall"] = stall_rows(window, prompt)
-    text = json.dumps(results, indent=2)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(text + "\n")
-    print(text)
+    print_json(results, args.json)
     return 0
 
 

@@ -39,24 +39,13 @@ def median_ms(fn, trials: int, warmup: int = 3) -> tuple[float, float]:
 def phases(c: dict, trials: int) -> None:
     import mlx.core as mx
     import numpy as np
+    from bench_train import mlx_model
 
-    from mlx_transformer.config import ModelConfig
     from mlx_transformer.cpu.training import training_environment
-    from mlx_transformer.model import Transformer
     from mlx_transformer.train.args import TrainingArgs
     from mlx_transformer.train.step import Stepper, loss_sum, make_optimizer
 
-    config = ModelConfig(
-        vocab_size=c["vocab"],
-        hidden_size=c["width"],
-        num_hidden_layers=c["layers"],
-        num_attention_heads=c["heads"],
-        max_position_embeddings=c["context"],
-        hidden_act="gelu_tanh",
-    )
-    mx.random.seed(0)
-    model = Transformer(config)
-    model.train()
+    model = mlx_model(c)
     w = np.random.default_rng(0).integers(0, c["vocab"], (c["batch"], c["context"] + 1))
     batch = (mx.array(w[:, :-1].astype(np.int32)), mx.array(w[:, 1:].astype(np.int32)), None, None)
     rows = []
