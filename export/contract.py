@@ -68,6 +68,10 @@ INPUT_IDS = "input_ids"
 ATTENTION_MASK = "attention_mask"
 POSITION_IDS = "position_ids"
 LOGITS = "logits"
+# Optional scalar input (an initializer of value 0 that callers may override): n > 0 computes the
+# logits of the last n positions only, 0 all of them (transformers' `logits_to_keep`; the
+# name and scalar shape transformers.js feeds). A prompt's first token needs only the last.
+LOGITS_TO_KEEP = "num_logits_to_keep"
 PAST = "past_key_values"
 PRESENT = "present"
 
@@ -87,7 +91,11 @@ def kv_names(prefix: str, layers: int) -> list[str]:
 
 
 def io_table(config: ModelConfig) -> tuple[list[tuple], list[tuple]]:
-    """(inputs, outputs), each a list of (name, dtype name, shape) in graph order."""
+    """(inputs, outputs), each a list of (name, dtype name, shape) in graph order.
+
+    LOGITS_TO_KEEP comes last and has a default: clients that do not know it get every
+    position's logits; with n > 0 the logits' sequence axis has min(n, sequence_length).
+    """
     K, hd, V = config.num_key_value_heads, config.head_dim, config.vocab_size
     inputs = [
         (INPUT_IDS, "int64", ["batch_size", "sequence_length"]),
@@ -99,17 +107,22 @@ def io_table(config: ModelConfig) -> tuple[list[tuple], list[tuple]]:
         for past, present in zip(kv_pair(PAST, i), kv_pair(PRESENT, i)):
             inputs.append((past, "float32", ["batch_size", K, "past_sequence_length", hd]))
             outputs.append((present, "float32", ["batch_size", K, "total_sequence_length", hd]))
+    inputs.append((LOGITS_TO_KEEP, "int64", []))
     return inputs, outputs
 
 
-def feeds(input_ids, attention_mask, position_ids, past: Sequence) -> dict:
-    """The graph's inputs by name; `past` holds two values per layer, in graph order."""
-    return {
+def feeds(input_ids, attention_mask, position_ids, past: Sequence, logits_to_keep=None) -> dict:
+    """The graph's inputs by name; `past` holds two values per layer, in graph order;
+    `logits_to_keep` (a 0-d int64 array) is left out when None (the graph's default: all)."""
+    named = {
         INPUT_IDS: input_ids,
         ATTENTION_MASK: attention_mask,
         POSITION_IDS: position_ids,
         **dict(zip(kv_names(PAST, len(past) // 2), past)),
     }
+    if logits_to_keep is not None:
+        named[LOGITS_TO_KEEP] = logits_to_keep
+    return named
 
 
 def io_json(

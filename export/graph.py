@@ -74,7 +74,7 @@ class Graph:
         """A named initializer computed at export time (rotary tables, transposed weights)."""
         if name in self.initializers:
             raise ValueError(f"initializer {name} added twice")
-        self.initializers[name] = numpy_helper.from_array(np.ascontiguousarray(array), name)
+        self.initializers[name] = numpy_helper.from_array(np.asarray(array, order="C"), name)
         return name
 
     def weight(self, key: str, transpose: bool = False) -> str:

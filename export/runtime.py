@@ -110,7 +110,7 @@ class OnnxGenerator:
         while True:
             ids, mask = left_pad(window, self.pad_id)
             history = np.where(mask == 1, ids, -1)
-            logits, past = self.model(ids, mask)
+            logits, past = self.model(ids, mask, logits_to_keep=1)  # no LM head elsewhere
             # A sliding window with unbounded positions never fills: the cache stays bounded.
             for _ in itertools.count() if endless else range(context - ids.shape[1]):
                 last = logits[:, -1].astype(np.float64)

@@ -5,6 +5,7 @@
     logits, present = model(ids, mask)  # prefill: logits (2, 3, V)
     mask = np.concatenate([mask, np.ones((2, 1), np.int64)], axis=1)
     logits, present = model(logits[:, -1:].argmax(-1), mask, present)  # one step
+    logits, _ = model(ids, mask, logits_to_keep=1)  # only the last position's: (2, 1, V)
 
 The KV cache goes out as `present.*` and comes back as `past_key_values.*`; on GPU providers IO
 binding keeps it on the device between calls. With `share_buffer` (the ort flavour on the CPU)
@@ -25,7 +26,16 @@ import onnxruntime as ort
 
 from mlx_transformer.errors import UserError
 
-from .contract import LOGITS, MODEL_FILE, PRESENT, feeds, kv_names, read_io, select_precision
+from .contract import (
+    LOGITS,
+    LOGITS_TO_KEEP,
+    MODEL_FILE,
+    PRESENT,
+    feeds,
+    kv_names,
+    read_io,
+    select_precision,
+)
 from .providers import DEVICE_TYPES, create_session, full_name
 
 
@@ -98,6 +108,10 @@ class OnnxModel:
             provider_options=provider_options,
             strict=strict,
         )
+        # Graphs exported before LOGITS_TO_KEEP (or by others) compute every position's logits;
+        # the runtime then slices them, so callers see the same shapes either way.
+        names = self.session.get_inputs() + self.session.get_overridable_initializers()
+        self.keeps_logits = LOGITS_TO_KEEP in {i.name for i in names}
         self.layers = self.io["num_hidden_layers"]
         self.context_length = self.io["context_length"]
         # A sliding-window model needs only its last past_window columns of past (and the
@@ -130,12 +144,20 @@ class OnnxModel:
         return [np.zeros(shape, np.float32) for _ in range(2 * self.layers)]
 
     def __call__(
-        self, input_ids: np.ndarray, attention_mask: np.ndarray, past: Sequence | None = None
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        past: Sequence | None = None,
+        logits_to_keep: int = 0,
     ) -> tuple[np.ndarray, list]:
         """Logits (B, L, V) and the present KV cache (2 per layer) for new tokens (B, L).
 
         attention_mask is (B, past + L); past is None (nothing yet) or the previous `present`.
+        logits_to_keep: n > 0 returns the logits of the last n positions only, (B, min(n, L),
+        V), and the graph skips the LM head at the others (a prompt needs only its last).
         """
+        if logits_to_keep < 0:
+            raise ValueError(f"logits_to_keep must be >= 0, got {logits_to_keep}")
         input_ids = np.asarray(input_ids, np.int64)
         attention_mask = np.asarray(attention_mask, np.int64)
         B, L = input_ids.shape
@@ -147,13 +169,16 @@ class OnnxModel:
         past = self.empty_past(B) if past is None else past
         chunks = self._chunks(B, L, S - L)
         if len(chunks) == 1:
-            return self._run(input_ids, attention_mask, past)
+            return self._run(input_ids, attention_mask, past, logits_to_keep)
         pieces = []
         for start, stop in chunks:
-            logits, past = self._run(
-                input_ids[:, start:stop], attention_mask[:, : S - L + stop], past
-            )
-            pieces.append(logits)
+            # this chunk's share of the kept positions; none: 1 is computed and dropped
+            wanted = logits_to_keep - (L - stop) if logits_to_keep else stop - start
+            keep = max(wanted, 1) if logits_to_keep else 0
+            chunk = input_ids[:, start:stop], attention_mask[:, : S - L + stop]
+            logits, past = self._run(*chunk, past, keep)
+            if wanted > 0:
+                pieces.append(logits[:, -wanted:])
         return np.concatenate(pieces, axis=1), past
 
     def _chunks(self, B: int, L: int, P: int) -> list[tuple[int, int]]:
@@ -167,14 +192,26 @@ class OnnxModel:
             start += n
         return chunks
 
-    def _run(self, input_ids, attention_mask, past) -> tuple[np.ndarray, list]:
+    def _keep(self, keep: int, L: int) -> np.ndarray | None:
+        """The LOGITS_TO_KEEP feed, or None where the graph's default (all) does as well."""
+        return np.array(keep, np.int64) if 0 < keep < L and self.keeps_logits else None
+
+    # onnxruntime 1.32's IO binding cannot set an overridable initializer ("Failed to find
+    # NodeArg"): calls that keep fewer logits than tokens (prompts) run without binding.
+
+    def _run(self, input_ids, attention_mask, past, keep=0) -> tuple[np.ndarray, list]:
+        logits, present = self._run_graph(input_ids, attention_mask, past, keep)
+        return (logits[:, -keep:] if keep else logits), present
+
+    def _run_graph(self, input_ids, attention_mask, past, keep) -> tuple[np.ndarray, list]:
         if self.share_buffer:
-            return self._run_shared(input_ids, attention_mask, past)
+            return self._run_shared(input_ids, attention_mask, past, keep)
         L = input_ids.shape[1]
         positions = positions_from_mask(attention_mask, L)  # from the whole mask: past cut or not
         kept = past[0].shape[2] if isinstance(past[0], np.ndarray) else past[0].shape()[2]
         full_mask, attention_mask = attention_mask, self._graph_mask(attention_mask, kept, L)
-        inputs = feeds(input_ids, attention_mask, positions, past)
+        keep = self._keep(keep, L) if self.device is None else None
+        inputs = feeds(input_ids, attention_mask, positions, past, keep)
         if self.device is None:
             outputs = self.session.run(None, inputs)
             return outputs[0], self._bounded(outputs[1:], full_mask)
@@ -191,12 +228,19 @@ class OnnxModel:
         outputs = binding.get_outputs()
         return outputs[0].numpy(), self._bounded(list(outputs[1:]), full_mask)
 
-    def _run_shared(self, input_ids, attention_mask, past) -> tuple[np.ndarray, SharedKV]:
+    def _run_shared(self, input_ids, attention_mask, past, keep) -> tuple[np.ndarray, SharedKV]:
         B, L = input_ids.shape
         past = past if isinstance(past, SharedKV) else SharedKV([], 0)
         positions = positions_from_mask(attention_mask, L)
         attention_mask = attention_mask[:, attention_mask.shape[1] - past.length - L :]
-        buffers = self._reserve(past, B, past.length + L)
+        length = past.length + L
+        keep = self._keep(keep, L)
+        if keep is not None:  # unbound: the present comes back whole and is copied into buffers
+            arrays = [np.ascontiguousarray(b.numpy()[:, :, : past.length]) for b in past.buffers]
+            inputs = feeds(input_ids, attention_mask, positions, arrays or self.empty_past(B), keep)
+            logits, *present = self.session.run(None, inputs)
+            return logits, SharedKV(self._buffers(present, length), length)
+        buffers = self._reserve(past, B, length)
         binding = self.session.io_binding()
         for name, value in feeds(input_ids, attention_mask, positions, buffers).items():
             if isinstance(value, np.ndarray):
@@ -207,21 +251,25 @@ class OnnxModel:
         for name, value in zip(kv_names(PRESENT, self.layers), buffers):
             binding.bind_ortvalue_output(name, value)  # the past's own buffer
         self.session.run_with_iobinding(binding)
-        return binding.get_outputs()[0].numpy(), SharedKV(buffers, past.length + L)
+        return binding.get_outputs()[0].numpy(), SharedKV(buffers, length)
 
     def _reserve(self, past: SharedKV, B: int, needed: int) -> list:
         """The past's buffers, or larger copies of them when `needed` columns do not fit."""
         capacity = past.buffers[0].shape()[2] if past.buffers else 0
         if needed <= capacity:
             return past.buffers
+        return self._buffers([b.numpy() for b in past.buffers] or self.empty_past(B), needed)
+
+    def _buffers(self, arrays: list[np.ndarray], needed: int) -> list:
+        """New buffers with room for `needed` columns (whole STEPs), `arrays` (B, K, n, hd) in
+        their first n."""
         grown = min(max(self.context_length, needed), -(-needed // SharedKV.STEP) * SharedKV.STEP)
-        shape = (B, self.io["num_key_value_heads"], grown, self.io["head_dim"])
         buffers = []
-        for i in range(2 * self.layers):
-            array = np.zeros(shape, np.float32)
-            if past.buffers:
-                array[:, :, :capacity] = past.buffers[i].numpy()
-            buffers.append(ort.OrtValue.ortvalue_from_numpy(array))
+        for array in arrays:
+            B, K, n, hd = array.shape
+            buffer = np.zeros((B, K, grown, hd), np.float32)
+            buffer[:, :, :n] = array
+            buffers.append(ort.OrtValue.ortvalue_from_numpy(buffer))
         return buffers
 
     # A cut past holds the first H columns (every row's sinks; left padding makes them differ

@@ -152,6 +152,14 @@ def test_graph_is_valid_and_io_is_declared(flavour, tmp_path_factory):
         assert {"GroupQueryAttention", "RotaryEmbedding", "SkipSimplifiedLayerNormalization"} <= ops
     else:
         assert all(n.domain in ("", "ai.onnx") for n in proto.graph.node)
+    # num_logits_to_keep has a default (0: every position), so clients that build their feeds
+    # from onnxruntime's required inputs (optimum, genai, transformers.js) never see it.
+    assert names[-1] == "num_logits_to_keep"
+    default = {t.name: t for t in proto.graph.initializer}["num_logits_to_keep"]
+    value = onnx.numpy_helper.to_array(default)
+    assert value.shape == () and value.dtype == np.int64 and value == 0
+    required = [i.name for i in onnx_model.session.get_inputs()]
+    assert required == names[:-1]
 
 
 def test_weights_are_used_exactly_and_extra_tensors_rejected(tmp_path, tmp_path_factory):

@@ -159,6 +159,52 @@ def test_shared_past_present_buffers_give_the_same_logits(text_model, monkeypatc
     assert OnnxGenerator(out).model.share_buffer  # what generation uses
 
 
+@pytest.mark.parametrize("flavour", ["portable", "ort"])
+def test_logits_to_keep_gives_the_last_positions_of_the_full_logits(flavour, tmp_path):
+    """num_logits_to_keep (the LM head only at the last n positions) against the full logits of
+    the same graph: prompts with and without shared buffers, a multi-token chunk after a past
+    (cut into single tokens for batched GroupQueryAttention), the decode that follows, and a
+    graph without the input (the runtime slices)."""
+    import onnx
+
+    from export.contract import LOGITS_TO_KEEP
+    from export.session import OnnxModel
+
+    model = random_model(tiny_config(**CONFIGS["llama-gqa"], max_position_embeddings=64))
+    export_onnx(save_checkpoint(tmp_path / "ckpt", model), tmp_path / "onnx", flavour=flavour)
+    ids, mask = left_pad([[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]])
+    full, _ = OnnxModel(tmp_path / "onnx")(ids, mask)
+    for share_buffer in (False, True):
+        onnx_model = OnnxModel(tmp_path / "onnx", share_buffer=share_buffer)
+        assert onnx_model.keeps_logits
+        for n in (1, 3, 7, 9):
+            kept, past = onnx_model(ids, mask, logits_to_keep=n)
+            assert kept.shape == (2, min(n, 7), full.shape[2])
+            np.testing.assert_allclose(kept, full[:, -min(n, 7) :], atol=1e-5, rtol=0)
+        # the past that a kept prompt leaves behind continues as the full one's does
+        _, full_past = onnx_model(ids, mask)
+        more = np.array([[15, 16, 17], [18, 19, 20]])
+        mask3 = np.concatenate([mask, np.ones((2, 3), np.int64)], axis=1)
+        want, _ = onnx_model(more, mask3, full_past)
+        got, past = onnx_model(more, mask3, past, logits_to_keep=2)
+        np.testing.assert_allclose(got, want[:, -2:], atol=1e-5, rtol=0)
+        step, _ = onnx_model(got[:, -1:].argmax(-1), np.concatenate([mask3, mask3[:, :1]], 1), past)
+        want_step, _ = OnnxModel(tmp_path / "onnx")(
+            np.concatenate([ids, more, got[:, -1:].argmax(-1)], 1),
+            np.concatenate([mask3, mask3[:, :1]], 1),
+        )
+        np.testing.assert_allclose(step[:, -1], want_step[:, -1], atol=1e-5, rtol=0)
+    # Without the graph input (an initializer only) every position is computed; same answers.
+    proto = onnx.load(tmp_path / "onnx" / "onnx/model.onnx")
+    kept_inputs = [i for i in proto.graph.input if i.name != LOGITS_TO_KEEP]
+    del proto.graph.input[:]
+    proto.graph.input.extend(kept_inputs)
+    onnx.save(proto, tmp_path / "onnx" / "onnx/model.onnx")
+    old = OnnxModel(tmp_path / "onnx")
+    assert not old.keeps_logits
+    np.testing.assert_allclose(old(ids, mask, logits_to_keep=3)[0], full[:, -3:], atol=1e-5)
+
+
 def test_sampling_is_reproducible_with_a_seed(text_model):
     gen = OnnxGenerator(text_model[2])
     settings = dict(max_tokens=30, temp=0.9, top_p=0.9, top_k=40, min_p=0.02, seed=7)
