@@ -60,3 +60,19 @@ def tiny_char_tokenizer_path(tmp_path_factory, tiny_corpus_text) -> Path:
     path = tmp_path_factory.mktemp("char_tokenizer") / "tokenizer.model"
     train_tokenizer([tiny_corpus_text], path, model_type="char", num_threads=1)
     return path
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_tokenizer_path):
+    """The tiny BPE model, loaded."""
+    from mlx_transformer.tokenizer import Tokenizer
+
+    return Tokenizer.load(tiny_tokenizer_path)
+
+
+@pytest.fixture
+def corpus_file(tmp_path, tiny_corpus_text) -> Path:
+    """tiny_corpus_text as a file."""
+    path = tmp_path / "corpus.txt"
+    path.write_text(tiny_corpus_text, encoding="utf-8")
+    return path

@@ -28,11 +28,6 @@ tricky_text = st.text(
 
 
 @pytest.fixture(scope="module")
-def tok(tiny_tokenizer_path):
-    return Tokenizer.load(tiny_tokenizer_path)
-
-
-@pytest.fixture(scope="module")
 def dummy_prefix_tok(tiny_corpus_text):
     """A model with sentencepiece's default options (dummy prefix, nmt_nfkc): its decoder drops
     the leading space, which the streaming detokenizer must mimic."""
