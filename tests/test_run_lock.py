@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import test_train
-from test_train_safety import ARCH, ROOT, cli, one_line
+from test_train_safety import ARCH, EXPLODE, ROOT, cli, one_line
 
 # test_train's tiny prepared dataset.
 data_dir = test_train.data_dir
@@ -109,23 +109,7 @@ def test_the_lock_goes_on_every_exit(data_dir, tmp_path, capsys):
     )
     assert code == 2 and "--context-length 999" in one_line(err)
     assert not (tmp_path / "new").exists()
-    code, err = cli(
-        capsys,
-        "train",
-        "--data",
-        data_dir,
-        "--out",
-        out,
-        "--max-steps",
-        3,
-        "--learning-rate",
-        1e30,
-        "--grad-clip",
-        0,
-        "--warmup-steps",
-        0,
-        "--no-progress",
-        *ARCH,
-    )
+    flags = ("--max-steps", 3, *EXPLODE, "--no-progress", *ARCH)
+    code, err = cli(capsys, "train", "--data", data_dir, "--out", out, *flags)
     assert code == 2 and "last good checkpoint: none yet" in one_line(err)
     assert not (out / "train.lock").exists()

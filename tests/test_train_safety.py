@@ -30,6 +30,8 @@ from mlx_transformer.train.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCH = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
+# lr 1e30 without clipping or warm-up: within a few steps the weights blow up.
+EXPLODE = ("--learning-rate", 1e30, "--grad-clip", 0, "--warmup-steps", 0)
 
 
 def checkpoints(run: Path) -> dict[str, str]:
@@ -89,30 +91,9 @@ def test_exploded_weights_are_never_saved_as_last_good(run, data_dir, capsys, ev
     the message names it (with an evaluation at the step, its loss is the check)."""
     before = checkpoints(run)
     config = (run / "run_config.json").read_bytes()
-    code, err = cli(
-        capsys,
-        "train",
-        "--data",
-        data_dir,
-        "--out",
-        run,
-        "--resume",
-        "--max-steps",
-        20,
-        "--learning-rate",
-        1e30,
-        "--grad-clip",
-        0,
-        "--warmup-steps",
-        0,
-        "--save-every",
-        1,
-        "--keep-last",
-        1,
-        "--eval-every",
-        eval_every,
-        "--no-progress",
-    )
+    flags = ("--resume", "--max-steps", 20, *EXPLODE, "--save-every", 1, "--keep-last", 1)
+    flags += ("--eval-every", eval_every, "--no-progress")
+    code, err = cli(capsys, "train", "--data", data_dir, "--out", run, *flags)
     assert code == 2
     line = one_line(err)
     assert "after step 5 the weights" in line
@@ -127,20 +108,8 @@ def test_rotation_keeps_the_checkpoint_just_written(run, data_dir, capsys):  # n
     """A step folder newer than `latest` (left by a run killed between writing it and moving
     latest) must not make keep-last rotation delete the checkpoint it has just written."""
     shutil.copytree(run / "checkpoints/step_000004", run / "checkpoints/step_000099")
-    code, err = cli(
-        capsys,
-        "train",
-        "--data",
-        data_dir,
-        "--out",
-        run,
-        "--resume",
-        "--max-steps",
-        5,
-        "--keep-last",
-        1,
-        "--no-progress",
-    )
+    flags = ("--resume", "--max-steps", 5, "--keep-last", 1, "--no-progress")
+    code, err = cli(capsys, "train", "--data", data_dir, "--out", run, *flags)
     assert code == 0, err
     assert os.readlink(run / "latest") == "checkpoints/step_000005"
     assert (run / "latest" / "model.safetensors").is_file()
@@ -289,20 +258,8 @@ def test_full_disk_during_training_keeps_the_checkpoints(small_disk, base_run, d
     before = checkpoints(run)
     free = shutil.disk_usage(small_disk).free
     (small_disk / "filler").write_bytes(b"\0" * (free - (40 << 10)))  # leave 40 KB
-    code, err = cli(
-        capsys,
-        "train",
-        "--data",
-        data_dir,
-        "--out",
-        run,
-        "--resume",
-        "--max-steps",
-        6,
-        "--save-every",
-        1,
-        "--no-progress",
-    )
+    flags = ("--resume", "--max-steps", 6, "--save-every", 1, "--no-progress")
+    code, err = cli(capsys, "train", "--data", data_dir, "--out", run, *flags)
     assert code == 2
     line = one_line(err)
     assert "cannot write" in line and "latest: checkpoints/step_000004" in line
