@@ -36,4 +36,5 @@ FRAMEWORK_FREE = (
     "mlx_transformer.cpu",
     "mlx_transformer.cpu.blas",
     "mlx_transformer.cpu.blas_probe",
+    "mlx_transformer.cpu.gemv",
 )

@@ -4,11 +4,14 @@ Each configuration runs in its own subprocess (LD_PRELOAD is read only at start-
   stock            the BLAS bundled with the mlx-cpu wheel
   openblas-auto    OpenBLAS with its own CPU detection, 1 thread (shows what the coretype fix buys)
   openblas-t1/t2   OpenBLAS as ensure_fast_blas() sets it up, with 1 and 2 threads
+  t1-gemv          the same, 1 thread, with cpu/gemv.py's cblas_sgemm in front (one-row
+                   products go to sgemv: what ensure_fast_blas() preloads by default)
 
-Workloads: fp32 matmuls (256/512/1024, GFLOP/s), and a small Transformer (4 layers, width 128,
-vocab 512) doing a training step (forward + backward), a prefill and a 1-token decode loop
-(tokens/s). Reports medians of several trials, ratios to stock, and the max abs difference of
-each result from stock's. Takes well under a minute on 2 cores.
+Workloads: fp32 matmuls (256/512/1024, GFLOP/s), matrix-vector products of decode's shapes (a
+(1, 768) row times a (768, 3072) and a (768, 8000) matrix, GFLOP/s), and a small Transformer
+(4 layers, width 128, vocab 512) doing a training step (forward + backward), a prefill and a
+1-token decode loop (tokens/s). Reports medians of several trials, ratios to stock, and the
+max abs difference of each result from stock's. Takes about a minute on 2 cores.
 
     python scripts/bench_blas.py [--json out.json] [--quick]
 """
@@ -25,9 +28,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from mlx_transformer.cpu import blas
+from mlx_transformer.cpu import blas, gemv
 
 MATMUL_SIZES = (256, 512, 1024)
+MATVEC_SHAPES = ((3072, 768), (8000, 768))  # (out, in): an MLP's up projection, an LM head
 LAYERS, WIDTH, VOCAB, HEADS = 4, 128, 512, 4
 TRAIN_BATCH, TRAIN_LEN, PREFILL_LEN, DECODE_STEPS = 4, 64, 256, 32
 
@@ -91,6 +95,12 @@ def _run_worker(out_dir: Path, trials: int) -> None:
         seconds = _median_seconds(lambda a=a, b=b: mx.eval(a @ b), trials)
         results[f"matmul {n}"] = {"seconds": seconds, "rate": 2 * n**3 / seconds / 1e9}
         arrays[f"matmul {n}"] = np.array(a @ b)
+    for n, k in MATVEC_SHAPES:
+        x = mx.array(rng.standard_normal((1, k)).astype(np.float32))
+        w = mx.array(rng.standard_normal((n, k)).astype(np.float32))
+        seconds = _median_seconds(lambda x=x, w=w: mx.eval(x @ w.T), trials)
+        results[f"matvec {n}x{k}"] = {"seconds": seconds, "rate": 2 * n * k / seconds / 1e9}
+        arrays[f"matvec {n}x{k}"] = np.array(x @ w.T)
 
     params, forward = _transformer(mx)
     tokens = mx.array(rng.integers(0, VOCAB, (TRAIN_BATCH, TRAIN_LEN + 1)))
@@ -150,6 +160,10 @@ def _configs() -> dict[str, dict[str, str]]:
         fast["OPENBLAS_CORETYPE"] = coretype
     configs["openblas-t1"] = {**fast, "OPENBLAS_NUM_THREADS": "1"}
     configs["openblas-t2"] = {**fast, "OPENBLAS_NUM_THREADS": "2"}
+    forward = gemv.forward_library(base)
+    if forward:
+        preload = f"{forward} {probe.path}"
+        configs["t1-gemv"] = {**fast, "LD_PRELOAD": preload, "OPENBLAS_NUM_THREADS": "1"}
     return configs
 
 
@@ -172,7 +186,7 @@ def _report(runs: dict[str, dict]) -> dict:
     workloads = list(stock["results"])
     print(f"{'workload':<12} {'unit':<9}" + "".join(f"{name:>16}" for name in runs))
     for work in workloads:
-        unit = "GFLOP/s" if work.startswith("matmul") else "tokens/s"
+        unit = "GFLOP/s" if work.startswith(("matmul", "matvec")) else "tokens/s"
         cells = []
         for name, run in runs.items():
             rate = run["results"][work]["rate"]

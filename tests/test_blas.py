@@ -113,6 +113,10 @@ def test_reexec_env_prepends_preload_marks_and_respects_user_settings():
     assert env[blas.REEXEC_MARKER] == lib
     assert env["OPENBLAS_NUM_THREADS"] == "4" and env["OPENBLAS_CORETYPE"] == "SkylakeX"
     assert env["HOME"] == "/h"
+    forward = "/c/gemv_forward-0.so"  # preloaded first: its cblas_sgemm passes the rest to lib
+    env = blas.reexec_env({"LD_PRELOAD": "/x/libjemalloc.so.2"}, lib, None, 8, forward)
+    assert env["LD_PRELOAD"] == f"{forward} {lib} /x/libjemalloc.so.2"
+    assert env[blas.REEXEC_MARKER] == lib
     user = {"OMP_NUM_THREADS": "3", "OPENBLAS_CORETYPE": "Haswell"}
     env = blas.reexec_env(user, lib, "SkylakeX", 8)
     assert env["LD_PRELOAD"] == lib
@@ -140,6 +144,7 @@ def linux_reference(monkeypatch):
         "/usr/lib/libopenblas.so.0", ok=True, config=DYNAMIC, corename="Haswell"
     )
     monkeypatch.setattr(blas, "find_optimized_blas", lambda env: (probe, None))
+    monkeypatch.setattr(blas.gemv, "forward_library", lambda env: None)  # tests/test_gemv.py
     calls: list[tuple] = []
     return lambda *args: calls.append(args), calls
 

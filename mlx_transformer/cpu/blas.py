@@ -16,6 +16,8 @@ Environment:
                          re-executed process to default_threads() (see there).
   OPENBLAS_CORETYPE      left alone when set; otherwise set when the library's CPU detection fell
                          back to its generic x86-64 kernels on a CPU that has AVX2/AVX-512.
+  MLX_TRANSFORMER_GEMV   "off": do not preload cpu/gemv.py's forwarding of one-row products to
+                         sgemv in front of OpenBLAS (on by default when a C compiler is found).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import sys
 from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from pathlib import Path
 
+from . import gemv
 from .blas_probe import (
     SETTING_VAR,
     _installed_files,
@@ -61,11 +64,20 @@ def default_threads(cores: int) -> int:
 
 
 def reexec_env(
-    env: Mapping[str, str], library: str, coretype: str | None, cores: int = 2
+    env: Mapping[str, str],
+    library: str,
+    coretype: str | None,
+    cores: int = 2,
+    forward: str | None = None,
 ) -> dict[str, str]:
-    """The environment of the re-executed process: library preloaded, marker set, threads set."""
+    """The environment of the re-executed process: library preloaded, marker set, threads set.
+
+    `forward`: cpu/gemv.py's library, preloaded first so that its cblas_sgemm wins and passes
+    what it does not take to `library`'s.
+    """
     new = dict(env)
-    new["LD_PRELOAD"] = " ".join(p for p in (library, env.get("LD_PRELOAD", "")) if p)
+    preload = (forward, library, env.get("LD_PRELOAD", ""))
+    new["LD_PRELOAD"] = " ".join(p for p in preload if p)
     new[REEXEC_MARKER] = library
     if not any(env.get(v) for v in ("OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS", "OMP_NUM_THREADS")):
         new["OPENBLAS_NUM_THREADS"] = str(default_threads(cores))
@@ -180,7 +192,8 @@ def ensure_fast_blas(
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     argv = [sys.executable, *sys.orig_argv[1:]]
-    execve(sys.executable, argv, reexec_env(env, probe.path, coretype, cores()))
+    new_env = reexec_env(env, probe.path, coretype, cores(), gemv.forward_library(env))
+    execve(sys.executable, argv, new_env)
     return "reexec"  # only reached when a test passes a fake execve
 
 
@@ -234,11 +247,15 @@ def blas_info() -> dict[str, object]:
     Returns:
         {"blas": "openblas" | "mkl" | "other" | "reference" | "accelerate" | "none",
          "library": path or None, "config", "corename", "threads" (OpenBLAS only),
+         "gemv_forward": cpu/gemv.py's library when it is in front,
          "mlx": mlx_flavor(), and the environment variables that steer it}.
     """
     flavor = mlx_flavor()
     info: dict[str, object] = {"blas": "none", "library": None, "mlx": flavor}
     provider = _global_provider("cblas_sgemm") if sys.platform == "linux" else None
+    if provider and Path(provider).name.startswith("gemv_forward"):
+        info["gemv_forward"] = provider  # the BLAS is the one behind it
+        provider = _global_provider("cblas_sgemv")
     if provider:
         info.update(_openblas_state(provider), library=provider)
         name = Path(provider).name
@@ -263,7 +280,9 @@ def blas_summary() -> str:
     if info["blas"] != "openblas":
         return f"blas: {info['blas']} ({info['library'] or 'n/a'})"
     threads = info.get("threads")
-    return f"blas: openblas {info.get('corename', '?')}, {threads} thread(s) ({info['library']})"
+    gemv_note = ", one-row products via sgemv" if info.get("gemv_forward") else ""
+    core = info.get("corename", "?")
+    return f"blas: openblas {core}, {threads} thread(s){gemv_note} ({info['library']})"
 
 
 def preload_exports(env: Mapping[str, str] | None = None) -> list[str]:
