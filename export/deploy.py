@@ -173,7 +173,8 @@ Written by `mlx-transformer export`. {describes}
 | --- | --- |
 {table}
 
-Inputs: `input_ids`, `attention_mask`, `position_ids`, `past_key_values.{{i}}.key/value`;
+Inputs: `input_ids`, `attention_mask`, `position_ids`, `past_key_values.{{i}}.key/value`
+(optional: `num_logits_to_keep`, default 0 = logits at every position, n = the last n);
 outputs: `logits`, `present.{{i}}.key/value` (float32, Hugging Face layout).
 Tokenizer files: {tokenizer}.
 

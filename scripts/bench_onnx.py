@@ -13,6 +13,10 @@ position_ids, past_key_values.{i}.key/value → logits, present.{i}.key/value). 
 
 The three ONNX graphs run through the same code: `export.runtime.OnnxGenerator` (same session
 options, same numpy greedy loop); the torch graph gets an io.json so the runtime can load it.
+The generator asks for a prompt's last logits only: our graphs take `num_logits_to_keep` and skip
+the LM head at the other positions; the torch graph has no such input (neither has optimum's
+export, which fixes logits_to_keep at 0) and computes them all. scripts/bench_onnx_prefill.py
+times prompts alone, both ways, alternating in one process.
 Each runner runs in its own process so its peak RSS is its own. Greedy decoding, no EOS:
 prompt tok/s = batch * prompt tokens / time to the first token; generation tok/s =
 batch * (new tokens - 1) / time from the first token to the last. Medians over trials.
