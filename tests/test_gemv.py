@@ -1,4 +1,5 @@
-"""cpu/gemv.py and gemv_forward.c: one-row/one-column products sent to sgemv, the rest untouched.
+"""cpu/gemv.py and gemv_forward.c: one-row/one-column products sent to sgemv, a few rows against a
+transposed weight streamed once, the rest untouched.
 
 The library is built for real with the machine's C compiler and preloaded in front of the real
 OpenBLAS in a subprocess (as `ensure_fast_blas` does); every cblas_sgemm layout it can take is
@@ -51,7 +52,11 @@ CBLAS_CHILD = textwrap.dedent(
         buf = rng.standard_normal((rows, cols + pad)).astype(np.float32)
         return buf, buf[:, :cols]
 
-    for M, N, K in [(1, 37, 19), (23, 1, 19), (1, 1, 19), (5, 7, 3)]:
+    # M == 1 / N == 1: sgemv; 2 <= M <= 16 with B transposed: the few-rows kernel (rows in
+    # fours and the rest, K past a multiple of 8); (5, 7, 3) and M = 17: OpenBLAS as before.
+    shapes = [(1, 37, 19), (23, 1, 19), (1, 1, 19), (5, 7, 3), (7, 37, 19), (16, 9, 40),
+              (4, 5, 8), (17, 6, 24)]
+    for M, N, K in shapes:
         for ta, tb, pad, (alpha, beta) in itertools.product(
             (111, 112), (111, 112), (0, 3), ((1.0, 0.0), (2.0, 0.5))
         ):
@@ -83,11 +88,14 @@ MLX_CHILD = textwrap.dedent(
     rng = np.random.default_rng(1)
     w = rng.standard_normal((300, 96)).astype(np.float32)
     x = rng.standard_normal((1, 96)).astype(np.float32)
+    x8 = rng.standard_normal((8, 1, 99)).astype(np.float32)  # batch 8, one token each
     q = rng.standard_normal((2, 4, 1, 16)).astype(np.float32)  # decode attention: one query
     k = rng.standard_normal((2, 4, 50, 16)).astype(np.float32)
+    w8 = rng.standard_normal((50, 99)).astype(np.float32)
     W, X, Q, Kc = (mx.array(t) for t in (w, x, q, k))
     pairs = [
         (X @ W.T, x @ w.T.astype(np.float64)),               # a linear layer at batch 1
+        (mx.array(x8) @ mx.array(w8).T, x8 @ w8.T.astype(np.float64)),  # ... at batch 8
         (W @ X.T, w.astype(np.float64) @ x.T),               # one output column
         (X[:, :50] @ W[:50, :], x[:, :50] @ w[:50].astype(np.float64)),  # strided views
         (Q @ Kc.swapaxes(-1, -2), q @ k.swapaxes(-1, -2).astype(np.float64)),  # batched scores
@@ -117,8 +125,8 @@ def test_cblas_sgemm_in_front_of_openblas_matches_float64_in_every_layout(tmp_pa
         pytest.skip("no C compiler")
     env = {**clean_env(), "LD_PRELOAD": f"{forward} {FOUND[0].path}"}
     out = run_child(CBLAS_CHILD, env)
-    assert out["ours"] == 1 and out["cases"] == 4 * 16  # our cblas_sgemm took the calls
-    assert out["err"] < 1e-4  # fp32 sums of <= 19 terms of size ~1 (x2 with alpha)
+    assert out["ours"] == 1 and out["cases"] == 8 * 16  # our cblas_sgemm took the calls
+    assert out["err"] < 1e-4  # fp32 sums of <= 40 terms of size ~1 (x2 with alpha)
 
 
 @needs_openblas

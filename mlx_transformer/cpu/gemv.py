@@ -2,8 +2,9 @@
 
 MLX computes a (1, K) x (K, N) product with `cblas_sgemm`. OpenBLAS before 0.3.27 (Debian and
 Ubuntu ship 0.3.21-0.3.26) packs the whole (K, N) matrix for it, and ran 2.5-5x slower than its
-own `cblas_sgemv` on the decode shapes measured (scripts/bench_blas.py: t1-gemv). The C file is a
-`cblas_sgemm` that sends products with one output row or column to `cblas_sgemv` and passes the
+own `cblas_sgemv` on the decode shapes measured (scripts/bench_blas.py: t1-gemv), and batched
+decoding's 2-16 rows fare no better. The C file is a `cblas_sgemm` that sends products with one
+output row or column to `cblas_sgemv`, streams the weight once for 2-16 rows, and passes the
 rest through; cpu/blas.py preloads it in front of OpenBLAS. Built once per source version with
 the C compiler MLX's CPU backend already needs for `mx.compile`, into the user's cache folder.
 No compiler, or MLX_TRANSFORMER_GEMV=off: OpenBLAS alone, as before. This module imports no MLX.
