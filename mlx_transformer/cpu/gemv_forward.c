@@ -11,11 +11,13 @@
    Batched decoding multiplies 2-16 rows by each weight (x W^T, W stored N x K), which OpenBLAS
    0.3.21 also packs first: at 8 rows it moved under 2 GB/s of weights. `few_rows` reads each
    weight row once and takes its dot products with all rows of x while they sit in L1 (AVX2 and
-   FMA when the CPU has them; otherwise such calls go to OpenBLAS as before). */
+   FMA when the CPU has them, x86-64 only; otherwise such calls go to OpenBLAS as before). */
 
 #define _GNU_SOURCE
 #include <dlfcn.h>
+#if defined(__x86_64__)
 #include <immintrin.h>
+#endif
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -33,16 +35,21 @@ static sgemv_fn next_sgemv;
 /* Lets a process tell that the forwarding is in place (cpu/blas.py's report). */
 int mlx_transformer_gemv_forward(void) { return 1; }
 
+#if defined(__x86_64__)
 static int have_avx2;
+#endif
 
 /* At load time, before any thread can call in: the BLAS preloaded after this library. */
 __attribute__((constructor)) static void resolve(void) {
     next_sgemv = (sgemv_fn)dlsym(RTLD_NEXT, "cblas_sgemv");
     next_sgemm = (sgemm_fn)dlsym(RTLD_NEXT, "cblas_sgemm");
+#if defined(__x86_64__)
     __builtin_cpu_init();
     have_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#endif
 }
 
+#if defined(__x86_64__)
 __attribute__((target("avx2,fma"))) static inline float hsum(__m256 v) {
     __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     h = _mm_add_ps(h, _mm_movehl_ps(h, h));
@@ -92,6 +99,7 @@ __attribute__((target("avx2,fma"))) static void few_rows(int M, int N, int K, fl
         }
     }
 }
+#endif
 
 void cblas_sgemm(int order, int trans_a, int trans_b, int M, int N, int K, float alpha,
                  const float *A, int lda, const float *B, int ldb, float beta, float *C,
@@ -101,10 +109,12 @@ void cblas_sgemm(int order, int trans_a, int trans_b, int M, int N, int K, float
         abort();
     }
     int ta = trans_a != NO_TRANS, tb = trans_b != NO_TRANS;
+#if defined(__x86_64__)
     if (order == ROW_MAJOR && have_avx2 && M > 1 && M <= MAX_ROWS && !ta && tb && K >= 8) {
         few_rows(M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
         return;
     }
+#endif
     if (order != ROW_MAJOR || K <= 0 || (M != 1 && N != 1)) {
         next_sgemm(order, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
         return;
