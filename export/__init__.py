@@ -4,7 +4,8 @@ Never imports MLX, directly or indirectly (a test checks). Modules: contract (th
 names, io.json and the graph's IO names); weights (checkpoint reader) → graph, layers, builder
 (the graph) → quantize → exporter (API and `export` CLI); webgpu_plugin (a private WebGPU
 install) → providers (execution providers) → session (one model, KV cache) → runtime
-(`onnx-generate`, deployment). quantize measures with runtime's generator.
+(`onnx-generate`, deployment). quantize measures with runtime's generator. verify_checks: the
+MLX-free half of `mlx-transformer verify` (budgets, file and weight checks, report).
 """
 
 from __future__ import annotations
