@@ -119,11 +119,13 @@ def run_child(code: str, env: dict[str, str]) -> dict:
 
 
 @needs_openblas
-def test_cblas_sgemm_in_front_of_openblas_matches_float64_in_every_layout(tmp_path):
+@pytest.mark.parametrize("threads", ["1", "2"])  # 2: the few-rows kernel steps aside for OpenBLAS
+def test_cblas_sgemm_in_front_of_openblas_matches_float64_in_every_layout(tmp_path, threads):
     forward = gemv.forward_library({**os.environ, "XDG_CACHE_HOME": str(tmp_path)})
     if forward is None:
         pytest.skip("no C compiler")
     env = {**clean_env(), "LD_PRELOAD": f"{forward} {FOUND[0].path}"}
+    env["OPENBLAS_NUM_THREADS"] = threads
     out = run_child(CBLAS_CHILD, env)
     assert out["ours"] == 1 and out["cases"] == 8 * 16  # our cblas_sgemm took the calls
     assert out["err"] < 1e-4  # fp32 sums of <= 40 terms of size ~1 (x2 with alpha)

@@ -11,7 +11,8 @@
    Batched decoding multiplies 2-16 rows by each weight (x W^T, W stored N x K), which OpenBLAS
    0.3.21 also packs first: at 8 rows it moved under 2 GB/s of weights. `few_rows` reads each
    weight row once and takes its dot products with all rows of x while they sit in L1 (AVX2 and
-   FMA when the CPU has them, x86-64 only; otherwise such calls go to OpenBLAS as before). */
+   FMA when the CPU has them, x86-64 only, and only while OpenBLAS runs one thread; otherwise
+   such calls go to OpenBLAS as before). */
 
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -37,6 +38,7 @@ int mlx_transformer_gemv_forward(void) { return 1; }
 
 #if defined(__x86_64__)
 static int have_avx2;
+static int (*blas_threads)(void); /* OpenBLAS's openblas_get_num_threads, if it is OpenBLAS */
 #endif
 
 /* At load time, before any thread can call in: the BLAS preloaded after this library. */
@@ -44,6 +46,7 @@ __attribute__((constructor)) static void resolve(void) {
     next_sgemv = (sgemv_fn)dlsym(RTLD_NEXT, "cblas_sgemv");
     next_sgemm = (sgemm_fn)dlsym(RTLD_NEXT, "cblas_sgemm");
 #if defined(__x86_64__)
+    blas_threads = (int (*)(void))dlsym(RTLD_NEXT, "openblas_get_num_threads");
     __builtin_cpu_init();
     have_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 #endif
@@ -110,7 +113,10 @@ void cblas_sgemm(int order, int trans_a, int trans_b, int M, int N, int K, float
     }
     int ta = trans_a != NO_TRANS, tb = trans_b != NO_TRANS;
 #if defined(__x86_64__)
-    if (order == ROW_MAJOR && have_avx2 && M > 1 && M <= MAX_ROWS && !ta && tb && K >= 8) {
+    /* one thread: with more, OpenBLAS's own sgemm splits the work and can be the faster */
+    int one_thread = !blas_threads || blas_threads() == 1;
+    if (order == ROW_MAJOR && have_avx2 && one_thread && M > 1 && M <= MAX_ROWS && !ta && tb &&
+        K >= 8) {
         few_rows(M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
         return;
     }
