@@ -1,12 +1,13 @@
 """What several test files need: a fingerprint of a folder tree, a user's things to protect, the
-Llama-style model fields, the training-mode check against the float64 reference, and tiny
-Hugging Face models."""
+Llama-style model fields, the training-mode check against the float64 reference, tiny
+Hugging Face models, and the preamble that makes `import mlx` fail in a subprocess."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import os
+import textwrap
 from pathlib import Path
 
 
@@ -129,3 +130,19 @@ def save_hf_model(make, folder: Path, o1_weights: bool = True):
                 )
     model.save_pretrained(folder, safe_serialization=True)
     return model
+
+
+# Prepended to code run with `python -c`: there `import mlx` fails, as on a machine without MLX.
+BLOCK_MLX = textwrap.dedent(
+    """
+    import sys
+
+    class NoMLX:
+        def find_spec(self, name, path=None, target=None):
+            if name == "mlx" or name.startswith("mlx."):
+                raise ImportError("mlx is not installed here")
+            return None
+
+    sys.meta_path.insert(0, NoMLX())
+    """
+)

@@ -14,7 +14,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from helpers import save_hf_model
+from helpers import BLOCK_MLX, save_hf_model
 from hf_tokenizer_folders import byte_level_folder
 
 from mlx_transformer.cli import main
@@ -27,17 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "Who speaks first?"
 
 # Run a command of the CLI where `import mlx` fails, and check nothing of MLX was loaded.
-NO_MLX = textwrap.dedent(
+NO_MLX = BLOCK_MLX + textwrap.dedent(
     """
-    import sys
-
-    class NoMLX:
-        def find_spec(self, name, path=None, target=None):
-            if name == "mlx" or name.startswith("mlx."):
-                raise ImportError("mlx is not installed here")
-            return None
-
-    sys.meta_path.insert(0, NoMLX())
     from mlx_transformer.cli import main
 
     code = main(sys.argv[1:])

@@ -11,20 +11,11 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from helpers import BLOCK_MLX
 
 from mlx_transformer.cli import SUBCOMMANDS, WITHOUT_MLX
 
 ROOT = Path(__file__).resolve().parents[1]
-BLOCK_MLX = textwrap.dedent(
-    """
-    import sys
-    class NoMLX:
-        def find_spec(self, name, path=None, target=None):
-            if name == "mlx" or name.startswith("mlx."):
-                raise ImportError("mlx is blocked")
-    sys.meta_path.insert(0, NoMLX())
-    """
-)
 
 
 def run_python(code: str) -> subprocess.CompletedProcess:

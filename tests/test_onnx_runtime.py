@@ -12,6 +12,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from helpers import BLOCK_MLX
 from test_model import CONFIGS, random_model, tiny_config
 
 from export import export_onnx, sampling
@@ -261,17 +262,8 @@ def test_cli_export_and_onnx_generate(text_model, tmp_path, capsys):
     assert main(["onnx-generate", str(out), "--prompt", "x", "--top-p", "3", "--temp", "1"]) == 2
 
 
-NO_MLX = textwrap.dedent(
+NO_MLX = BLOCK_MLX + textwrap.dedent(
     """
-    import sys
-
-    class NoMLX:
-        def find_spec(self, name, path=None, target=None):
-            if name == "mlx" or name.startswith("mlx."):
-                raise ImportError("mlx is not installed here")
-            return None
-
-    sys.meta_path.insert(0, NoMLX())
     from export import export_onnx
     from export.runtime import OnnxGenerator
 
