@@ -16,8 +16,9 @@ Environment:
                          re-executed process to default_threads() (see there).
   OPENBLAS_CORETYPE      left alone when set; otherwise set when the library's CPU detection fell
                          back to its generic x86-64 kernels on a CPU that has AVX2/AVX-512.
-  MLX_TRANSFORMER_GEMV   "off": do not preload cpu/gemv.py's forwarding of one-row products to
-                         sgemv in front of OpenBLAS (on by default when a C compiler is found).
+  MLX_TRANSFORMER_GEMV   "off": do not preload cpu/gemv.py's cblas_sgemm in front of OpenBLAS
+                         (one-row products to sgemv, 2-16 rows streamed; on by default when a C
+                         compiler is found).
 """
 
 from __future__ import annotations
